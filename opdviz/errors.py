@@ -1,0 +1,21 @@
+"""The library's exception types. Every message says what failed, where, and what to try."""
+
+
+class OpdvizError(Exception):
+    """Base class of every error opdviz raises on purpose (the CLI prints these without a traceback)."""
+
+
+class CheckpointError(OpdvizError):
+    """A checkpoint file or folder cannot be read as asked (bad path, format, header, index)."""
+
+
+class TensorMismatchError(OpdvizError):
+    """A tensor pair cannot be compared (shape/dtype mismatch, non-float, NaN/Inf)."""
+
+
+class StoreError(OpdvizError):
+    """The DuckDB store or its staging folder cannot be read or written."""
+
+
+class OptionsError(OpdvizError):
+    """Options given by the user are inconsistent or out of range."""
