@@ -1,0 +1,225 @@
+"""Read-side queries over the store: DataFrames for the dashboard, the CLI and exports.
+
+Only this module and ``opdviz.store`` speak SQL. Every function takes a ``Store`` and a
+``Selection`` (which runs, towers, layers, blocks, modules) and returns a pandas DataFrame.
+
+Aggregation rules (DESIGN.md): groups are numel-weighted; fused tensors are counted once — through
+their parts when they were split (``parent`` rows with parts are not "leaves"), else whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from .store import Store
+
+GROUP_KEYS = {
+    "layer": ("layer",),
+    "module": ("block", "module"),
+    "block": ("block",),
+    "layer_module": ("layer", "block", "module"),
+    "tensor": ("tensor", "layer", "block", "module"),
+}
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which rows a query covers. Empty tuples mean 'all'."""
+
+    runs: tuple[str, ...] = ()
+    towers: tuple[str, ...] = ()
+    blocks: tuple[str, ...] = ()
+    modules: tuple[str, ...] = ()
+    layer_min: int | None = None
+    layer_max: int | None = None
+    leaves_only: bool = True          # count fused tensors once (through their parts)
+    extra: tuple[str, ...] = field(default=())   # tensor-name substrings to keep (any)
+
+    def where(self, alias: str = "t") -> tuple[str, list]:
+        """SQL predicate over the ``tensors`` view aliased ``alias``, with its parameters."""
+        clauses, params = [f"{alias}.status = 'ok'"], []
+        for col, values in (("run_id", self.runs), ("tower", self.towers), ("block", self.blocks),
+                            ("module", self.modules)):
+            if values:
+                clauses.append(f"{alias}.{col} IN ({', '.join('?' * len(values))})")
+                params.extend(values)
+        if self.layer_min is not None:
+            clauses.append(f"({alias}.layer IS NULL OR {alias}.layer >= ?)")
+            params.append(int(self.layer_min))
+        if self.layer_max is not None:
+            clauses.append(f"({alias}.layer IS NULL OR {alias}.layer <= ?)")
+            params.append(int(self.layer_max))
+        if self.leaves_only:
+            clauses.append(f"NOT EXISTS (SELECT 1 FROM tensors c WHERE c.run_id = {alias}.run_id "
+                           f"AND c.parent = {alias}.tensor AND c.status = 'ok')")
+        if self.extra:
+            clauses.append("(" + " OR ".join(f"{alias}.tensor LIKE ?" for _ in self.extra) + ")")
+            params.extend(f"%{s}%" for s in self.extra)
+        return " AND ".join(clauses), params
+
+
+def runs(store: Store) -> pd.DataFrame:
+    """One row per run, newest status, ordered by creation."""
+    return store.query("SELECT * FROM runs ORDER BY created_at, run_id")
+
+
+def tensors(store: Store, sel: Selection = Selection()) -> pd.DataFrame:
+    """Tensor rows (with parsed fields) matching ``sel``, with the run's method."""
+    where, params = sel.where("t")
+    return store.query(f"""SELECT t.*, r.method FROM tensors t LEFT JOIN runs r USING (run_id)
+                           WHERE {where} ORDER BY t.run_id, t.seq, t.tensor""", params)
+
+
+def all_tensors(store: Store, run_id: str) -> pd.DataFrame:
+    """Every tensor row of a run, whatever its status (skipped and failed included)."""
+    return store.query("SELECT * FROM tensors WHERE run_id = ? ORDER BY seq, tensor", [run_id])
+
+
+def failures(store: Store, run_id: str | None = None) -> pd.DataFrame:
+    if run_id is None:
+        return store.query("SELECT * FROM failures ORDER BY run_id, tensor")
+    return store.query("SELECT * FROM failures WHERE run_id = ? ORDER BY tensor", [run_id])
+
+
+def metric_names(store: Store, run_ids: tuple[str, ...] = ()) -> list[str]:
+    """Distinct scalar metric names present for the runs."""
+    if run_ids:
+        df = store.query(f"SELECT DISTINCT metric FROM metrics WHERE run_id IN ({', '.join('?' * len(run_ids))})",
+                         list(run_ids))
+    else:
+        df = store.query("SELECT DISTINCT metric FROM metrics")
+    return sorted(df["metric"])
+
+
+def long_metrics(store: Store, sel: Selection = Selection(), metrics: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Long table: run_id, method, tensor, tower, layer, block, module, expert, part, numel, metric, value."""
+    where, params = sel.where("t")
+    mfilter = ""
+    if metrics:
+        mfilter = f" AND m.metric IN ({', '.join('?' * len(metrics))})"
+        params = params + list(metrics)
+    return store.query(f"""
+        SELECT t.run_id, r.method, t.tensor, t.tower, t.layer, t.block, t.module, t.expert, t.part,
+               t.numel, t.rows, t.cols, m.metric, m.value
+        FROM tensors t JOIN metrics m USING (run_id, tensor) LEFT JOIN runs r USING (run_id)
+        WHERE {where}{mfilter}
+        ORDER BY t.run_id, t.seq, t.tensor, m.metric""", params)
+
+
+def wide_metrics(store: Store, sel: Selection = Selection(), metrics: tuple[str, ...] = ()) -> pd.DataFrame:
+    """One row per tensor, one column per metric."""
+    df = long_metrics(store, sel, metrics)
+    index = ["run_id", "method", "tensor", "tower", "layer", "block", "module", "expert", "part", "numel",
+             "rows", "cols"]
+    if df.empty:
+        return pd.DataFrame(columns=index + list(metrics))
+    values = df.pivot_table(index=["run_id", "tensor"], columns="metric", values="value", aggfunc="first")
+    values.columns.name = None
+    fields = df[index].drop_duplicates(["run_id", "tensor"])
+    return fields.merge(values.reset_index(), on=["run_id", "tensor"], how="left")
+
+
+def group_summary(store: Store, sel: Selection = Selection(), by: str = "layer_module",
+                  criterion: str = "abs_1e-5", matrix_metrics: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Aggregates per run and group ``by`` (layer, module, block, layer_module, tensor).
+
+    Columns: run_id, method, <group keys>, n_tensors, numel, sparsity (numel-weighted fraction
+    unchanged under ``criterion``), changed, delta_sq, base_sq, energy_share (group ΣΔ² / the
+    run's ΣΔ² over the selection), rel_change (sqrt(ΣΔ²)/sqrt(ΣW²)), and for each name in
+    ``matrix_metrics`` its per-tensor mean and median (``<name>_mean``, ``<name>_median``).
+    """
+    keys = GROUP_KEYS[by]
+    where, params = sel.where("t")
+    wanted = (f"sparsity_{criterion}", "delta_sq_sum", "base_sq_sum") + tuple(matrix_metrics)
+    ph = ", ".join("?" * len(wanted))
+    kcols = "".join(f"t.{k}, " for k in keys if k != "tensor")
+    extra = "".join(
+        f", avg(CASE WHEN m.metric = '{_q(n)}' THEN m.value END) AS \"{_q(n)}_mean\""
+        f", median(CASE WHEN m.metric = '{_q(n)}' THEN m.value END) AS \"{_q(n)}_median\""
+        for n in matrix_metrics)
+    sql = f"""
+        WITH per AS (
+            SELECT t.run_id, {kcols}t.tensor, t.numel,
+                   max(CASE WHEN m.metric = ? THEN m.value END) AS sparsity,
+                   max(CASE WHEN m.metric = 'delta_sq_sum' THEN m.value END) AS delta_sq,
+                   max(CASE WHEN m.metric = 'base_sq_sum' THEN m.value END) AS base_sq
+                   {extra}
+            FROM tensors t JOIN metrics m USING (run_id, tensor)
+            WHERE {where} AND m.metric IN ({ph})
+            GROUP BY t.run_id, {kcols}t.tensor, t.numel
+        )
+        SELECT per.run_id, r.method, {", ".join(f"per.{k}" for k in keys)},
+               count(*) AS n_tensors, sum(per.numel) AS numel,
+               sum(per.sparsity * per.numel) / sum(per.numel) AS sparsity,
+               sum((1 - per.sparsity) * per.numel) AS changed,
+               sum(per.delta_sq) AS delta_sq, sum(per.base_sq) AS base_sq,
+               sum(per.delta_sq) / sum(sum(per.delta_sq)) OVER (PARTITION BY per.run_id) AS energy_share,
+               sqrt(sum(per.delta_sq)) / nullif(sqrt(sum(per.base_sq)), 0) AS rel_change
+               {"".join(f', avg(per."{_q(n)}_mean") AS "{_q(n)}_mean", median(per."{_q(n)}_mean") AS "{_q(n)}_median"' for n in matrix_metrics)}
+        FROM per LEFT JOIN runs r USING (run_id)
+        GROUP BY per.run_id, r.method, {", ".join(f"per.{k}" for k in keys)}
+        ORDER BY per.run_id, {", ".join(f"per.{k} NULLS FIRST" for k in keys)}"""
+    return store.query(sql, [f"sparsity_{criterion}"] + params + list(wanted))
+
+
+def run_summary(store: Store, sel: Selection = Selection(), criterion: str = "abs_1e-5",
+                matrix_metrics: tuple[str, ...] = ("top16_energy", "stable_rank")) -> pd.DataFrame:
+    """One row per run over the selection: the main table of 2606.13657 (numel-weighted sparsity,
+    relative change, and per-matrix means of ``matrix_metrics``)."""
+    df = group_summary(store, sel, by="block", criterion=criterion, matrix_metrics=())
+    if df.empty:
+        return df
+    agg = df.groupby(["run_id", "method"], dropna=False).agg(
+        numel=("numel", "sum"), changed=("changed", "sum"), delta_sq=("delta_sq", "sum"),
+        base_sq=("base_sq", "sum"), n_tensors=("n_tensors", "sum")).reset_index()
+    agg["sparsity"] = 1 - agg["changed"] / agg["numel"]
+    agg["rel_change"] = np.sqrt(agg["delta_sq"]) / np.sqrt(agg["base_sq"])
+    if matrix_metrics:
+        means = long_metrics(store, sel, tuple(matrix_metrics))
+        if not means.empty:
+            piv = means.groupby(["run_id", "metric"])["value"].mean().unstack("metric").reset_index()
+            agg = agg.merge(piv, on="run_id", how="left")
+    return agg
+
+
+def array(store: Store, run_id: str, tensor: str, name: str) -> np.ndarray | None:
+    """One stored array, reshaped to its stored shape; None when absent."""
+    df = store.query("SELECT shape, \"values\" FROM arrays WHERE run_id = ? AND tensor = ? AND name = ?",
+                     [run_id, tensor, name])
+    if df.empty:
+        return None
+    values = np.asarray(df.iloc[0]["values"], dtype=np.float64)
+    shape = tuple(int(s) for s in df.iloc[0]["shape"])
+    return values.reshape(shape) if shape else values
+
+
+def arrays_long(store: Store, sel: Selection, name: str) -> pd.DataFrame:
+    """All arrays called ``name`` for the selection: tensor fields plus a ``values`` list column."""
+    where, params = sel.where("t")
+    return store.query(f"""
+        SELECT t.run_id, r.method, t.tensor, t.tower, t.layer, t.block, t.module, t.expert,
+               a.shape, a."values"
+        FROM tensors t JOIN arrays a USING (run_id, tensor) LEFT JOIN runs r USING (run_id)
+        WHERE {where} AND a.name = ?
+        ORDER BY t.run_id, t.seq, t.tensor""", params + [name])
+
+
+def export_rows(store: Store, run_id: str | None = None) -> pd.DataFrame:
+    """The stable export: one row per (tensor, metric) with columns
+    run, method, tensor, tower, layer, block, module, metric, value (every ok tensor, parts included)."""
+    where, params = "t.status = 'ok'", []
+    if run_id is not None:
+        where += " AND t.run_id = ?"
+        params.append(run_id)
+    return store.query(f"""
+        SELECT t.run_id AS run, r.method, t.tensor, t.tower, t.layer, t.block, t.module, m.metric, m.value
+        FROM tensors t JOIN metrics m USING (run_id, tensor) LEFT JOIN runs r USING (run_id)
+        WHERE {where}
+        ORDER BY t.run_id, t.seq, t.tensor, m.metric""", params)
+
+
+def _q(name: str) -> str:
+    return name.replace("'", "''").replace('"', '""')
