@@ -1,0 +1,306 @@
+"""The precompute job: stream a base/post checkpoint pair, analyse every tensor, store the results.
+
+Run it as ``opdviz compute BASE POST --name NAME --method LABEL --db PATH``. It is restartable: a
+tensor whose results are in the store is never recomputed, so rerunning the same command after a
+crash or ``kill -9`` finishes the run with results identical to an uninterrupted one. One tensor
+pair is in memory at a time; a failure on one tensor is recorded (stage, error, message) and the
+job goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import platform
+import re
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .errors import OpdvizError, OptionsError, StoreError
+from .metrics import analyse_pair
+from .naming import fused_parts, matrix_view, parse_name, split_part
+from .options import AnalysisOptions
+from .reader import Checkpoint, PairItem, iter_pairs, plan_pairs
+from .store import RunWriter, Store, _slug, dumps, now
+
+FOLD_EVERY_S = 60.0        # try to fold staged fragments into the .duckdb file this often
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One analysis run: a base and a post-trained checkpoint, a name, a method label, options."""
+
+    base: Path
+    post: Path
+    run_id: str
+    method: str
+    db: Path
+    options: AnalysisOptions = AnalysisOptions()
+    trajectory: str | None = None
+    step: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto → cuda when available, else cpu; cuda without a GPU is an error that says what to do."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise OptionsError("--device cuda was asked for but torch sees no CUDA device "
+                           f"(torch {torch.__version__}); use --device cpu or auto.")
+    return torch.device(name)
+
+
+def package_versions() -> dict:
+    import duckdb
+    import numpy
+    import safetensors
+
+    return {"opdviz": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": numpy.__version__, "safetensors": safetensors.__version__, "duckdb": duckdb.__version__}
+
+
+@contextlib.contextmanager
+def run_lock(store: Store, run_id: str):
+    """Exclusive lock on one run, so two jobs never compute the same run at once."""
+    folder = store.staging / "locks"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fh = open(folder / f"{_slug(run_id)}.lock", "a+")
+    except OSError as exc:
+        raise StoreError(f"cannot write next to {store.db_path} ({exc}); choose a writable --db location.") from exc
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise StoreError(f"run {run_id!r} is being computed right now by {holder}; wait for it to finish "
+                         "or stop it before starting it again.") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"pid {os.getpid()}")
+    fh.flush()
+    try:
+        yield
+    finally:
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+
+
+class Progress:
+    """Progress on stderr (tqdm: tensors, bytes, ETA) and in ``<staging>/progress/<run>.json`` for the app."""
+
+    def __init__(self, store: Store, run_id: str, n_total: int, bytes_total: int, n_done: int, bytes_done: int,
+                 show: bool):
+        self.path = store.staging / "progress" / f"{_slug(run_id)}.json"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.state = {"run_id": run_id, "pid": os.getpid(), "n_total": n_total, "n_done": n_done,
+                      "bytes_total": bytes_total, "bytes_done": bytes_done, "current": "",
+                      "started": time.time(), "status": "running", "eta_s": None}
+        self._bytes0 = bytes_done
+        self.bar = None
+        if show:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=bytes_total, initial=bytes_done, unit="B", unit_scale=True, unit_divisor=1024,
+                            desc=run_id[:24], dynamic_ncols=True, file=sys.stderr)
+        self._write()
+
+    def _write(self) -> None:
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.state))
+        os.replace(tmp, self.path)
+
+    def start(self, name: str) -> None:
+        self.state["current"] = name
+        if self.bar:
+            self.bar.set_postfix_str(f"{self.state['n_done']}/{self.state['n_total']} tensors · {name[-40:]}")
+        self._write()
+
+    def advance(self, nbytes: int) -> None:
+        s = self.state
+        s["n_done"] += 1
+        s["bytes_done"] += nbytes
+        elapsed = time.time() - s["started"]
+        done_now = s["bytes_done"] - self._bytes0
+        if done_now > 0:
+            s["eta_s"] = elapsed * (s["bytes_total"] - s["bytes_done"]) / done_now
+        if self.bar:
+            self.bar.update(nbytes)
+        self._write()
+
+    def finish(self, status: str, error: str = "") -> None:
+        self.state.update(status=status, current="", error=error, eta_s=0 if status == "done" else None)
+        self._write()
+        if self.bar:
+            self.bar.close()
+
+
+def _tensor_row(name: str, parent: str, part: str, parsed, shape, dtype: str, status: str, reason: str,
+                seq: int, exact=None, seconds=None, expert=None, module=None) -> dict:
+    rows = shape[0] if len(shape) >= 1 else None
+    cols = int(torch.Size(shape[1:]).numel()) if len(shape) >= 2 else None
+    numel = int(torch.Size(shape).numel())
+    return {"tensor": name, "parent": parent, "part": part, "tower": parsed.tower, "layer": parsed.layer,
+            "block": parsed.block, "module": module or parsed.module,
+            "expert": parsed.expert if expert is None else expert, "param": parsed.param,
+            "shape": list(shape), "rows": rows, "cols": cols, "numel": numel, "dtype": dtype, "status": status,
+            "reason": reason, "spectrum_exact": exact, "seconds": seconds, "seq": seq}
+
+
+def analyse_item(item: PairItem, wb: torch.Tensor, wp: torch.Tensor, opts: AnalysisOptions,
+                 config: dict | None, seq: int) -> tuple[list, list, list, list]:
+    """Rows (tensors, metrics, arrays, failures) for one stored tensor and its fused parts."""
+    tensors, metrics, arrays, failures = [], [], [], []
+    parsed = parse_name(item.name)
+    dtype = item.base.dtype
+    units = [("", "", None, None)]
+    if opts.split_fused and wb.dim() >= 2:
+        for part in fused_parts(item.name, tuple(wb.shape), config):
+            units.append((part.name(item.name), part.suffix, part, None))
+    for name, suffix, part, _ in units:
+        t0 = time.perf_counter()
+        stage = "prepare"
+        try:
+            if part is None:
+                b, p = matrix_view(item.name, wb, config), matrix_view(item.name, wp, config)
+                shape = tuple(wb.shape)
+                # a 3-D stack of expert matrices is not one matrix: its parts get the spectra
+                is_matrix = wb.dim() == 2 or wb.dim() >= 4
+            else:
+                b, p = split_part(item.name, wb, part, config), split_part(item.name, wp, part, config)
+                shape = tuple(b.shape)
+                is_matrix = b.dim() == 2
+            stage = "metrics"
+            res = analyse_pair(b, p, opts, matrix=is_matrix)
+        except Exception as exc:  # recorded with stage and traceback; the job goes on
+            seconds = time.perf_counter() - t0
+            message = str(exc) if isinstance(exc, OpdvizError) else traceback.format_exc(limit=8)
+            failures.append({"tensor": name or item.name, "stage": stage, "error": type(exc).__name__,
+                             "message": message})
+            tensors.append(_tensor_row(name or item.name, item.name if part else "", suffix, parsed,
+                                       tuple(wb.shape) if part is None else (), dtype, "failed",
+                                       f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                                       seq, seconds=seconds, expert=part.expert if part else None,
+                                       module=part.module if part else None))
+            continue
+        seconds = time.perf_counter() - t0
+        key = name or item.name
+        tensors.append(_tensor_row(key, item.name if part else "", suffix, parsed, shape, dtype, "ok", "", seq,
+                                   exact=res.exact, seconds=seconds, expert=part.expert if part else None,
+                                   module=part.module if part else None))
+        metrics.extend({"tensor": key, "metric": m, "value": float(v)} for m, v in res.scalars.items())
+        if res.exact is not None:
+            metrics.append({"tensor": key, "metric": "spectrum_exact", "value": float(res.exact)})
+        for a, v in res.arrays.items():
+            arrays.append({"tensor": key, "name": a, "shape": list(v.shape),
+                           "values": v.astype("float64", copy=False).ravel().tolist()})
+    return tensors, metrics, arrays, failures
+
+
+def _filter(items: list[PairItem], opts: AnalysisOptions) -> list[PairItem]:
+    inc = re.compile(opts.include) if opts.include else None
+    exc = re.compile(opts.exclude) if opts.exclude else None
+    return [i for i in items if (not inc or inc.search(i.name)) and not (exc and exc.search(i.name))]
+
+
+def run_job(spec: JobSpec, *, progress: bool = True, overwrite: bool = False, log=print) -> dict:
+    """Compute (or resume) one run. Returns the final run row as a dict."""
+    opts = spec.options
+    device = resolve_device(opts.device)
+    store = Store(spec.db)
+    base = Checkpoint.open(spec.base, allow_pickle=opts.allow_pickle)
+    post = Checkpoint.open(spec.post, allow_pickle=opts.allow_pickle)
+    items = _filter(plan_pairs(base, post), opts)
+    if not items:
+        raise OptionsError(f"no tensor matches --include {opts.include!r} / --exclude {opts.exclude!r}")
+    with run_lock(store, spec.run_id):
+        if overwrite:
+            store.delete_run(spec.run_id)
+        base_fp, post_fp = base.fingerprint(), post.fingerprint()
+        old = store.run_row(spec.run_id)
+        if old is not None:
+            if (old.get("base_fingerprint"), old.get("post_fingerprint")) != (base_fp, post_fp) or \
+                    AnalysisOptions.from_json(old["options"]).result_key() != opts.result_key():
+                raise OptionsError(
+                    f"a run named {spec.run_id!r} already exists in {spec.db} with other checkpoints or "
+                    "options; choose another --name, or pass --overwrite to replace it.")
+        done = store.done_tensors(spec.run_id)
+        todo = [i for i in items if i.name not in done]
+        ok_items = [i for i in items if i.status == "ok"]
+        bytes_total = sum(i.base.nbytes + i.post.nbytes for i in ok_items)
+        bytes_done = sum(i.base.nbytes + i.post.nbytes for i in ok_items if i.name in done)
+        created = old["created_at"] if old is not None else now()
+        prior_wall = float(old["wall_s"] or 0) if old is not None else 0.0
+        writer = RunWriter(store, spec.run_id)
+        row = {
+            "method": spec.method, "kind": "trajectory" if spec.trajectory else "pair",
+            "base_path": str(Path(spec.base).resolve()), "post_path": str(Path(spec.post).resolve()),
+            "base_fingerprint": base_fp, "post_fingerprint": post_fp, "base_bytes": base.total_bytes,
+            "post_bytes": post.total_bytes, "trajectory": spec.trajectory, "step": spec.step,
+            "options": opts.to_json(), "versions": dumps(package_versions()), "device": str(device),
+            "dtype": _main_dtype(ok_items), "seed": opts.seed, "status": "running", "error": None,
+            "created_at": created, "finished_at": None, "wall_s": prior_wall, "n_tensors": len(items),
+            "n_done": len(items) - len(todo), "n_skipped": None, "n_failed": None,
+            "bytes_total": bytes_total, "bytes_done": bytes_done, "extra": dumps(spec.extra),
+        }
+        writer.write_run(row)
+        if todo and done:
+            log(f"resuming {spec.run_id!r}: {len(items) - len(todo)} of {len(items)} tensors already stored")
+        bar = Progress(store, spec.run_id, len(items), bytes_total, len(items) - len(todo), bytes_done, progress)
+        t_start, last_fold = time.time(), time.time()
+        status, error = "running", None
+        try:
+            seq_of = {i.name: n for n, i in enumerate(items)}
+            for item in (i for i in todo if i.status != "ok"):
+                parsed = parse_name(item.name)
+                info = item.base or item.post
+                writer.write_tensor(item.name, [_tensor_row(item.name, "", "", parsed, info.shape, info.dtype,
+                                                            "skipped", item.reason, seq_of[item.name])], [], [], [])
+                bar.advance(0)
+            for item, wb, wp in iter_pairs(base, post, [i for i in todo if i.status == "ok"], device=device):
+                bar.start(item.name)
+                rows = analyse_item(item, wb, wp, opts, base.config, seq_of[item.name])
+                del wb, wp
+                writer.write_tensor(item.name, *rows)
+                bar.advance(item.base.nbytes + item.post.nbytes)
+                if time.time() - last_fold > FOLD_EVERY_S:
+                    store.fold(wait=0)
+                    last_fold = time.time()
+            status = "done"
+        except KeyboardInterrupt:
+            status, error = "interrupted", "interrupted by the user; rerun the same command to resume"
+            raise
+        except Exception as exc:
+            status, error = "failed", f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            bar.finish(status, error or "")
+            counts = store.query("SELECT status, count(*) AS n FROM tensors WHERE run_id = ? AND parent = '' "
+                                 "GROUP BY status", [spec.run_id])
+            n = dict(zip(counts["status"], counts["n"]))
+            row.update(status=status, error=error, wall_s=prior_wall + time.time() - t_start,
+                       finished_at=now() if status == "done" else None,
+                       n_done=int(sum(n.values())), n_skipped=int(n.get("skipped", 0)),
+                       n_failed=int(n.get("failed", 0)), bytes_done=bar.state["bytes_done"], updated_at=now())
+            writer.write_run(row)
+            if not store.fold(wait=30):
+                log(f"note: {spec.db} was busy; results stay readable in {store.staging} and are folded "
+                    "into the database by the next job or `opdviz fold`.")
+        return row
+
+
+def _main_dtype(items: list[PairItem]) -> str:
+    by: dict[str, int] = {}
+    for i in items:
+        by[i.base.dtype] = by.get(i.base.dtype, 0) + i.base.nbytes
+    return max(by, key=by.get) if by else ""
