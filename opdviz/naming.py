@@ -1,0 +1,451 @@
+"""Tensor names → fields, and the layouts of fused tensors.
+
+``parse_name`` turns a checkpoint key such as ``model.layers.3.self_attn.q_proj.weight`` into a
+``ParsedName`` (tower, layer, block, module, expert, param) using tables of regex rows, not
+if-chains: wrapper components (``model.``, ``language_model.``, ``visual.``, ...) are stripped
+first and decide the tower, then a layer container (``layers.N`` / ``h.N`` / ``blocks.N``) gives the
+layer index, then the rest of the path is matched against ``LAYER_ROWS`` or ``GLOBAL_ROWS``.
+
+``matrix_view`` orients a stored tensor as a 2-D ``[out, in]`` matrix (GPT-2 Conv1D and GPT-OSS /
+Llama-4 expert stacks are stored ``[in, out]``). ``fused_parts`` / ``split_part`` cut fused tensors
+(q/k/v, gate/up, per-expert slices of 3-D stacks) into the matrices the model really multiplies by.
+
+Run its tests with ``.venv/bin/pytest tests/test_naming.py -q``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from opdviz.errors import OpdvizError
+
+# ---------------------------------------------------------------------------------------------
+# Parsing
+
+
+@dataclass(frozen=True)
+class ParsedName:
+    """The fields of one tensor name. See the module docstring and DESIGN.md "Reading checkpoints"."""
+
+    tower: str  # "text" | "vision" | "audio"
+    layer: int | None  # transformer block index; None for embeddings, head, final norm, projector
+    block: str  # "attn" | "ffn" | "embed" | "head" | "norm" | "router" | "other"
+    module: str  # q k v o qkv gate up down gate_up fc_in fc_out q_a q_b kv_a kv_b experts ...
+    expert: int | None
+    param: str  # "weight" | "bias" | other last component
+
+
+# Leading wrapper components, stripped repeatedly; a non-None tower switches the tower.
+# ``multi_modal_projector`` is kept (it is matched by GLOBAL_ROWS) but counted as vision: it is
+# the vision pathway's bridge into the text model.
+_WRAPPERS: dict[str, str | None] = {
+    "model": None,
+    "transformer": None,
+    "gpt_neox": None,
+    "encoder": None,
+    "decoder": None,
+    "language_model": "text",
+    "text_model": "text",
+    "visual": "vision",
+    "vision_tower": "vision",
+    "vision_model": "vision",
+    "vision_encoder": "vision",
+    "audio_tower": "audio",
+    "audio_model": "audio",
+}
+_TOWER_HINTS = {"multi_modal_projector": "vision"}
+
+# The layer container: ``layers.N.``, ``h.N.`` (GPT-2, Falcon, BLOOM), ``blocks.N.`` (Qwen-VL
+# vision), ``layer.N.`` (BERT-style encoders).
+_LAYER_RE = re.compile(r"^(?:layers|h|blocks|layer)\.(?P<layer>\d+)\.(?P<rest>.+)$")
+
+# Last components that name the parameter rather than the module (stripped before row matching).
+_PARAMS = {"weight", "bias", "e_score_correction_bias", "in_proj_weight", "in_proj_bias"}
+
+_ATTN = r"(?:self_attn|attn|attention|self_attention)"
+_E = r"(?P<expert>\d+)"
+_NORM_NAME = r"[a-z_]*(?:norm|layrnorm)[a-z_0-9]*|ln_?[a-z0-9]*|[a-z]*norm\d*"
+
+# (regex fullmatched on the in-layer path without the param, fields). ``module`` may use
+# ``{group}`` templates filled from the match. First match wins, so specific rows come first.
+LAYER_ROWS: list[tuple[str, dict]] = [
+    # attention projections (Llama/Qwen/Gemma/Mistral/DeepSeek/CLIP/SigLIP/LLaVA)
+    (rf"{_ATTN}\.(?P<m>q|k|v|o)_proj", {"block": "attn", "module": "{m}"}),
+    (rf"{_ATTN}\.out_proj", {"block": "attn", "module": "o"}),
+    # fused q/k/v: Phi-3, Qwen-VL vision, GPT-2 / GPT-BigCode Conv1D, GPT-NeoX, Falcon, BLOOM
+    (rf"{_ATTN}\.(?:qkv_proj|qkv|c_attn|query_key_value|Wqkv)", {"block": "attn", "module": "qkv"}),
+    (rf"{_ATTN}\.(?:proj|c_proj|dense)", {"block": "attn", "module": "o"}),
+    # DeepSeek-V2/V3 multi-head latent attention
+    (rf"{_ATTN}\.q_a_proj", {"block": "attn", "module": "q_a"}),
+    (rf"{_ATTN}\.q_b_proj", {"block": "attn", "module": "q_b"}),
+    (rf"{_ATTN}\.kv_a_proj_with_mqa", {"block": "attn", "module": "kv_a"}),
+    (rf"{_ATTN}\.kv_b_proj", {"block": "attn", "module": "kv_b"}),
+    (rf"{_ATTN}\.sinks", {"block": "attn", "module": "sinks", "param": "sinks"}),  # GPT-OSS
+    # buffers some checkpoints carry (GPT-2 / NeoX causal masks, rotary inverse frequencies)
+    (rf"{_ATTN}", {"block": "other", "module": "attn_mask"}),
+    (rf"{_ATTN}\.masked_bias", {"block": "other", "module": "attn_mask", "param": "masked_bias"}),
+    (rf"{_ATTN}\.rotary_emb\.inv_freq", {"block": "other", "module": "rotary", "param": "inv_freq"}),
+    # MoE: fused 3-D expert stacks (transformers >= 4.57 / 5, GPT-OSS, Llama-4)
+    (r"(?:mlp|feed_forward)\.experts\.(?:gate_up_proj|down_proj)(?P<p>_bias|_blocks|_scales)?",
+     {"block": "ffn", "module": "experts", "param": "{p}"}),
+    # MoE: per-expert modules (Qwen2/3-MoE, DeepSeek, OLMoE; Mixtral w1/w2/w3 = gate/down/up)
+    (rf"mlp\.experts\.{_E}\.(?P<m>gate|up|down)_proj", {"block": "ffn", "module": "{m}"}),
+    (rf"block_sparse_moe\.experts\.{_E}\.w1", {"block": "ffn", "module": "gate"}),
+    (rf"block_sparse_moe\.experts\.{_E}\.w2", {"block": "ffn", "module": "down"}),
+    (rf"block_sparse_moe\.experts\.{_E}\.w3", {"block": "ffn", "module": "up"}),
+    (r"mlp\.shared_experts?\.(?P<m>gate|up|down)_proj", {"block": "ffn", "module": "shared_{m}"}),
+    (r"mlp\.shared_expert_gate", {"block": "router", "module": "shared_expert_gate"}),
+    (r"(?:mlp\.gate|mlp\.router|block_sparse_moe\.gate)", {"block": "router", "module": "router"}),
+    # dense MLPs
+    (r"mlp\.(?P<m>gate|up|down)_proj", {"block": "ffn", "module": "{m}"}),
+    (r"mlp\.gate_up_proj", {"block": "ffn", "module": "gate_up"}),
+    (r"mlp\.(?:fc1|c_fc|dense_h_to_4h)", {"block": "ffn", "module": "fc_in"}),
+    (r"mlp\.(?:fc2|c_proj|dense_4h_to_h)", {"block": "ffn", "module": "fc_out"}),
+    # DeepSeek-V3 multi-token-prediction layer extras
+    (r"embed_tokens", {"block": "embed", "module": "embed"}),
+    (r"shared_head\.head", {"block": "head", "module": "lm_head"}),
+    (r"shared_head\.norm", {"block": "norm", "module": "norm"}),
+    (r"eh_proj", {"block": "other", "module": "eh_proj"}),
+    # every norm: input/post_attention/pre_/post_feedforward_layernorm, q_norm/k_norm, ln_1,
+    # norm1, layer_norm1, q_a_layernorm, ln_attn/ln_mlp (Falcon), enorm/hnorm (DeepSeek MTP)
+    (rf"(?:{_ATTN}\.)?(?:{_NORM_NAME})", {"block": "norm", "module": "norm"}),
+]
+
+GLOBAL_ROWS: list[tuple[str, dict]] = [
+    (r"(?:embed_tokens|wte|embed_in|word_embeddings)", {"block": "embed", "module": "embed"}),
+    (r"(?:lm_head|embed_out)", {"block": "head", "module": "lm_head"}),
+    (r"wpe", {"block": "embed", "module": "pos_embed"}),
+    # vision towers
+    (r"patch_embed\.proj|embeddings\.patch_embedding", {"block": "embed", "module": "patch_embed"}),
+    (r"pos_embed|embeddings\.position_embedding", {"block": "embed", "module": "pos_embed"}),
+    (r"embeddings\.class_embedding", {"block": "embed", "module": "cls_embed", "param": "weight"}),
+    (r"merger\.(?:ln_q|norm)", {"block": "norm", "module": "norm"}),
+    (r"(?:deepstack_merger_list\.\d+\.|merger\.)(?:mlp\.0|linear_fc1)", {"block": "other", "module": "merger_in"}),
+    (r"(?:deepstack_merger_list\.\d+\.|merger\.)(?:mlp\.2|linear_fc2)", {"block": "other", "module": "merger_out"}),
+    (r"deepstack_merger_list\.\d+\.norm", {"block": "norm", "module": "norm"}),
+    (r"multi_modal_projector\.linear_1", {"block": "other", "module": "projector_in"}),
+    (r"multi_modal_projector\.linear_2", {"block": "other", "module": "projector_out"}),
+    (r"multi_modal_projector\.mm_input_projection_weight",
+     {"block": "other", "module": "projector", "param": "weight"}),
+    (r"multi_modal_projector\.\w*norm\w*", {"block": "norm", "module": "norm"}),
+    # SigLIP attention-pooling head (nn.MultiheadAttention: in_proj = q, k, v stacked)
+    (r"head\.probe", {"block": "other", "module": "probe", "param": "probe"}),
+    (r"head\.attention", {"block": "attn", "module": "qkv"}),
+    (r"head\.attention\.out_proj", {"block": "attn", "module": "o"}),
+    (r"head\.mlp\.fc1", {"block": "ffn", "module": "fc_in"}),
+    (r"head\.mlp\.fc2", {"block": "ffn", "module": "fc_out"}),
+    # final norms: norm, ln_f, final_layer_norm, post_layernorm, pre_layrnorm (sic, CLIP), ...
+    (rf"(?:head\.)?(?:{_NORM_NAME})", {"block": "norm", "module": "norm"}),
+]
+
+_LAYER_TABLE = [(re.compile(rx), f) for rx, f in LAYER_ROWS]
+_GLOBAL_TABLE = [(re.compile(rx), f) for rx, f in GLOBAL_ROWS]
+_PARAM_ALIASES = {"in_proj_weight": "weight", "in_proj_bias": "bias"}
+_PARAM_SUFFIX = {"_bias": "bias", "_blocks": "blocks", "_scales": "scales", "": "weight", None: "weight"}
+
+
+def _strip_wrappers(parts: list[str]) -> tuple[str, list[str]]:
+    tower = "text"
+    while parts and parts[0] in _WRAPPERS:
+        tower = _WRAPPERS[parts[0]] or tower
+        parts = parts[1:]
+    if parts and parts[0] in _TOWER_HINTS:
+        tower = _TOWER_HINTS[parts[0]]
+    return tower, parts
+
+
+@lru_cache(maxsize=1 << 16)  # pure and called per tensor by several helpers
+def parse_name(name: str) -> ParsedName:
+    """Parse a checkpoint tensor name into its fields.
+
+    Args: name — the full key, e.g. ``"model.language_model.layers.3.mlp.experts.7.up_proj.weight"``.
+    Returns: a ``ParsedName``. Unknown names get block ``"other"`` and, as module, the last component
+    of the path before the param; they never raise.
+    """
+    tower, parts = _strip_wrappers(name.split("."))
+    path = ".".join(parts)
+    layer = None
+    m = _LAYER_RE.match(path)
+    if m:
+        layer, path = int(m["layer"]), m["rest"]
+    table = _LAYER_TABLE if m else _GLOBAL_TABLE
+
+    param = None
+    comps = path.split(".")
+    if len(comps) > 1 and comps[-1] in _PARAMS:
+        param, path = _PARAM_ALIASES.get(comps[-1], comps[-1]), ".".join(comps[:-1])
+
+    for rx, fields in table:
+        hit = rx.fullmatch(path)
+        if hit is None:
+            continue
+        groups = hit.groupdict()
+        expert = groups.get("expert")
+        module = fields["module"].format(**{k: v or "" for k, v in groups.items()})
+        if param is None:
+            p = fields.get("param", "weight")
+            param = _PARAM_SUFFIX.get(groups.get("p"), p) if p == "{p}" else p
+        return ParsedName(tower, layer, fields["block"], module,
+                          int(expert) if expert is not None else None, param)
+
+    comps = path.split(".")
+    module = next((c for c in reversed(comps) if not c.isdigit()), comps[-1])
+    return ParsedName(tower, layer, "other", module, None, param or comps[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+
+
+def _subconfig(name: str, config: dict | None) -> dict:
+    """The config block that describes the tower ``name`` belongs to (VLMs nest text/vision configs)."""
+    if not config:
+        return {}
+    tower = parse_name(name).tower
+    key = {"text": "text_config", "vision": "vision_config", "audio": "audio_config"}[tower]
+    sub = config.get(key)
+    if isinstance(sub, dict):
+        merged = dict(sub)
+        merged.setdefault("model_type", sub.get("model_type") or config.get("model_type"))
+        return merged
+    return config
+
+
+def _get(cfg: dict, *keys, default=None):
+    for k in keys:
+        if cfg.get(k) is not None:
+            return cfg[k]
+    return default
+
+
+def _model_type(cfg: dict) -> str:
+    return str(cfg.get("model_type") or "").lower()
+
+
+# ---------------------------------------------------------------------------------------------
+# Orientation
+
+# GPT-2's Conv1D stores weights [in, out]; GPT-BigCode and Qwen-1 reuse the ``c_attn`` names with
+# nn.Linear ([out, in]). Without a model_type we assume GPT-2.
+_CONV1D_MODULES = re.compile(r"(?:^|\.)(?:c_attn|c_proj|c_fc|q_attn)\.weight$")
+_CONV1D_MODEL_TYPES = {"", "gpt2", "imagegpt", "decision_transformer"}
+# Expert stacks stored [E, in, out] (they multiply with bmm(x, W)); others are [E, out, in].
+_IN_OUT_EXPERT_MODEL_TYPES = {"gpt_oss", "llama4", "llama4_text"}
+_EXPERTS_RE = re.compile(r"experts\.(?P<which>gate_up_proj|down_proj)(?P<p>_bias)?$")
+
+
+# 2-D weights stored [in, out] whatever the model type (used as ``x @ W``).
+_IN_OUT_2D = re.compile(r"(?:^|\.)mm_input_projection_weight$")  # Gemma-3 projector
+
+
+def _is_conv1d(name: str, cfg: dict) -> bool:
+    """True for 2-D weights stored [in, out]: GPT-2 Conv1D and a few ``x @ W`` parameters."""
+    if _IN_OUT_2D.search(name):
+        return True
+    return bool(_CONV1D_MODULES.search(name)) and _model_type(cfg) in _CONV1D_MODEL_TYPES
+
+
+def _experts_in_out(name: str, shape: tuple[int, ...], cfg: dict) -> bool:
+    """True when a 3-D expert stack is stored [E, in, out].
+
+    Rule: with hidden_size and the expert width (``moe_intermediate_size``, else
+    ``intermediate_size``) in the config, the shape decides: gate_up [E, 2I, H] / down [E, H, I] are
+    [out, in]; gate_up [E, H, 2I] / down [E, I, H] are [in, out]. When the shape cannot tell
+    (H == 2I, or no sizes), model_type decides (gpt_oss, llama4 → [in, out]); default [out, in],
+    the transformers convention for converted Mixtral/Qwen-MoE/DeepSeek stacks.
+    """
+    which = _EXPERTS_RE.search(name)["which"]
+    hidden = _get(cfg, "hidden_size", "d_model")
+    inter = _get(cfg, "moe_intermediate_size", "intermediate_size")
+    if hidden and inter:
+        out_in, in_out = ((2 * inter, hidden), (hidden, 2 * inter)) if which == "gate_up_proj" \
+            else ((hidden, inter), (inter, hidden))
+        if tuple(shape[1:]) == out_in and out_in != in_out:
+            return False
+        if tuple(shape[1:]) == in_out and out_in != in_out:
+            return True
+    return _model_type(cfg) in _IN_OUT_EXPERT_MODEL_TYPES
+
+
+def matrix_view(name: str, tensor: torch.Tensor, config: dict | None = None) -> torch.Tensor:
+    """A view of ``tensor`` as a matrix oriented [out, in] (rows = output features).
+
+    2-D weights: as stored, except GPT-2 Conv1D weights (``c_attn``, ``c_proj``, ``c_fc``, when
+    model_type is gpt2 or absent) and Gemma-3's ``mm_input_projection_weight``, which are stored
+    [in, out] and returned transposed (a non-contiguous ``.T`` view). 1-D and 0-D tensors are returned unchanged.
+    3-D fused expert stacks → (E·out, in) (a copy only when stored [E, in, out]). Other N-D tensors
+    (conv patch embeddings, [out, in, kh, kw(, kt)]) → (shape[0], -1).
+    """
+    cfg = _subconfig(name, config)
+    if tensor.dim() <= 1:
+        return tensor
+    if tensor.dim() == 2:
+        return tensor.T if _is_conv1d(name, cfg) else tensor
+    if tensor.dim() == 3 and _EXPERTS_RE.search(name):
+        if _experts_in_out(name, tuple(tensor.shape), cfg):
+            tensor = tensor.transpose(1, 2)
+        return tensor.reshape(-1, tensor.shape[-1])
+    return tensor.reshape(tensor.shape[0], -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused layouts
+
+
+@dataclass(frozen=True)
+class Part:
+    """One piece of a fused tensor: ``suffix`` ("q", "up", "3.gate", "3.down") names it."""
+
+    suffix: str
+    module: str
+    expert: int | None
+
+    def name(self, parent: str) -> str:
+        return f"{parent}[{self.suffix}]"
+
+
+def _qkv_rows(name: str, rows: int, cfg: dict) -> dict[str, torch.Tensor | slice] | None:
+    """Row selections of q, k, v inside an oriented fused qkv tensor, or None if unknown.
+
+    Layouts (rows of the [out, in] matrix):
+      concatenated q | k | v  — Phi-3 ``qkv_proj`` (GQA sizes from heads/kv heads/head_dim),
+          GPT-2 ``c_attn``, Qwen-VL ``attn.qkv``, nn.MultiheadAttention ``in_proj`` (thirds),
+          Falcon multi-query (n_head q heads, then 1 k head, then 1 v head), GPT-BigCode MQA.
+      per head [heads, 3, head_dim] — GPT-NeoX, BLOOM, Falcon without multi_query.
+      grouped [kv_heads, q_per_kv + 2, head_dim] — Falcon new_decoder_architecture.
+    """
+    mt = _model_type(cfg)
+    heads = _get(cfg, "num_attention_heads", "n_head", "num_heads")
+    hidden = _get(cfg, "hidden_size", "n_embd", "d_model", "embed_dim")
+    head_dim = _get(cfg, "head_dim") or (hidden // heads if hidden and heads else None)
+
+    def concat(sizes: tuple[int, int, int]):
+        if sum(sizes) != rows:
+            return None
+        a, b = sizes[0], sizes[0] + sizes[1]
+        return {"q": slice(0, a), "k": slice(a, b), "v": slice(b, rows)}
+
+    if "query_key_value" in name:
+        if not heads or not head_dim:
+            return None
+        falcon = mt in {"falcon", "refinedweb", "refinedwebmodel"} or (
+            mt not in {"bloom", "gpt_neox"} and ("new_decoder_architecture" in cfg or "multi_query" in cfg))
+        # old "RefinedWeb" configs (Falcon-40B) imply the new decoder architecture without the key
+        if falcon and cfg.get("new_decoder_architecture", mt == "refinedweb"):
+            kv = _get(cfg, "num_kv_heads", "n_head_kv", "num_key_value_heads", default=heads)
+            if kv <= 0 or heads % kv or kv * (heads // kv + 2) * head_dim != rows:
+                return None
+            grid = torch.arange(rows).view(kv, heads // kv + 2, head_dim)
+            return {"q": grid[:, :-2].reshape(-1), "k": grid[:, -2].reshape(-1), "v": grid[:, -1].reshape(-1)}
+        if falcon and cfg.get("multi_query", True):
+            return concat((heads * head_dim, head_dim, head_dim))
+        if not falcon and mt not in _PER_HEAD_QKV_MODEL_TYPES:  # e.g. ChatGLM: another layout
+            return None
+        if heads * 3 * head_dim != rows:
+            return None
+        grid = torch.arange(rows).view(heads, 3, head_dim)
+        return {"q": grid[:, 0].reshape(-1), "k": grid[:, 1].reshape(-1), "v": grid[:, 2].reshape(-1)}
+    if "qkv_proj" in name or "Wqkv" in name:
+        kv = _get(cfg, "num_key_value_heads", default=heads)
+        if not heads or not head_dim:
+            return None
+        return concat((heads * head_dim, kv * head_dim, kv * head_dim))
+    if "c_attn" in name and mt == "gpt_bigcode" and cfg.get("multi_query", True):
+        return concat((hidden, head_dim, head_dim)) if hidden and head_dim else None
+    if rows % 3 == 0:  # c_attn (GPT-2), attn.qkv (Qwen-VL vision), head.attention.in_proj (SigLIP)
+        t = rows // 3
+        return concat((t, t, t))
+    return None
+
+
+# ``query_key_value`` laid out per head [heads, 3, head_dim] (besides Falcon without multi_query).
+_PER_HEAD_QKV_MODEL_TYPES = {"gpt_neox", "bloom", "persimmon"}
+
+
+def _gate_up_rows(rows: int, interleaved: bool) -> dict[str, torch.Tensor | slice] | None:
+    if rows % 2:
+        return None
+    if interleaved:  # GPT-OSS: gate = even rows, up = odd rows
+        return {"gate": slice(0, rows, 2), "up": slice(1, rows, 2)}
+    return {"gate": slice(0, rows // 2), "up": slice(rows // 2, rows)}
+
+
+def _part_rows(name: str, rows: int, cfg: dict) -> dict[str, torch.Tensor | slice] | None:
+    """Row selections of the parts of one (per-expert) oriented matrix; None when not fused/unknown."""
+    p = parse_name(name)
+    if p.module == "qkv":
+        return _qkv_rows(name, rows, cfg)
+    if p.module == "gate_up":
+        return _gate_up_rows(rows, interleaved=False)
+    if p.module == "experts" and "gate_up_proj" in name:
+        return _gate_up_rows(rows, interleaved=_model_type(cfg) == "gpt_oss")
+    return None
+
+
+def _oriented_rows(name: str, shape: tuple[int, ...], cfg: dict) -> int:
+    """Number of output rows of one (per-expert) matrix after orientation."""
+    if len(shape) == 3:
+        return shape[1] if not _experts_in_out(name, shape, cfg) else shape[2]
+    if len(shape) == 2 and _EXPERTS_RE.search(name):  # expert bias stack [E, out]
+        return shape[1]
+    if len(shape) == 2 and _is_conv1d(name, cfg):
+        return shape[1]
+    return shape[0]
+
+
+def fused_parts(name: str, shape: tuple[int, ...], config: dict | None) -> list[Part]:
+    """The parts of a fused tensor, or [] when it is not fused or its layout cannot be known.
+
+    Covers q/k/v of fused attention (weights and biases), gate/up of ``gate_up_proj``, and 3-D
+    expert stacks (``experts.gate_up_proj`` → "E.gate", "E.up"; ``experts.down_proj`` → "E.down";
+    their 2-D ``*_bias`` stacks likewise). Sizes are checked against ``shape``; a mismatch gives [].
+    """
+    cfg = _subconfig(name, config)
+    shape = tuple(shape)
+    module = parse_name(name).module
+    stacked = bool(_EXPERTS_RE.search(name)) and len(shape) in (2, 3) and module == "experts"
+    if not stacked and (len(shape) not in (1, 2) or module == "experts"):
+        return []
+    if stacked and len(shape) == 3 and parse_name(name).param != "weight":
+        return []
+    rows = _oriented_rows(name, shape, cfg)
+    sel = _part_rows(name, rows, cfg)
+    if stacked:
+        if "down_proj" in name:
+            return [Part(f"{e}.down", "down", e) for e in range(shape[0])]
+        if sel is None:  # odd gate_up width: still split per expert, whole
+            return [Part(str(e), "experts", e) for e in range(shape[0])]
+        return [Part(f"{e}.{k}", k, e) for e in range(shape[0]) for k in sel]
+    if sel is None:
+        return []
+    return [Part(k, k, None) for k in sel]
+
+
+def split_part(name: str, tensor: torch.Tensor, part: Part, config: dict | None) -> torch.Tensor:
+    """The part's own matrix, oriented [out, in] (1-D for bias parts).
+
+    Args: ``tensor`` — the ORIGINAL stored tensor (not ``matrix_view``'s output); ``part`` — one of
+    ``fused_parts(name, tensor.shape, config)``. Concatenated and GPT-OSS interleaved parts are
+    (possibly strided) views; per-head layouts (NeoX, BLOOM, Falcon) are gathered into copies.
+    Raises: ``OpdvizError`` when ``part`` does not belong to this tensor's layout.
+    """
+    cfg = _subconfig(name, config)
+    x = tensor
+    if part.expert is not None and _EXPERTS_RE.search(name):
+        x = tensor[part.expert]
+        if x.dim() == 2 and _experts_in_out(name, tuple(tensor.shape), cfg):
+            x = x.T
+        key = part.suffix.split(".", 1)[1] if "." in part.suffix else None
+    else:
+        x = matrix_view(name, tensor, config)
+        key = part.suffix
+    if key is None or key == "down":
+        return x
+    sel = _part_rows(name, x.shape[0], cfg)
+    if sel is None or key not in sel:
+        raise OpdvizError(f"{name}: no part {part.suffix!r} in this layout; use fused_parts() to list parts")
+    return x[sel[key]]
