@@ -1,0 +1,277 @@
+"""Geometry of ΔW relative to the base, and the linear-algebra entry point ``linalg_metrics``.
+
+Principal projection, principal angles, normalized spectral shift and principal coverage, all from
+the one factorization pass of ``opdviz.metrics.linalg`` (never decomposing a matrix twice), plus
+the ΔW spectrum of ``opdviz.metrics.spectral``. Wide matrices are analysed transposed (all the
+heavy work on the smaller side) and their left/right outputs swapped back.
+
+Rank-deficient matrices: directions with σ ≤ 1e-6·σ₁ are null. Left projections onto more base
+directions than that rank are NaN (u_i undefined), and angles at a k above the rank of W_base or
+W_post are NaN (the top-k subspace is not defined). Approx mode (randomized top-q): projections and
+angles for k > q, NSS and principal coverage with r > q are NaN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import TensorMismatchError
+from ..options import AnalysisOptions, fmt_pct
+from .linalg import (MetricInfo, Factors, approx_factors, chunk_rows, exact_factors, floor_frac)
+from .spectral import spectrum_metrics
+
+_PROJ_SRC = "2511.08567"
+_ANG_SRC = "2511.08567, 2606.07082"
+_COV_SRC = "2606.13657"
+
+FAMILIES: tuple[MetricInfo, ...] = (
+    MetricInfo("principal_proj_{frac}", "scalar", "‖U_kᵀΔW V_k‖F²/‖ΔW‖F², U_k, V_k the top-k singular vectors of "
+               "W_base, k = max(1, floor(frac·min(m, n))), frac ∈ {1, 5, 10, 20} %.", _PROJ_SRC),
+    MetricInfo("principal_proj_left_{frac}", "scalar", "‖U_kᵀΔW‖F²/‖ΔW‖F² (share in the top-k left base subspace).",
+               _PROJ_SRC),
+    MetricInfo("principal_proj_right_{frac}", "scalar", "‖ΔW V_k‖F²/‖ΔW‖F² (share in the top-k right base "
+               "subspace).", _PROJ_SRC),
+    MetricInfo("proj_joint_by_rank", "array", "Value i: principal_proj with k = i + 1, for every k (length "
+               "min(m, n); approx: q).", _PROJ_SRC),
+    MetricInfo("proj_left_by_rank", "array", "Value i: principal_proj_left with k = i + 1.", _PROJ_SRC),
+    MetricInfo("proj_right_by_rank", "array", "Value i: principal_proj_right with k = i + 1.", _PROJ_SRC),
+    MetricInfo("angle_left_mean_sin_k{k}", "scalar", "Mean sin θ of the principal angles between the top-k left "
+               "singular subspaces of W_base and W_post, k ∈ {16, 64, 512} capped at min(m, n) (float64).",
+               _ANG_SRC),
+    MetricInfo("angle_left_max_rad_k{k}", "scalar", "Largest of those angles, radians.", _ANG_SRC),
+    MetricInfo("angle_right_mean_sin_k{k}", "scalar", "Same for the right singular subspaces.", _ANG_SRC),
+    MetricInfo("angle_right_max_rad_k{k}", "scalar", "Largest right principal angle, radians.", _ANG_SRC),
+    MetricInfo("angles_left_k{k}", "array", "The left principal angles, radians, ascending; length = the "
+               "capped k.", _ANG_SRC),
+    MetricInfo("angles_right_k{k}", "array", "The right principal angles, radians, ascending.", _ANG_SRC),
+    MetricInfo("nss", "scalar", "Normalized spectral shift ‖σ(W_post) − σ(W_base)‖₂/‖σ(W_base)‖₂ (NaN in approx "
+               "mode).", "2511.08567"),
+    MetricInfo("base_spectrum", "array", "Singular values of W_base, descending (approx: top q).", "2511.08567"),
+    MetricInfo("post_spectrum", "array", "Singular values of W_post, descending (approx: top q).", "2511.08567"),
+    MetricInfo("principal_coverage_{alpha}", "scalar", "|M ∩ U|/|U|: U = default changed mask, M = the "
+               "floor(α·numel) largest |rank-r reconstruction of W_base|, r = max(1, floor(α·min(m, n))), ties "
+               "by flat index; NaN when U is empty. Random baseline = α.", _COV_SRC),
+    MetricInfo("principal_coverage_exact_{alpha}", "scalar", "Same with U = exact (bitwise) changed mask.",
+               _COV_SRC),
+    MetricInfo("principal_coverage_r{rank}_{alpha}", "scalar", "Principal coverage with the fixed reconstruction "
+               "rank r = coverage_fixed_rank (capped at min(m, n)).", "2511.08567"),
+    MetricInfo("principal_coverage_r{rank}_exact_{alpha}", "scalar", "Fixed-rank principal coverage, exact mask.",
+               "2511.08567"),
+)
+
+
+@dataclass
+class LinalgResult:
+    scalars: dict[str, float]
+    arrays: dict[str, np.ndarray]      # float64 numpy
+    exact: bool                        # False when randomized top-k was used
+
+
+def linalg_metrics(wb: torch.Tensor, wp: torch.Tensor, masks: dict[str, torch.Tensor],
+                   opts: AnalysisOptions) -> LinalgResult:
+    """Spectrum and geometry metrics of one 2-D pair [out, in], computed on ``wb``'s device.
+
+    ``masks``: bool changed masks of the same shape, keys "default" and "exact". Spectra are exact
+    unless ``opts.spectrum`` is "approx", or "auto" on CPU with min(m, n) > ``opts.exact_max_dim``."""
+    if wb.dim() != 2 or wb.shape != wp.shape:
+        raise TensorMismatchError(f"linalg_metrics needs two 2-D tensors of one shape, got "
+                                  f"{tuple(wb.shape)} and {tuple(wp.shape)}")
+    rows, cols = wb.shape
+    transposed = rows < cols
+    w_b, w_p = (wb.T, wp.T) if transposed else (wb, wp)
+    mn = min(rows, cols)
+    exact = opts.spectrum == "exact" or (
+        opts.spectrum == "auto" and not (wb.device.type == "cpu" and mn > opts.exact_max_dim))
+    ks = sorted({min(k, mn) for k in opts.angle_ks})
+    q = min(opts.approx_rank, mn)
+    f = exact_factors(w_b, w_p, ks) if exact else approx_factors(w_b, w_p, ks, q, opts.seed)
+
+    scalars = spectrum_metrics(f.delta_sigma, f.delta_fro2, rows, cols, exact)
+    arrays = {"spectrum": f.delta_sigma, "base_spectrum": f.base_sigma, "post_spectrum": f.post_sigma}
+    _projections(f, transposed, mn, opts, scalars, arrays)
+    _angles(f, transposed, mn, opts, scalars, arrays)
+    if exact and f.base_sigma.any():
+        scalars["nss"] = float(np.linalg.norm(f.post_sigma - f.base_sigma) / np.linalg.norm(f.base_sigma))
+    else:
+        scalars["nss"] = float("nan")
+    scalars.update(_principal_coverage(w_b, f, masks, transposed, mn, opts))
+    return LinalgResult(scalars, {k: np.asarray(v, dtype=np.float64) for k, v in arrays.items()}, exact)
+
+
+def _projections(f: Factors, transposed: bool, mn: int, opts: AnalysisOptions, scalars, arrays) -> None:
+    fro2 = f.delta_fro2
+    left, right = (f.proj_right_cum, f.proj_left_cum) if transposed else (f.proj_left_cum, f.proj_right_cum)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        by_rank = {name: (cum / fro2 if fro2 > 0 else np.full_like(cum, np.nan))
+                   for name, cum in (("joint", f.proj_joint_cum), ("left", left), ("right", right))}
+    for name, v in by_rank.items():
+        arrays[f"proj_{name}_by_rank"] = v
+    for frac in opts.proj_fracs:
+        k = max(1, floor_frac(frac, mn))
+        for name, suffix in (("joint", ""), ("left", "_left"), ("right", "_right")):
+            v = by_rank[name]
+            scalars[f"principal_proj{suffix}_{fmt_pct(frac)}"] = float(v[k - 1]) if k <= len(v) else float("nan")
+
+
+def _angles(f: Factors, transposed: bool, mn: int, opts: AnalysisOptions, scalars, arrays) -> None:
+    for k in opts.angle_ks:
+        kc = min(k, mn)
+        sides = {"left": f.sin2_left[kc], "right": f.sin2_right[kc]}
+        if transposed:
+            sides = {"left": sides["right"], "right": sides["left"]}
+        for side, sin2 in sides.items():
+            if sin2 is None:
+                theta = np.full(kc, np.nan)
+                scalars[f"angle_{side}_mean_sin_k{k}"] = scalars[f"angle_{side}_max_rad_k{k}"] = float("nan")
+            else:
+                s = np.sqrt(np.clip(sin2, 0.0, 1.0))
+                theta = np.arcsin(s)       # sin² from complement Grams: accurate for tiny angles
+                scalars[f"angle_{side}_mean_sin_k{k}"] = float(s.mean())
+                scalars[f"angle_{side}_max_rad_k{k}"] = float(theta.max())
+            arrays[f"angles_{side}_k{k}"] = theta
+
+
+# ---------------------------------------------------------------- principal coverage
+
+_BUCKETS = 1 << 15            # |R| float32 bit patterns >> 16: sign dropped, 8 exponent + 7 mantissa bits
+
+
+def _principal_coverage(w_b: torch.Tensor, f: Factors, masks: dict[str, torch.Tensor], transposed: bool,
+                        mn: int, opts: AnalysisOptions) -> dict[str, float]:
+    m, n = w_b.shape
+    numel = m * n
+    plan: dict[int, list[tuple[str, str, int]]] = {}     # rank → [(name default, name exact, K)]
+    nan_names: list[str] = []
+    avail = f.base_v.shape[1]
+    for a in opts.coverage_alphas:
+        K, lab = floor_frac(a, numel), fmt_pct(a)
+        fixed = opts.coverage_fixed_rank
+        for r, d_name, e_name in ((max(1, floor_frac(a, mn)), f"principal_coverage_{lab}",
+                                   f"principal_coverage_exact_{lab}"),
+                                  (min(fixed, mn), f"principal_coverage_r{fixed}_{lab}",
+                                   f"principal_coverage_r{fixed}_exact_{lab}")):
+            if r > avail:
+                nan_names += [d_name, e_name]
+            else:
+                plan.setdefault(r, []).append((d_name, e_name, K))
+    out = {name: float("nan") for name in nan_names}
+    if not plan:
+        return out
+    code = _mask_code(masks, transposed, m, n)
+    counts, tot_d, tot_e = _topk_mask_counts(w_b, f.base_v, plan, code, transposed)
+    for (d_name, e_name), (c_d, c_e) in counts.items():
+        out[d_name] = c_d / tot_d if tot_d else float("nan")
+        out[e_name] = c_e / tot_e if tot_e else float("nan")
+    return out
+
+
+def _mask_code(masks: dict[str, torch.Tensor], transposed: bool, m: int, n: int) -> torch.Tensor:
+    """uint8 m×n in working orientation: bit 1 = default mask, bit 0 = exact mask."""
+    md, me = masks["default"], masks["exact"]
+    if transposed:
+        md, me = md.T, me.T
+    code = torch.empty(m, n, dtype=torch.uint8, device=md.device)
+    code.copy_(md)
+    code.mul_(2)
+    code.add_(me)
+    return code
+
+
+def _topk_mask_counts(w: torch.Tensor, v: torch.Tensor, plan: dict[int, list[tuple[str, str, int]]],
+                      code: torch.Tensor, transposed: bool):
+    """For each rank r in ``plan`` and each K there: how many of the K largest |W V_r V_rᵀ| entries
+    (ties → smaller original flat index first, like numpy argsort(-x, kind="stable")) lie in the
+    default and in the exact mask. Returns ({(d_name, e_name): (count_d, count_e)}, |U_d|, |U_e|).
+
+    One float32 reconstruction buffer R is grown in place over increasing r (R += (W V_j) V_jᵀ), never
+    an m×n float64. Selection is exact on the float32 values in two fused sweeps per rank: a
+    histogram of (|R| bits >> 16, mask code) while R is built, then — in the next rank's sweep,
+    before R changes — the members of the one bucket holding the K-th value are gathered and
+    resolved on their low 16 bits and flat indices."""
+    m, n = w.shape
+    dev = w.device
+    rows = min(m, max(16, chunk_rows(n, dev) // 4))   # small chunks: temporaries stay cache-sized
+    numel = m * n
+    R = torch.zeros(m, n, dtype=torch.float32, device=dev)
+    wbuf = torch.empty(rows, n, dtype=torch.float32, device=dev)
+    ib = torch.empty(rows, n, dtype=torch.int32, device=dev)
+    ranks = sorted(plan)
+    results: dict[tuple[str, str], tuple[int, int]] = {}
+    totals = None
+    pending: list[dict] = []           # targets of the previous rank awaiting their bucket members
+    prev_r = 0
+    for r in ranks + [None]:
+        vs = v[:, prev_r:r].to(torch.float32) if r is not None else None
+        hist = torch.zeros(_BUCKETS * 4, dtype=torch.int64, device=dev) if r is not None else None
+        buckets = sorted({t["bucket"] for t in pending if t["bucket"] is not None})
+        members: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {b: [] for b in buckets}
+        for i in range(0, m, rows):
+            c = min(rows, m - i)
+            rc, cc, kb = R[i:i + c], code[i:i + c], ib[:c]
+            bits = rc.view(torch.int32)
+            if buckets:
+                torch.bitwise_right_shift(bits, 16, out=kb)
+                kb.bitwise_and_(0x7FFF)
+                for b in buckets:
+                    idx = (kb == b).view(-1).nonzero().squeeze(1)
+                    if idx.numel():
+                        members[b].append((bits.view(-1)[idx] & 0xFFFF, cc.view(-1)[idx], idx + i * n))
+            if r is not None:
+                wc = wbuf[:c]
+                wc.copy_(w[i:i + c])
+                rc.addmm_(wc @ vs, vs.T)
+                torch.bitwise_right_shift(bits, 14, out=kb)
+                kb.bitwise_and_(0x1FFFC)          # bucket·4; the sign bit (→ |R|) and low bits dropped
+                kb.bitwise_or_(cc)
+                hist += torch.bincount(kb.view(-1), minlength=_BUCKETS * 4)
+        for t in pending:
+            results[t["names"]] = _resolve(t, members.get(t["bucket"], []), transposed, m, n)
+        pending = []
+        if r is None:
+            break
+        h = hist.view(_BUCKETS, 4)
+        if totals is None:
+            per_code = h.sum(0)
+            totals = (int(per_code[2] + per_code[3]), int(per_code[1] + per_code[3]))
+        tot = h.sum(1)
+        ge = tot.flip(0).cumsum(0).flip(0)            # elements in buckets ≥ b
+        hge = h.flip(0).cumsum(0).flip(0)
+        for d_name, e_name, K in plan[r]:
+            t = {"names": (d_name, e_name), "K": K, "bucket": None}
+            if K <= 0:
+                t["fixed"] = (0, 0)
+            elif K >= numel:
+                t["fixed"] = totals
+            else:
+                b = int((ge >= K).sum()) - 1
+                above = hge[b] - h[b]
+                t.update(bucket=b, need=K - int(ge[b] - tot[b]),
+                         above=(int(above[2] + above[3]), int(above[1] + above[3])))
+            pending.append(t)
+        prev_r = r
+    return results, totals[0], totals[1]
+
+
+def _resolve(t: dict, members, transposed: bool, m: int, n: int) -> tuple[int, int]:
+    """Finish one K: pick the ``need`` largest members of the threshold bucket (ties by flat index)."""
+    if t["bucket"] is None:
+        return t["fixed"]
+    low = torch.cat([x[0] for x in members]).long()
+    codes = torch.cat([x[1] for x in members]).long()
+    widx = torch.cat([x[2] for x in members])
+    need = t["need"]
+    cnt = torch.bincount(low, minlength=1 << 16)
+    ge = cnt.flip(0).cumsum(0).flip(0)
+    lstar = int((ge >= need).sum()) - 1
+    sel = low > lstar
+    take = need - int(sel.sum())
+    ties = (low == lstar).nonzero().squeeze(1)
+    if take < ties.numel():
+        wi, wj = widx[ties] // n, widx[ties] % n
+        flat = wj * m + wi if transposed else widx[ties]     # order of the original [out, in] layout
+        ties = ties[torch.argsort(flat)[:take]]
+    chosen = torch.cat([codes[sel], codes[ties]])
+    return (t["above"][0] + int(((chosen & 2) > 0).sum()), t["above"][1] + int((chosen & 1).sum()))
