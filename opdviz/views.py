@@ -1,0 +1,641 @@
+"""The figure registry shared by the dashboard pages and ``opdviz figures``.
+
+Each ``FigureSpec`` names a figure (``key``), the page it belongs to, its caption, and a ``build``
+function ``(store, selection, context) → (figure, data behind it)``. Builds read the store through
+``opdviz.queries`` (plus two small array queries here) and draw with ``opdviz.figures``; on an
+empty selection they return a figure annotated "no data for this selection", never raise.
+
+    from opdviz.views import FIGURES, figures_for, ViewContext
+    fig, df = figures_for("sparsity")[0].build(store, Selection(), ViewContext())
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from . import figures as F
+from . import queries as Q
+from .queries import Selection
+from .store import Store
+
+PAGES = ("overview", "sparsity", "spectra", "geometry", "tensor", "compare")
+CRITERIA = ("exact", "abs_1e-8", "abs_1e-7", "abs_1e-6", "abs_1e-5", "abs_1e-4", "relrms_1e-4", "relrms_1e-3",
+            "relrms_1e-2", "bf16_1e-3")
+ALPHAS = (1, 5, 10, 20, 30, 50)
+TOPK = (1, 2, 4, 8, 16, 32, 64)
+# group_summary columns a Compare page may show; any other name is read as a per-matrix metric
+GROUP_COLUMNS = {"sparsity": "entries unchanged (%)", "energy_share": "share of the run's ‖ΔW‖²<sub>F</sub> (%)",
+                 "rel_change": "relative change ‖ΔW‖<sub>F</sub> / ‖W<sub>base</sub>‖<sub>F</sub>",
+                 "changed": "entries changed (count)", "numel": "entries (count)"}
+METRIC_LABELS = {"stable_rank": "stable rank ‖ΔW‖²<sub>F</sub>/σ₁² (count)",
+                 "effective_rank": "effective rank exp H(σ/Σσ) (count)", "nss": "NSS ‖Δσ‖/‖σ<sub>base</sub>‖",
+                 "delta_rms": "RMS of ΔW (weight units)", "delta_max_abs": "max |ΔW| (weight units)",
+                 "sigma_max": "σ₁(ΔW) (weight units)"}
+_FRACTION_PREFIXES = ("sparsity", "energy_share", "coord_energy", "lowmag_coverage", "principal_coverage",
+                      "principal_proj")
+
+
+@dataclass(frozen=True)
+class ViewContext:
+    """Page-level choices besides the shared ``Selection``."""
+
+    criterion: str = "abs_1e-5"
+    tensor: str | None = None                 # Tensor page drill-down (None → largest layer matrix)
+    tensors: tuple[str, ...] = ()             # Spectra/Geometry chosen tensors (empty → middle-layer q and down)
+    metric: str = "sparsity"                  # Compare page metric (a group_summary column or a matrix metric)
+    run_a: str | None = None                  # Compare difference heatmap: run_b − run_a
+    run_b: str | None = None
+
+
+@dataclass(frozen=True)
+class FigureSpec:
+    key: str
+    page: str
+    title: str
+    caption: str
+    build: Callable[[Store, Selection, ViewContext], tuple[go.Figure, pd.DataFrame]]
+
+
+# ------------------------------------------------------------------------------------ small helpers
+def _criterion_label(c: str) -> str:
+    kind, _, val = c.partition("_")
+    return {"exact": "bitwise", "abs": f"|ΔW| > {val}", "relrms": f"|ΔW| > {val}·RMS(W)",
+            "bf16": f"|ΔW| > {val}·max|W|"}.get(kind, c)
+
+
+def metric_label(metric: str) -> str:
+    """Axis title (with unit) of a Compare-page metric."""
+    if metric in GROUP_COLUMNS:
+        return GROUP_COLUMNS[metric]
+    if metric in METRIC_LABELS:
+        return METRIC_LABELS[metric]
+    if _is_fraction(metric) or (metric.startswith("numerical_rank") and metric.endswith("_pct")):
+        return f"{metric} (%)"
+    return f"{metric} (per-matrix mean)"
+
+
+def _is_fraction(metric: str) -> bool:
+    """Metrics stored as fractions in [0, 1], shown as percentages."""
+    return metric.startswith(_FRACTION_PREFIXES) or bool(re.fullmatch(r"top\d+_energy|top_rank_\d+pct_energy", metric))
+
+
+def _scale(metric: str) -> float:
+    return 100.0 if _is_fraction(metric) else 1.0
+
+
+def _short(row) -> str:
+    """'L12 q' for a layer tensor, else its module (embed, lm_head)."""
+    layer = row.get("layer")
+    return f"L{int(layer)} {row.get('module')}" if layer is not None and not pd.isna(layer) else str(row.get("module"))
+
+
+def _arrays(store: Store, sel: Selection, name: str, tensors: tuple[str, ...] = (),
+            with_numel: bool = False) -> pd.DataFrame:
+    """Arrays ``name`` of the selected tensors (optionally only ``tensors``), with tensor fields."""
+    where, params = sel.where("t")
+    if tensors:
+        where += f" AND t.tensor IN ({', '.join('?' * len(tensors))})"
+        params = params + list(tensors)
+    return store.query(f"""
+        SELECT t.run_id, r.method, t.tensor, t.layer, t.block, t.module, t.numel, t.rows, t.cols, a."values"
+        FROM tensors t JOIN arrays a USING (run_id, tensor) LEFT JOIN runs r USING (run_id)
+        WHERE {where} AND a.name = ? ORDER BY t.run_id, t.seq, t.tensor""", params + [name])
+
+
+def _array_names(store: Store, sel: Selection, like: str) -> list[str]:
+    where, params = sel.where("t")
+    df = store.query(f"""SELECT DISTINCT a.name FROM tensors t JOIN arrays a USING (run_id, tensor)
+                         WHERE {where} AND a.name LIKE ?""", params + [like])
+    return sorted(df["name"])
+
+
+def _default_tensors(store: Store, sel: Selection, ctx: ViewContext, per_run: int = 2) -> tuple[str, ...]:
+    """ctx.tensors, else a middle-layer attention q and FFN down (the same names in every run)."""
+    if ctx.tensors:
+        return tuple(ctx.tensors)
+    t = Q.tensors(store, sel)
+    t = t[t["rows"].notna() & t["cols"].notna() & t["layer"].notna()]
+    if t.empty:
+        return ()
+    mid = sorted(t["layer"].unique())[len(t["layer"].unique()) // 2]
+    at = t[t["layer"] == mid]
+    picks = [at[at["module"] == m]["tensor"].iloc[0] for m in ("q", "down") if (at["module"] == m).any()]
+    return tuple(picks or at["tensor"].head(per_run))
+
+
+def _pick_tensor(store: Store, sel: Selection, ctx: ViewContext) -> str | None:
+    if ctx.tensor:
+        return ctx.tensor
+    t = Q.tensors(store, sel)
+    t = t[t["rows"].notna() & t["cols"].notna()]
+    if t.empty:
+        return None
+    # the largest matrix inside a layer (the embedding/head are rarely what a drill-down is for)
+    t = t.assign(no_layer=t["layer"].isna())
+    return str(t.sort_values(["no_layer", "numel", "seq"], ascending=[True, False, True])["tensor"].iloc[0])
+
+
+def _with_label(df: pd.DataFrame) -> pd.DataFrame:
+    df = df.copy()
+    df["label"] = [_short(r) for r in df[["layer", "module"]].to_dict("records")] if len(df) else []
+    return df
+
+
+# ------------------------------------------------------------------------------------ builds: overview & sparsity
+def _sparsity_heatmap(store, sel, ctx):
+    df = Q.group_summary(store, sel, by="layer_module", criterion=ctx.criterion)
+    df["sparsity_pct"] = 100 * df["sparsity"] if len(df) else []
+    fig = F.heatmap(df, "sparsity_pct", "entries unchanged (%)",
+                    f"Sparsity of ΔW by layer and module ({_criterion_label(ctx.criterion)} counts as changed)")
+    return fig, df
+
+
+def _energy_share(store, sel, ctx):
+    df = Q.group_summary(store, sel, by="module", criterion=ctx.criterion)
+    return F.energy_shares(df, "Where the update energy goes: share of ‖ΔW‖²<sub>F</sub> per module"), df
+
+
+def _criteria(store, sel, ctx):
+    df = Q.long_metrics(store, sel, tuple(f"sparsity_{c}" for c in CRITERIA))
+    if df.empty:
+        return F.empty_figure(title="Sparsity under each criterion"), df
+    df["w"] = df["value"] * df["numel"]
+    agg = df.groupby(["run_id", "method", "metric"], dropna=False).agg(w=("w", "sum"), numel=("numel", "sum"))
+    agg = agg.reset_index()
+    agg["sparsity"] = agg["w"] / agg["numel"]
+    agg["criterion"] = agg["metric"].str.removeprefix("sparsity_")
+    order = {c: i for i, c in enumerate(CRITERIA)}
+    agg = agg.sort_values(["run_id", "criterion"], key=lambda s: s.map(order) if s.name == "criterion" else s)
+    agg["criterion_label"] = agg["criterion"].map(_criterion_label)
+    agg = agg[["run_id", "method", "criterion", "criterion_label", "sparsity", "numel"]]
+    fig = F.bars(agg, "criterion_label", "sparsity", "Sparsity of ΔW under each criterion (numel-weighted)",
+                 "entry counts as changed when", "entries unchanged (%)", percent=True)
+    fig.update_xaxes(tickangle=-30)
+    return fig, agg
+
+
+def _layerwise(store, sel, ctx):
+    df = Q.group_summary(store, sel, by="layer_module", criterion=ctx.criterion)
+    df["sparsity_pct"] = 100 * df["sparsity"] if len(df) else []
+    fig = F.layerwise_lines(df, "sparsity_pct", "entries unchanged (%)",
+                            f"Layerwise sparsity per projection ({_criterion_label(ctx.criterion)})")
+    return fig, df
+
+
+def _numel_weighted_arrays(store, sel, name: str, tensors: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Per run: the numel-weighted mean of a fixed-length array over the selected tensors (long form)."""
+    a = _arrays(store, sel, name, tensors)
+    if a.empty:
+        return pd.DataFrame(columns=["run_id", "method", "i", "value"])
+    rows = []
+    for (run_id, method), g in a.groupby(["run_id", "method"], dropna=False, sort=False):
+        lengths = g["values"].map(len)
+        g = g[lengths == lengths.mode().iloc[0]]
+        vals = np.vstack(g["values"].map(np.asarray).to_list())
+        w = g["numel"].to_numpy(dtype=float)
+        mean = (vals * w[:, None]).sum(0) / w.sum()
+        rows += [{"run_id": run_id, "method": method, "i": i, "value": v} for i, v in enumerate(mean)]
+    return pd.DataFrame(rows)
+
+
+def _sweep(store, sel, ctx):
+    df = _numel_weighted_arrays(store, sel, "abs_sweep_sparsity")
+    eps = _arrays(store, sel, "abs_sweep_eps")
+    if df.empty or eps.empty:
+        return F.empty_figure(title="Sparsity against the threshold ε"), df
+    grid = np.asarray(eps["values"].iloc[0])
+    df = df[df["i"] < len(grid)].assign(eps=lambda d: grid[d["i"].to_numpy()]).rename(columns={"value": "sparsity"})
+    mark = float(ctx.criterion.split("_")[1]) if ctx.criterion.startswith("abs_") else None
+    return F.sweep(df, "Sparsity against the threshold ε on |ΔW| (numel-weighted)", mark_eps=mark), df
+
+
+def _deciles(store, sel, ctx):
+    df = _numel_weighted_arrays(store, sel, "decile_density").rename(columns={"value": "density"})
+    if df.empty:
+        return F.empty_figure(title="Update density by magnitude decile of W_base"), df
+    df["decile"] = df["i"] + 1
+    df["relative"] = df["density"] / df.groupby("run_id")["density"].transform("mean")
+    df["density_label"] = [f"{100 * v:.2f}% of entries changed" for v in df["density"]]
+    return F.decile_profile(df, "Update density by decile of |W<sub>base</sub>|"), df
+
+
+def _rel_change_heatmap(store, sel, ctx):
+    df = Q.group_summary(store, sel, by="layer_module", criterion=ctx.criterion)
+    df["rel_change_1e3"] = 1e3 * df["rel_change"] if len(df) else []
+    return F.heatmap(df, "rel_change_1e3", "‖ΔW‖<sub>F</sub>/‖W<sub>base</sub>‖<sub>F</sub> (×10⁻³)",
+                     "Relative change by layer and module"), df
+
+
+def _coverage_df(store, sel, ctx, kinds=(("lowmag_coverage", "low-magnitude mask"),
+                                         ("principal_coverage", "principal mask"))) -> pd.DataFrame:
+    names = tuple(f"{p}_{a}pct" for p, _ in kinds for a in ALPHAS)
+    df = Q.long_metrics(store, sel, names + (f"sparsity_{ctx.criterion}",))
+    if df.empty:
+        return pd.DataFrame(columns=["run_id", "method", "kind", "alpha", "coverage", "baseline", "enrichment"])
+    wide = df.pivot_table(index=["run_id", "method", "tensor", "numel"], columns="metric", values="value").reset_index()
+    # coverage is a share of the changed set U: pool tensors by |U| = changed entries
+    u = (1 - wide.get(f"sparsity_{ctx.criterion}", pd.Series(0.5, index=wide.index))) * wide["numel"]
+    rows = []
+    for prefix, label in kinds:
+        for a in ALPHAS:
+            col = f"{prefix}_{a}pct"
+            if col not in wide:
+                continue
+            ok = wide[col].notna()
+            for (run_id, method), g in wide[ok].groupby(["run_id", "method"], dropna=False):
+                w = u[g.index]
+                cov = float((g[col] * w).sum() / w.sum()) if w.sum() > 0 else float(g[col].mean())
+                rows.append({"run_id": run_id, "method": method, "kind": label, "alpha": a / 100, "coverage": cov,
+                             "baseline": a / 100, "enrichment": cov / (a / 100)})
+    return pd.DataFrame(rows)
+
+
+def _coverage(store, sel, ctx):
+    df = _coverage_df(store, sel, ctx)
+    return F.coverage(df, "Which entries change: coverage of the changed set by low-magnitude and principal "
+                          "masks"), df
+
+
+# ------------------------------------------------------------------------------------ builds: spectra
+def _spectra_df(store, sel, ctx, name="spectrum") -> pd.DataFrame:
+    tensors = _default_tensors(store, sel, ctx)
+    a = _arrays(store, sel, name, tensors) if tensors else pd.DataFrame()
+    if a.empty:
+        return pd.DataFrame(columns=["run_id", "method", "tensor", "label", "index", "sigma"])
+    a = _with_label(a)
+    a = a.assign(sigma=a["values"].map(np.asarray)).explode("sigma")
+    a["index"] = a.groupby(["run_id", "tensor"]).cumcount() + 1
+    a["sigma"] = a["sigma"].astype(float)
+    return a[["run_id", "method", "tensor", "label", "index", "sigma"]].reset_index(drop=True)
+
+
+def _spectra(store, sel, ctx):
+    df = _spectra_df(store, sel, ctx)
+    return F.spectra(df, "Singular spectra of ΔW, normalised by σ₁"), df
+
+
+def _cumulative(store, sel, ctx):
+    df = _spectra_df(store, sel, ctx)
+    return F.cumulative_energy(df, "Cumulative energy of ΔW over its singular directions"), df
+
+
+def _topk(store, sel, ctx):
+    df = Q.long_metrics(store, sel, tuple(f"top{k}_energy" for k in TOPK))
+    if df.empty:
+        return F.empty_figure(title="Top-k energy of ΔW"), df
+    df = df.groupby(["run_id", "method", "metric"], dropna=False)["value"].mean().reset_index(name="energy")
+    df["k"] = df["metric"].str.extract(r"top(\d+)_energy")[0].astype(int)
+    return F.topk_energy(df, "Top-k energy of ΔW (mean over matrices)"), df
+
+
+def _stable_rank(store, sel, ctx):
+    df = Q.group_summary(store, sel, by="layer_module", criterion=ctx.criterion, matrix_metrics=("stable_rank",))
+    fig = F.layerwise_lines(df, "stable_rank_mean", "stable rank ‖ΔW‖²<sub>F</sub>/σ₁² (count)",
+                            "Stable rank of ΔW by layer and module", log_y=True)
+    return fig, df
+
+
+# ------------------------------------------------------------------------------------ builds: geometry
+def _principal_projection(store, sel, ctx):
+    frames = {kind: _arrays(store, sel, f"proj_{kind}_by_rank") for kind in ("joint", "left", "right")}
+    longest = max((len(v) for a in frames.values() for v in a["values"]), default=0)
+    # a common grid of rank fractions from the finest resolution present (1/min(m, n) of the largest) to 1
+    grid = np.geomspace(1.0 / longest, 1.0, 40) if longest else np.array([])
+    rows = []
+    for kind, a in frames.items():
+        for (run_id, method), g in a.groupby(["run_id", "method"], dropna=False, sort=False):
+            curves = np.vstack([np.interp(grid, np.arange(1, len(v) + 1) / len(v), np.asarray(v, dtype=float),
+                                          left=np.nan) for v in g["values"]])
+            ok = np.isfinite(curves)
+            mean = np.where(ok.any(0), np.where(ok, curves, 0).sum(0) / np.maximum(ok.sum(0), 1), np.nan)
+            rows += [{"run_id": run_id, "method": method, "kind": kind, "rank_frac": r, "share": m,
+                      "n_matrices": int(n), "random_one_side": r, "random_joint": r * r}
+                     for r, m, n in zip(grid, mean, ok.sum(0)) if n > 0]
+    df = pd.DataFrame(rows)
+    return F.principal_projection(df, "ΔW energy inside the principal subspaces of W<sub>base</sub>"), df
+
+
+def _angles(store, sel, ctx):
+    tensors = _default_tensors(store, sel, ctx)[:1] if not ctx.tensors else ctx.tensors
+    return _angles_for(store, sel, tensors, "Principal angles between W<sub>base</sub> and W<sub>post</sub> subspaces")
+
+
+def _angles_for(store, sel, tensors, title):
+    names = _array_names(store, sel, "angles_%")
+    frames = []
+    for side in ("left", "right"):
+        ks = sorted((int(n.rsplit("_k", 1)[1]) for n in names if n.startswith(f"angles_{side}_k")), reverse=True)
+        if not ks or not tensors:
+            continue
+        a = _arrays(store, sel, f"angles_{side}_k{ks[0]}", tuple(tensors))
+        if a.empty:
+            continue
+        a = _with_label(a)
+        a["label"] = a["label"] + f" · {side} k={ks[0]}"
+        a = a.assign(angle=a["values"].map(np.asarray)).explode("angle")
+        a["index"] = a.groupby(["run_id", "tensor"]).cumcount() + 1
+        a["angle_deg"] = np.degrees(a["angle"].astype(float))
+        frames.append(a[["run_id", "method", "tensor", "label", "index", "angle_deg"]])
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        columns=["run_id", "method", "tensor", "label", "index", "angle_deg"])
+    return F.principal_angles(df, title), df
+
+
+def _nss_heatmap(store, sel, ctx):
+    df = Q.group_summary(store, sel, by="layer_module", criterion=ctx.criterion, matrix_metrics=("nss",))
+    df["nss_1e3"] = 1e3 * df["nss_mean"] if len(df) else []
+    return F.heatmap(df, "nss_1e3", "NSS ‖σ<sub>post</sub>−σ<sub>base</sub>‖/‖σ<sub>base</sub>‖ (×10⁻³)",
+                     "Normalised spectral shift by layer and module"), df
+
+
+def _coverage_variants(store, sel, ctx):
+    kinds = (("principal_coverage", "principal, r=α·min"), ("principal_coverage_r64", "principal, r=64"),
+             ("lowmag_coverage_exact", "low-mag., exact U"))
+    df = _coverage_df(store, sel, ctx, kinds)
+    return F.coverage(df, "Coverage variants: principal mask rank and exact changed mask"), df
+
+
+# ------------------------------------------------------------------------------------ builds: tensor
+def _tensor_sel(store, sel, ctx) -> tuple[str | None, str | None]:
+    tensor = _pick_tensor(store, sel, ctx)
+    if tensor is None:
+        return None, None
+    runs = _arrays(store, replace(sel, leaves_only=False), "sparsity_map", (tensor,))
+    return tensor, (str(runs["run_id"].iloc[0]) if len(runs) else None)
+
+
+def _tensor_map(store, sel, ctx):
+    tensor, run_id = _tensor_sel(store, sel, ctx)
+    if run_id is None:
+        return F.empty_figure(title="Changed-entry map"), pd.DataFrame()
+    img = Q.array(store, run_id, tensor, "sparsity_map")
+    rows = Q.array(store, run_id, tensor, "row_changed_frac")
+    cols = Q.array(store, run_id, tensor, "col_changed_frac")
+    t = Q.tensors(store, Selection(runs=(run_id,), leaves_only=False, extra=(tensor,)))
+    t = t[t["tensor"] == tensor]
+    shape = (int(t["rows"].iloc[0]), int(t["cols"].iloc[0])) if len(t) else None
+    fig = F.sparsity_map(img, rows, cols, f"Where {tensor} changed ({run_id})", shape=shape)
+    df = pd.DataFrame({"run_id": run_id, "tensor": tensor, "block_row": np.repeat(np.arange(img.shape[0]), img.shape[1]),
+                       "block_col": np.tile(np.arange(img.shape[1]), img.shape[0]),
+                       "changed_frac": np.asarray(img).ravel()})
+    return fig, df
+
+
+def _tensor_spectrum(store, sel, ctx):
+    tensor = _pick_tensor(store, sel, ctx)
+    df = _spectra_df(store, replace(sel, leaves_only=False), ViewContext(tensors=(tensor,))) if tensor \
+        else pd.DataFrame()
+    return F.spectra(df, f"Singular spectrum of ΔW — {tensor}"), df
+
+
+def _tensor_angles(store, sel, ctx):
+    tensor = _pick_tensor(store, sel, ctx)
+    return _angles_for(store, replace(sel, leaves_only=False), (tensor,) if tensor else (),
+                       f"Principal angles — {tensor}")
+
+
+def _tensor_sweep(store, sel, ctx):
+    tensor = _pick_tensor(store, sel, ctx)
+    if tensor is None:
+        return F.empty_figure(title="Sparsity against ε"), pd.DataFrame()
+    sub = replace(sel, leaves_only=False)
+    s, e = _arrays(store, sub, "abs_sweep_sparsity", (tensor,)), _arrays(store, sub, "abs_sweep_eps", (tensor,))
+    if s.empty or e.empty:
+        return F.empty_figure(title=f"Sparsity against ε — {tensor}"), pd.DataFrame()
+    rows = [{"run_id": r.run_id, "method": r.method, "eps": eps, "sparsity": v}
+            for r in s.itertuples() for eps, v in zip(e["values"].iloc[0], r.values)]
+    df = pd.DataFrame(rows)
+    mark = float(ctx.criterion.split("_")[1]) if ctx.criterion.startswith("abs_") else None
+    return F.sweep(df, f"Sparsity against ε — {tensor}", mark_eps=mark), df
+
+
+def _tensor_deciles(store, sel, ctx):
+    tensor = _pick_tensor(store, sel, ctx)
+    df = _numel_weighted_arrays(store, replace(sel, leaves_only=False), "decile_density", (tensor,)) \
+        .rename(columns={"value": "density"}) if tensor else pd.DataFrame()
+    if df.empty:
+        return F.empty_figure(title="Update density by decile"), df
+    df["decile"] = df["i"] + 1
+    df["relative"] = df["density"] / df.groupby("run_id")["density"].transform("mean")
+    return F.decile_profile(df, f"Update density by decile of |W<sub>base</sub>| — {tensor}"), df
+
+
+# ------------------------------------------------------------------------------------ builds: compare
+def metric_frame(store: Store, sel: Selection, ctx: ViewContext, by: str) -> pd.DataFrame:
+    """``ctx.metric`` per run and group ``by`` in a column ``value`` (display units: % where a share)."""
+    if ctx.metric in GROUP_COLUMNS:
+        df = Q.group_summary(store, sel, by=by, criterion=ctx.criterion)
+        col = ctx.metric
+    else:
+        df = Q.group_summary(store, sel, by=by, criterion=ctx.criterion, matrix_metrics=(ctx.metric,))
+        col = f"{ctx.metric}_mean"
+    if df.empty or col not in df:
+        return pd.DataFrame(columns=list(df.columns) + ["value"])
+    return df.assign(value=_scale(ctx.metric) * df[col].astype(float))
+
+
+def _compare_bars(store, sel, ctx):
+    df = metric_frame(store, sel, ctx, "module")
+    if not df.empty:
+        df = df.assign(module=df["module"].astype(str))
+        order = sorted(df["module"].unique(), key=F.module_sort_key)
+        df = df.set_index("module").loc[order].reset_index()
+    return F.bars(df, "module", "value", f"{ctx.metric} per module", "module", metric_label(ctx.metric)), df
+
+
+def _compare_layerwise(store, sel, ctx):
+    df = metric_frame(store, sel, ctx, "layer")
+    return F.layerwise_lines(df, "value", metric_label(ctx.metric), f"{ctx.metric} by layer", color="run_id",
+                             facet=None), df
+
+
+def _compare_difference(store, sel, ctx):
+    df = metric_frame(store, sel, ctx, "layer_module")
+    runs = list(dict.fromkeys(df["run_id"])) if len(df) else []
+    a = ctx.run_a or (runs[0] if runs else None)
+    b = ctx.run_b or next((r for r in runs if r != a), None)
+    title = f"Difference in {ctx.metric}: {b} − {a}"
+    if a is None or b is None or a == b or a not in runs or b not in runs:
+        return F.empty_figure("pick two different runs with data (run A and run B)", title=title), pd.DataFrame()
+    keys = ["layer", "block", "module"]
+    m = df[df["run_id"] == a][keys + ["value"]].merge(df[df["run_id"] == b][keys + ["value"]], on=keys,
+                                                        suffixes=("_a", "_b"))
+    m["difference"] = m["value_b"] - m["value_a"]
+    m.insert(0, "run_b", b)
+    m.insert(0, "run_a", a)
+    return F.difference_heatmap(m, "difference", f"Δ {metric_label(ctx.metric)}", title,
+                                text=m["layer"].nunique() <= 8), m
+
+
+# ------------------------------------------------------------------------------------ registry
+_CRIT = "An entry counts as changed under the chosen criterion (default |ΔW| > 1e-5); sparsity = share unchanged."
+FIGURES: tuple[FigureSpec, ...] = (
+    FigureSpec("overview.sparsity_heatmap", "overview", "Sparsity by layer and module",
+               "Share of entries of ΔW = W_post − W_base left unchanged, per layer (rows) and module (columns), "
+               "one panel per run, numel-weighted over fused parts. " + _CRIT, _sparsity_heatmap),
+    FigureSpec("overview.energy_share", "overview", "Update energy per module",
+               "Share of each run's squared Frobenius norm ‖ΔW‖²_F held by each module type, summed over layers "
+               "(bars sum to 100 % per run).", _energy_share),
+    FigureSpec("overview.coverage", "overview", "Low-magnitude and principal coverage",
+               "Coverage |M_α ∩ U| / |U| of the changed set U by the α·numel smallest-|W_base| entries "
+               "(low-magnitude) and by the α·numel largest entries of the rank-⌊α·min(m,n)⌋ reconstruction of "
+               "W_base (principal), pooled over matrices by |U|. Dotted: random baseline coverage = α; "
+               "enrichment = coverage/α.", _coverage),
+    FigureSpec("sparsity.layerwise", "sparsity", "Layerwise sparsity per projection",
+               "Share of entries unchanged per layer, one line per module, one panel per run. " + _CRIT, _layerwise),
+    FigureSpec("sparsity.criteria", "sparsity", "Sparsity under each criterion",
+               "Numel-weighted share of entries unchanged under every stored criterion: bitwise, absolute "
+               "thresholds ε, thresholds relative to RMS(W_base), and the bf16-resolution test "
+               "|ΔW| > η·max(|W_base|, |W_post|).", _criteria),
+    FigureSpec("sparsity.sweep", "sparsity", "Sparsity against threshold",
+               "Share of entries with |ΔW| ≤ ε against ε (log scale), numel-weighted over the selection; the dotted "
+               "line marks the chosen criterion.", _sweep),
+    FigureSpec("sparsity.deciles", "sparsity", "Update density by magnitude decile",
+               "Share of entries changed within each decile of |W_base| (1 = smallest magnitudes), divided by the "
+               "tensor's mean density; 1 (dotted) = no preference for small or large weights.", _deciles),
+    FigureSpec("sparsity.rel_change_heatmap", "sparsity", "Relative change by layer and module",
+               "‖ΔW‖_F / ‖W_base‖_F per layer and module, pooled as sqrt(ΣΔ²)/sqrt(ΣW²), in units of 10⁻³.",
+               _rel_change_heatmap),
+    FigureSpec("spectra.normalised", "spectra", "Normalised ΔW spectra",
+               "Singular values σᵢ of ΔW divided by σ₁, log–log, for the chosen tensors (default: a middle-layer "
+               "attention q and FFN down projection).", _spectra),
+    FigureSpec("spectra.cumulative", "spectra", "Cumulative spectral energy",
+               "Σ_{j≤i} σⱼ² / ‖ΔW‖²_F against the number of singular directions i (log scale); a low-rank update "
+               "reaches 100 % early.", _cumulative),
+    FigureSpec("spectra.topk", "spectra", "Top-k energy",
+               "Share of ‖ΔW‖²_F in the top k singular directions, k = 1…64, mean over matrices.", _topk),
+    FigureSpec("spectra.stable_rank", "spectra", "Stable rank by layer and module",
+               "Stable rank ‖ΔW‖²_F / σ₁² per layer (log scale), one line per module, one panel per run; "
+               "mean over matrices in a cell.", _stable_rank),
+    FigureSpec("geometry.principal_projection", "geometry", "Projection on principal subspaces",
+               "Share of ‖ΔW‖²_F inside the top-k singular subspaces of W_base against r = k/min(m,n): joint "
+               "‖U_kᵀΔW V_k‖²_F, left ‖U_kᵀΔW‖²_F, right ‖ΔW V_k‖²_F, mean over matrices. Dotted: an isotropic "
+               "random ΔW of a square matrix (r one-sided, r² joint; k/m, k/n, k²/mn for m×n).",
+               _principal_projection),
+    FigureSpec("geometry.angles", "geometry", "Principal angles",
+               "Principal angles (degrees) between the top-k left and right singular subspaces of W_base and "
+               "W_post, computed in float64, for the chosen tensor (largest stored k).", _angles),
+    FigureSpec("geometry.nss_heatmap", "geometry", "Normalised spectral shift",
+               "NSS = ‖σ(W_post) − σ(W_base)‖ / ‖σ(W_base)‖ per layer and module (×10⁻³), one panel per run.",
+               _nss_heatmap),
+    FigureSpec("geometry.coverage_variants", "geometry", "Coverage variants",
+               "Principal coverage with the mask from the rank-⌊α·min(m,n)⌋ (2606.13657) and rank-64 (2511.08567) "
+               "reconstructions of W_base, and low-magnitude coverage of the bitwise-changed set; dotted: "
+               "random baseline = α.", _coverage_variants),
+    FigureSpec("tensor.sparsity_map", "tensor", "Changed-entry map",
+               "Share of entries changed in blocks of the matrix (at most 128×128 blocks), with the per-column "
+               "(top) and per-row (right) changed shares, for the chosen tensor and the first selected run.",
+               _tensor_map),
+    FigureSpec("tensor.spectrum", "tensor", "Tensor ΔW spectrum",
+               "Singular values of ΔW for the chosen tensor, σᵢ/σ₁, log–log, one line per run.", _tensor_spectrum),
+    FigureSpec("tensor.angles", "tensor", "Tensor principal angles",
+               "Principal angles (degrees) between W_base and W_post singular subspaces for the chosen tensor.",
+               _tensor_angles),
+    FigureSpec("tensor.sweep", "tensor", "Tensor sparsity against threshold",
+               "Share of entries of the chosen tensor with |ΔW| ≤ ε, against ε (log scale).", _tensor_sweep),
+    FigureSpec("tensor.deciles", "tensor", "Tensor update density by decile",
+               "Update density per decile of |W_base| for the chosen tensor, relative to its mean (1 = uniform).",
+               _tensor_deciles),
+    FigureSpec("compare.bars", "compare", "Metric per module",
+               "The chosen metric per module for each run (pooled for sparsity, energy share and relative change; "
+               "mean over matrices otherwise).", _compare_bars),
+    FigureSpec("compare.layerwise", "compare", "Metric by layer",
+               "The chosen metric per layer, one line per run (colour = method).", _compare_layerwise),
+    FigureSpec("compare.difference", "compare", "Difference heatmap",
+               "Run B minus run A for the chosen metric, per layer and module; diverging colour scale centred on 0 "
+               "(purple: B higher, orange: A higher).", _compare_difference),
+)
+
+
+def figures_for(page: str) -> tuple[FigureSpec, ...]:
+    """The FigureSpecs of one page, in display order."""
+    if page not in PAGES:
+        raise ValueError(f"unknown page {page!r}; pages are {', '.join(PAGES)}")
+    return tuple(f for f in FIGURES if f.page == page)
+
+
+def figure_spec(key: str) -> FigureSpec:
+    for f in FIGURES:
+        if f.key == key:
+            return f
+    raise KeyError(f"no figure {key!r}; known: {', '.join(f.key for f in FIGURES)}")
+
+
+# ------------------------------------------------------------------------------------ tables
+def overview_table(store: Store, sel: Selection, ctx: ViewContext) -> pd.DataFrame:
+    """One row per run, like the main table of 2606.13657: method, relative change, sparsity under
+    ``ctx.criterion``, top-16 energy, stable rank, principal and low-magnitude coverage at α = 10 % with
+    the random baseline 0.10 and the enrichment coverage/0.10, and accuracy from ``runs.extra`` if present."""
+    mm = ("top16_energy", "stable_rank", "principal_coverage_10pct", "lowmag_coverage_10pct")
+    s = Q.run_summary(store, sel, criterion=ctx.criterion, matrix_metrics=mm)
+    spars = f"sparsity_{ctx.criterion}"
+    cols = ["run_id", "method", "status", "n_tensors", "rel_change", spars, *mm[:2], "principal_coverage_10pct",
+            "principal_enrichment_10pct", "lowmag_coverage_10pct", "lowmag_enrichment_10pct", "random_baseline_10pct",
+            "accuracy", "base_accuracy", "accuracy_gain"]
+    if s.empty:
+        return pd.DataFrame(columns=cols)
+    s = s.rename(columns={"sparsity": spars})
+    for m in mm:
+        if m not in s:
+            s[m] = np.nan
+    s["random_baseline_10pct"] = 0.10
+    s["principal_enrichment_10pct"] = s["principal_coverage_10pct"] / 0.10
+    s["lowmag_enrichment_10pct"] = s["lowmag_coverage_10pct"] / 0.10
+    runs = Q.runs(store).set_index("run_id")
+    s["status"] = s["run_id"].map(runs["status"])
+    extra = {r: _json(runs.at[r, "extra"]) for r in s["run_id"] if r in runs.index}
+    for key in ("accuracy", "base_accuracy"):
+        s[key] = [_num(extra.get(r, {}).get(key)) for r in s["run_id"]]
+    s["accuracy_gain"] = s["accuracy"] - s["base_accuracy"]
+    return s[cols].reset_index(drop=True)
+
+
+def provenance(store: Store, run_id: str) -> dict:
+    """Where a run's results came from: paths, fingerprints, sizes, options, versions, device, dtype, seed,
+    status, times and tensor counts. Empty dict when the run is unknown."""
+    row = store.run_row(run_id)
+    if row is None:
+        return {}
+    out = {k: _plain(row.get(k)) for k in (
+        "run_id", "method", "kind", "base_path", "post_path", "base_fingerprint", "post_fingerprint", "base_bytes",
+        "post_bytes", "device", "dtype", "seed", "status", "error", "created_at", "finished_at", "wall_s",
+        "n_tensors", "n_done", "n_skipped", "n_failed", "bytes_total", "bytes_done")}
+    out["options"] = _json(row.get("options"))
+    out["versions"] = _json(row.get("versions"))
+    out["extra"] = _json(row.get("extra"))
+    return out
+
+
+def _json(text) -> dict:
+    if not isinstance(text, str) or not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {"raw": text}
+    return value if isinstance(value, dict) else {"value": value}
+
+
+def _num(v) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _plain(v):
+    if v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NaT:
+        return None
+    if isinstance(v, pd.Timestamp):
+        return v.isoformat()
+    if isinstance(v, np.generic):
+        return v.item()
+    return v

@@ -1,0 +1,199 @@
+"""Figure builders as plain functions: traces, axis titles with units, colours, baselines, log axes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import pytest
+
+from opdviz import figures as F
+
+RUNS = pd.DataFrame({"run_id": ["opd-a", "rl-a", "sft-a"], "method": ["OPD", "RL", "SFT"]})
+
+
+def _by_layer(values=(0.7, 0.8, 0.2)) -> pd.DataFrame:
+    rows = []
+    for (run_id, method), base in zip(RUNS.itertuples(index=False), values):
+        for layer in range(3):
+            for module in ("down", "q", "k"):
+                rows.append({"run_id": run_id, "method": method, "layer": layer, "module": module,
+                             "value": base + 0.01 * layer})
+    return pd.DataFrame(rows)
+
+
+def _curves(x: str, y: str, xs, f, **extra) -> pd.DataFrame:
+    return pd.DataFrame([{"run_id": r, "method": m, x: v, y: f(v, i), **extra}
+                         for i, (r, m) in enumerate(RUNS.itertuples(index=False)) for v in xs])
+
+
+def _colors(fig: go.Figure) -> dict[str, str]:
+    """Legend name → colour of the traces shown in the legend (lines or bars)."""
+    out = {}
+    for t in fig.data:
+        if t.showlegend is False or not t.name:
+            continue
+        color = t.marker.color if t.type == "bar" else t.line.color
+        out[t.name.split(" ")[0]] = color
+    return out
+
+
+def _titled(fig: go.Figure) -> None:
+    """Every visible axis that carries ticks has a title, and each title names its unit."""
+    layout = fig.to_plotly_json()["layout"]
+    titles = [v.get("title", {}).get("text") for k, v in layout.items() if k.startswith(("xaxis", "yaxis"))
+              and v.get("visible", True)]
+    assert any(titles), "no axis titles"
+    for t in filter(None, titles):
+        assert any(u in t for u in ("(", "index", "module", "when", "layer")), f"axis title without unit: {t!r}"
+
+
+# ------------------------------------------------------------------------ colours
+def test_method_colours_fixed_and_colour_blind_safe():
+    assert F.method_color("OPD") == F.OKABE_ITO["blue"] == F.method_color("opd")
+    assert F.method_color("RL") == F.OKABE_ITO["vermillion"]
+    assert F.method_color("SFT") == F.OKABE_ITO["bluish_green"]
+    assert len({F.method_color(m) for m in ("OPD", "RL", "GRPO", "SFT", "DPO", "base")}) == 6
+    # other labels hash stably (sha1, not Python's salted hash)
+    assert F.method_color("my-method") == F.method_color("my-method")
+    assert F.method_color("my-method") in F._EXTRA_COLORS
+
+
+def test_runs_sharing_a_method_differ_by_dash():
+    styles = F.run_styles(pd.DataFrame({"run_id": ["a", "b", "c"], "method": ["OPD", "OPD", "RL"]}))
+    assert styles["a"][0] == styles["b"][0] == F.method_color("OPD")
+    assert styles["a"][1] != styles["b"][1]
+
+
+def test_method_colour_same_across_figures():
+    lines = F.layerwise_lines(_by_layer(), "value", "entries unchanged (%)", "t", color="run_id", dash="module",
+                              facet=None)
+    bars = F.bars(_by_layer().query("layer == 0"), "module", "value", "t", "module", "entries unchanged (%)")
+    cov = F.coverage(_curves("alpha", "coverage", [0.01, 0.1, 0.5], lambda a, i: a * (1.5 - 0.2 * i),
+                             kind="low-magnitude"), "t")
+    for fig in (lines, bars, cov):
+        colors = _colors(fig)
+        assert colors["opd-a"] == F.method_color("OPD") and colors["rl-a"] == F.method_color("RL")
+
+
+# ------------------------------------------------------------------------ heatmaps
+def test_heatmap_one_panel_per_run_shared_sequential_scale():
+    fig = F.heatmap(_by_layer(), "value", "entries unchanged (%)", "t")
+    heat = [t for t in fig.data if t.type == "heatmap"]
+    assert len(heat) == 3 and {t.coloraxis for t in heat} == {"coloraxis"}
+    assert fig.layout.coloraxis.colorscale[0][1] != fig.layout.coloraxis.colorscale[-1][1]
+    assert list(heat[0].x) == ["q", "k", "down"]           # canonical module order
+    assert [a.text for a in fig.layout.annotations] == ["opd-a (OPD)", "rl-a (RL)", "sft-a (SFT)"]
+    assert fig.layout.coloraxis.colorbar.title.text == "entries unchanged (%)"
+    _titled(fig)
+
+
+def test_heatmap_text_in_cells_optional():
+    assert F.heatmap(_by_layer(), "value", "u (%)", "t", text=True).data[0].texttemplate
+    assert not F.heatmap(_by_layer(), "value", "u (%)", "t").data[0].texttemplate
+
+
+def test_difference_heatmap_diverging_centred_on_zero():
+    df = _by_layer().query("run_id == 'opd-a'").assign(diff=lambda d: d["value"] - 0.75)
+    fig = F.difference_heatmap(df, "diff", "Δ entries unchanged (%)", "B − A")
+    ca = fig.layout.coloraxis
+    assert ca.cmin == pytest.approx(-ca.cmax) and ca.cmax > 0
+    assert [c[1] for c in ca.colorscale] == [c[1] for c in go.layout.Coloraxis(colorscale="PuOr").colorscale]
+
+
+# ------------------------------------------------------------------------ lines
+def test_layerwise_lines_colour_per_module_dash_per_method():
+    fig = F.layerwise_lines(_by_layer(), "value", "entries unchanged (%)", "t", color="module", dash="run_id",
+                            facet=None)
+    data = [t for t in fig.data if t.showlegend is False]
+    assert len(data) == 9
+    q = [t for t in data if t.name.startswith("q ·")]
+    assert {t.line.color for t in q} == {F.MODULE_COLORS["q"]} and len({t.line.dash for t in q}) == 3
+    _titled(fig)
+
+
+def test_sweep_log_x_and_criterion_marker():
+    eps = 10.0 ** np.arange(-10, -0.5, 0.5)
+    fig = F.sweep(_curves("eps", "sparsity", eps, lambda e, i: min(1, 0.3 + 0.05 * np.log10(e) + 0.6)), "t")
+    assert fig.layout.xaxis.type == "log"
+    assert any(s.type == "line" for s in fig.layout.shapes)
+    _titled(fig)
+
+
+def test_spectra_normalised_log_log():
+    df = _curves("index", "sigma", range(1, 101), lambda i, r: 5.0 * i ** -(0.5 + 0.3 * r), label="L1 q")
+    fig = F.spectra(df, "t")
+    assert fig.layout.xaxis.type == "log" and fig.layout.yaxis.type == "log"
+    lines = [t for t in fig.data if t.showlegend is False]
+    assert all(max(t.y) == pytest.approx(1.0) for t in lines)          # σ/σ₁
+    assert "σ₁" in fig.layout.yaxis.title.text
+
+
+def test_spectra_thin_long_curves():
+    df = _curves("index", "sigma", range(1, 4097), lambda i, r: 1.0 / i, label="L1 q")
+    assert all(len(t.x) <= 300 for t in F.spectra(df, "t").data if t.showlegend is False)
+
+
+def test_cumulative_energy_reaches_100():
+    df = _curves("index", "sigma", range(1, 65), lambda i, r: 1.0 / i, label="L1 q")
+    lines = [t for t in F.cumulative_energy(df, "t").data if t.showlegend is False]
+    assert all(t.y[-1] == pytest.approx(100) for t in lines)
+
+
+def test_principal_projection_has_random_baselines():
+    r = np.geomspace(0.01, 1, 10)
+    df = pd.concat([_curves("rank_frac", "share", r, lambda x, i: x ** 1.3, kind=k) for k in ("joint", "left")])
+    fig = F.principal_projection(df, "t")
+    base = [t for t in fig.data if (t.meta or {}).get("baseline")]
+    assert {t.name for t in base} == {"random, one side (r)", "random, joint (r²)"}
+    joint = next(t for t in base if "joint" in t.name)
+    assert joint.y[-1] == pytest.approx(100) and joint.y[0] == pytest.approx(100 * (joint.x[0] / 100) ** 2)
+
+
+def test_coverage_baseline_y_equals_alpha_in_each_panel():
+    df = pd.concat([_curves("alpha", "coverage", [0.01, 0.1, 0.5], lambda a, i: a * 1.4, kind=k)
+                    for k in ("low-magnitude", "principal")])
+    fig = F.coverage(df, "t")
+    base = [t for t in fig.data if (t.meta or {}).get("baseline")]
+    assert len(base) == 2 and all(list(t.x) == list(t.y) for t in base)
+    _titled(fig)
+
+
+def test_angles_in_degrees():
+    df = _curves("index", "angle_deg", range(1, 17), lambda i, r: 0.5 * i, label="L1 q · left k=16")
+    fig = F.principal_angles(df, "t")
+    assert "degrees" in fig.layout.yaxis.title.text
+
+
+def test_sparsity_map_with_marginals():
+    rng = np.random.default_rng(0)
+    fig = F.sparsity_map(rng.random((32, 16)), rng.random(256), rng.random(128), "t", shape=(256, 128))
+    assert [t.type for t in fig.data] == ["heatmap", "scatter", "scatter"]
+    assert fig.layout.coloraxis.colorbar.title.text == "entries changed (%)"
+    assert fig.layout.yaxis3.title.text == "output row i"
+
+
+def test_energy_shares_bars_per_method():
+    df = _by_layer().query("layer == 0").rename(columns={"value": "energy_share"})
+    fig = F.energy_shares(df, "t")
+    assert [t.type for t in fig.data] == ["bar"] * 3 and fig.layout.barmode == "group"
+    assert "%" in fig.layout.yaxis.title.text
+
+
+@pytest.mark.parametrize("build", [
+    lambda e: F.heatmap(e, "value", "u", "t"), lambda e: F.layerwise_lines(e, "value", "u", "t"),
+    lambda e: F.sweep(e, "t"), lambda e: F.spectra(e, "t"), lambda e: F.coverage(e, "t"),
+    lambda e: F.bars(e.assign(x=[]), "x", "value", "t", "x", "u"), lambda e: F.sparsity_map(None, None, None, "t")])
+def test_empty_input_gives_annotated_figure(build):
+    empty = pd.DataFrame(columns=["run_id", "method", "layer", "module", "value"])
+    fig = build(empty)
+    assert F.NO_DATA in fig.layout.annotations[0].text
+
+
+@pytest.mark.parametrize("width,px", [("single", 320), ("double", 660)])
+def test_paper_style_sizes_and_fonts(width, px):
+    fig = F.paper_style(F.heatmap(_by_layer(), "value", "u (%)", "title"), width)
+    assert fig.layout.width == px and 10 <= fig.layout.font.size <= 12     # 8–9 pt at 96 px/in
+    assert fig.layout.title.text is None
+    with pytest.raises(ValueError):
+        F.paper_style(fig, "triple")

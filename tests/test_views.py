@@ -1,0 +1,125 @@
+"""The figure registry on a realistic synthetic store and on an empty one; overview table; provenance."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from synthetic import make_synthetic_store
+
+from opdviz import figures as F
+from opdviz.queries import Selection
+from opdviz.store import Store
+from opdviz.views import FIGURES, PAGES, ViewContext, figure_spec, figures_for, overview_table, provenance
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory) -> Store:
+    return make_synthetic_store(tmp_path_factory.mktemp("views") / "s.duckdb")
+
+
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Store:
+    return Store(tmp_path_factory.mktemp("empty") / "none.duckdb")
+
+
+def _empty(fig) -> bool:
+    return any(F.NO_DATA in (a.text or "") or "pick two" in (a.text or "") for a in fig.layout.annotations)
+
+
+def test_every_page_has_figures_and_keys_are_unique():
+    assert {f.page for f in FIGURES} == set(PAGES)
+    assert len({f.key for f in FIGURES}) == len(FIGURES)
+    assert all(f.caption and f.title for f in FIGURES)
+    with pytest.raises(ValueError):
+        figures_for("nope")
+
+
+@pytest.mark.parametrize("spec", FIGURES, ids=lambda s: s.key)
+def test_builds_on_synthetic_store(store, spec):
+    fig, df = spec.build(store, Selection(), ViewContext())
+    assert not _empty(fig), f"{spec.key} drew no data"
+    assert len(df) > 0 and len(fig.data) > 0
+
+
+@pytest.mark.parametrize("spec", FIGURES, ids=lambda s: s.key)
+def test_builds_on_empty_store(empty_store, spec):
+    fig, _ = spec.build(empty_store, Selection(), ViewContext())
+    assert _empty(fig)
+
+
+@pytest.mark.parametrize("spec", FIGURES, ids=lambda s: s.key)
+def test_builds_on_selection_without_rows(store, spec):
+    fig, _ = spec.build(store, Selection(runs=("no-such-run",)), ViewContext())
+    assert _empty(fig)
+
+
+def test_run_colour_is_its_method_colour_on_every_page(store):
+    for spec in FIGURES:
+        fig, _ = spec.build(store, Selection(), ViewContext())
+        for t in fig.data:
+            if t.name and t.name.split(" ")[0] in ("OPD", "RL", "SFT") and t.showlegend is not False:
+                color = t.marker.color if t.type == "bar" else t.line.color
+                assert color == F.method_color(t.name.split(" ")[0]), spec.key
+
+
+def test_selection_filters_runs_and_modules(store):
+    fig, df = figure_spec("sparsity.layerwise").build(store, Selection(runs=("RL",), modules=("q", "down")),
+                                                      ViewContext())
+    assert set(df["run_id"]) == {"RL"} and set(df["module"]) == {"q", "down"}
+
+
+def test_criterion_changes_sparsity(store):
+    _, loose = figure_spec("overview.sparsity_heatmap").build(store, Selection(), ViewContext(criterion="abs_1e-4"))
+    _, strict = figure_spec("overview.sparsity_heatmap").build(store, Selection(), ViewContext(criterion="exact"))
+    assert loose["sparsity"].mean() > strict["sparsity"].mean()
+
+
+def test_tensor_page_uses_chosen_tensor_and_fused_parent(store):
+    parent = "model.layers.0.self_attn.qkv_proj.weight"
+    fig, df = figure_spec("tensor.spectrum").build(store, Selection(), ViewContext(tensor=parent))
+    assert set(df["tensor"]) == {parent} and len(df["run_id"].unique()) == 3
+    fig, df = figure_spec("tensor.sparsity_map").build(store, Selection(runs=("SFT",)), ViewContext(tensor=parent))
+    assert set(df["run_id"]) == {"SFT"}
+
+
+@pytest.mark.parametrize("metric", ["sparsity", "energy_share", "rel_change", "stable_rank", "top16_energy", "nss"])
+def test_compare_metrics(store, metric):
+    for key in ("compare.bars", "compare.layerwise", "compare.difference"):
+        fig, df = figure_spec(key).build(store, Selection(), ViewContext(metric=metric, run_a="OPD", run_b="SFT"))
+        assert not _empty(fig), (key, metric)
+    assert set(df[["run_a", "run_b"]].iloc[0]) == {"OPD", "SFT"}
+
+
+def test_difference_needs_two_runs(store):
+    fig, _ = figure_spec("compare.difference").build(store, Selection(runs=("OPD",)), ViewContext())
+    assert _empty(fig)
+
+
+def test_overview_table(store):
+    t = overview_table(store, Selection(), ViewContext())
+    assert list(t["run_id"]) == ["OPD", "RL", "SFT"]
+    row = t.set_index("run_id").loc["OPD"]
+    assert row["random_baseline_10pct"] == 0.10
+    assert row["lowmag_enrichment_10pct"] == pytest.approx(row["lowmag_coverage_10pct"] / 0.10)
+    assert row["lowmag_enrichment_10pct"] > 1 > row["principal_enrichment_10pct"]
+    assert row["accuracy"] == pytest.approx(0.51) and row["accuracy_gain"] == pytest.approx(0.09)
+    by = t.set_index("run_id")["sparsity_abs_1e-5"]
+    assert by["RL"] > by["OPD"] > by["SFT"]                  # the synthetic profiles
+    assert overview_table(Store("/nonexistent/x.duckdb"), Selection(), ViewContext()).empty
+
+
+def test_provenance(store):
+    p = provenance(store, "OPD")
+    assert p["base_path"] and p["options"]["seed"] == 0 and p["versions"]
+    assert p["n_failed"] == 1 and p["n_skipped"] == 1 and p["status"] == "done"
+    assert isinstance(p["created_at"], str) and math.isfinite(p["wall_s"])
+    assert provenance(store, "nope") == {}
+
+
+def test_unfinished_store_is_readable(tmp_path):
+    s = make_synthetic_store(tmp_path / "u.duckdb", runs=("OPD", "GRPO"), layers=2, finished=False)
+    assert not s.db_path.exists()          # nothing folded: readers see the staging fragments
+    t = overview_table(s, Selection(), ViewContext())
+    assert set(t["run_id"]) == {"OPD", "GRPO"}
+    assert dict(zip(t["run_id"], t["status"]))["GRPO"] == "running"
