@@ -325,12 +325,16 @@ def spectra(df: pd.DataFrame, title: str) -> go.Figure:
 def cumulative_energy(df: pd.DataFrame, title: str) -> go.Figure:
     """Share of ‖ΔW‖²_F in the top-i singular directions, Σ_{j≤i} σⱼ² / Σ σⱼ², against i (log x).
 
-    Columns: run_id, method, label, index (1-based), sigma."""
+    Columns: run_id, method, label, index (1-based), sigma; optional delta_sq_sum (exact ‖ΔW‖²_F, the
+    denominator when the spectrum is a top-q approximation)."""
     if df.empty:
         return empty_figure(title=title)
     d = df.sort_values(["run_id", "label", "index"]).copy()
     sq = d["sigma"] ** 2
-    d["energy"] = 100 * sq.groupby([d["run_id"], d["label"]]).cumsum() / sq.groupby([d["run_id"], d["label"]]).transform("sum")
+    total = sq.groupby([d["run_id"], d["label"]]).transform("sum")
+    if "delta_sq_sum" in d:        # exact ‖ΔW‖²_F: right for a top-q (approximate) spectrum too
+        total = d["delta_sq_sum"].where(d["delta_sq_sum"] > 0, total)
+    d["energy"] = 100 * sq.groupby([d["run_id"], d["label"]]).cumsum() / total
     d = _thin_log(d)
     fig = _lines(d, "index", "energy", "run_id", title, "number of singular directions i (log scale)",
                  "cumulative energy of ΔW (% of ‖ΔW‖²<sub>F</sub>)", dash="label", log_x=True)

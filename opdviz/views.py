@@ -269,12 +269,16 @@ def _spectra_df(store, sel, ctx, name="spectrum") -> pd.DataFrame:
     tensors = _default_tensors(store, sel, ctx)
     a = _arrays(store, sel, name, tensors) if tensors else pd.DataFrame()
     if a.empty:
-        return pd.DataFrame(columns=["run_id", "method", "tensor", "label", "index", "sigma"])
+        return pd.DataFrame(columns=["run_id", "method", "tensor", "label", "index", "sigma", "delta_sq_sum"])
     a = _with_label(a)
+    # ‖ΔW‖²_F is exact even when the spectrum is a top-q approximation: energies are shares of it
+    sq = Q.long_metrics(store, replace(sel, leaves_only=False), ("delta_sq_sum",))
+    a = a.merge(sq[["run_id", "tensor", "value"]].rename(columns={"value": "delta_sq_sum"}),
+                on=["run_id", "tensor"], how="left")
     a = a.assign(sigma=a["values"].map(np.asarray)).explode("sigma")
     a["index"] = a.groupby(["run_id", "tensor"]).cumcount() + 1
     a["sigma"] = a["sigma"].astype(float)
-    return a[["run_id", "method", "tensor", "label", "index", "sigma"]].reset_index(drop=True)
+    return a[["run_id", "method", "tensor", "label", "index", "sigma", "delta_sq_sum"]].reset_index(drop=True)
 
 
 def _spectra(store, sel, ctx):
@@ -312,8 +316,10 @@ def _principal_projection(store, sel, ctx):
     rows = []
     for kind, a in frames.items():
         for (run_id, method), g in a.groupby(["run_id", "method"], dropna=False, sort=False):
-            curves = np.vstack([np.interp(grid, np.arange(1, len(v) + 1) / len(v), np.asarray(v, dtype=float),
-                                          left=np.nan) for v in g["values"]])
+            # value i is the share for k = i + 1; r = k / min(m, n) (an approximate spectrum stores only q values)
+            curves = np.vstack([np.interp(grid, np.arange(1, len(v) + 1) / min(m, n), np.asarray(v, dtype=float),
+                                          left=np.nan, right=np.nan)
+                                for v, m, n in zip(g["values"], g["rows"], g["cols"])])
             ok = np.isfinite(curves)
             mean = np.where(ok.any(0), np.where(ok, curves, 0).sum(0) / np.maximum(ok.sum(0), 1), np.nan)
             rows += [{"run_id": run_id, "method": method, "kind": kind, "rank_frac": r, "share": m,

@@ -197,3 +197,9 @@ def test_paper_style_sizes_and_fonts(width, px):
     assert fig.layout.title.text is None
     with pytest.raises(ValueError):
         F.paper_style(fig, "triple")
+
+
+def test_cumulative_energy_of_truncated_spectrum_uses_exact_norm():
+    df = _curves("index", "sigma", range(1, 9), lambda i, r: 1.0, label="L1 q").assign(delta_sq_sum=16.0)
+    lines = [t for t in F.cumulative_energy(df, "t").data if t.showlegend is False]
+    assert all(t.y[-1] == pytest.approx(50) for t in lines)        # 8 of 16 units of ‖ΔW‖²_F

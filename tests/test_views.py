@@ -123,3 +123,10 @@ def test_unfinished_store_is_readable(tmp_path):
     t = overview_table(s, Selection(), ViewContext())
     assert set(t["run_id"]) == {"OPD", "GRPO"}
     assert dict(zip(t["run_id"], t["status"]))["GRPO"] == "running"
+
+
+def test_principal_projection_x_is_k_over_min_dim(store):
+    _, df = figure_spec("geometry.principal_projection").build(store, Selection(), ViewContext())
+    assert df["rank_frac"].max() == pytest.approx(1.0)
+    last = df[df["rank_frac"] == df["rank_frac"].max()]
+    assert last["share"].to_numpy() == pytest.approx(1.0)      # all of ΔW lies in the full subspace
