@@ -17,6 +17,7 @@ from .errors import OpdvizError
 COMMANDS = (
     "opdviz.commands.compute",
     "opdviz.commands.metrics",
+    "opdviz.commands.figures",
 )
 
 

@@ -32,6 +32,10 @@ from .reader import Checkpoint, PairItem, iter_pairs, plan_pairs
 from .store import RunWriter, Store, _slug, dumps, now
 
 FOLD_EVERY_S = 60.0        # try to fold staged fragments into the .duckdb file this often
+# Fault injection for the crash tests (kill -9 at a chosen point): "after:N" kills the job with SIGKILL
+# once N tensors are stored; "torn:N" kills it while writing the N-th tensor, after its metrics
+# fragment and before its tensors marker. Unset in normal use.
+FAULT_ENV = "OPDVIZ_FAULT"
 
 
 @dataclass(frozen=True)
@@ -207,6 +211,19 @@ def analyse_item(item: PairItem, wb: torch.Tensor, wp: torch.Tensor, opts: Analy
     return tensors, metrics, arrays, failures
 
 
+def training_metadata(post: Path) -> dict:
+    """``metrics.json`` written by the trainer next to the post-trained weights (accuracy, loss, steps…),
+    kept in ``runs.extra`` so the dashboard can show it beside the update metrics. Absent or invalid → {}."""
+    folder = Path(post) if Path(post).is_dir() else Path(post).parent
+    try:
+        data = json.loads((folder / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if k != "history"}
+
+
 def _filter(items: list[PairItem], opts: AnalysisOptions) -> list[PairItem]:
     inc = re.compile(opts.include) if opts.include else None
     exc = re.compile(opts.exclude) if opts.exclude else None
@@ -251,7 +268,8 @@ def run_job(spec: JobSpec, *, progress: bool = True, overwrite: bool = False, lo
             "dtype": _main_dtype(ok_items), "seed": opts.seed, "status": "running", "error": None,
             "created_at": created, "finished_at": None, "wall_s": prior_wall, "n_tensors": len(items),
             "n_done": len(items) - len(todo), "n_skipped": None, "n_failed": None,
-            "bytes_total": bytes_total, "bytes_done": bytes_done, "extra": dumps(spec.extra),
+            "bytes_total": bytes_total, "bytes_done": bytes_done,
+            "extra": dumps({**training_metadata(spec.post), **spec.extra}),
         }
         writer.write_run(row)
         if todo and done:
@@ -271,6 +289,7 @@ def run_job(spec: JobSpec, *, progress: bool = True, overwrite: bool = False, lo
                 bar.start(item.name)
                 rows = analyse_item(item, wb, wp, opts, base.config, seq_of[item.name])
                 del wb, wp
+                _maybe_fault(writer, item.name, rows, bar.state["n_done"] + 1)
                 writer.write_tensor(item.name, *rows)
                 bar.advance(item.base.nbytes + item.post.nbytes)
                 if time.time() - last_fold > FOLD_EVERY_S:
@@ -297,6 +316,22 @@ def run_job(spec: JobSpec, *, progress: bool = True, overwrite: bool = False, lo
                 log(f"note: {spec.db} was busy; results stay readable in {store.staging} and are folded "
                     "into the database by the next job or `opdviz fold`.")
         return row
+
+
+def _maybe_fault(writer: RunWriter, key: str, rows, n: int) -> None:
+    spec = os.environ.get(FAULT_ENV, "")
+    if not spec:
+        return
+    kind, _, at = spec.partition(":")
+    if n != int(at or 0) + (kind == "after"):
+        return
+    import signal
+
+    if kind == "torn":
+        tensors, metrics, arrays, failures = rows
+        name = f"{writer.slug}__{_slug(key)}.parquet"
+        writer._write("metrics", [{**r, "run_id": writer.run_id} for r in metrics], name)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _main_dtype(items: list[PairItem]) -> str:
