@@ -203,8 +203,6 @@ def analyse_item(item: PairItem, wb: torch.Tensor, wp: torch.Tensor, opts: Analy
                                    exact=res.exact, seconds=seconds, expert=part.expert if part else None,
                                    module=part.module if part else None))
         metrics.extend({"tensor": key, "metric": m, "value": float(v)} for m, v in res.scalars.items())
-        if res.exact is not None:
-            metrics.append({"tensor": key, "metric": "spectrum_exact", "value": float(res.exact)})
         for a, v in res.arrays.items():
             arrays.append({"tensor": key, "name": a, "shape": list(v.shape),
                            "values": v.astype("float64", copy=False).ravel().tolist()})

@@ -135,9 +135,19 @@ def _ref_coverage(B, mask, alpha, r, decimals=None):
     return u[top].sum(), u.sum()
 
 
+@pytest.fixture(params=["sorted", "histogram"])
+def selection_path(request, monkeypatch):
+    """Run a coverage test through both top-K selections (stable sort for small matrices, bit-pattern
+    histogram for large ones), which must agree with the reference and with each other."""
+    import opdviz.metrics.geometry as geometry
+
+    monkeypatch.setattr(geometry, "SMALL_SELECT", 1 << 40 if request.param == "sorted" else 0)
+    return request.param
+
+
 @pytest.mark.parametrize("shape", [(40, 24), (24, 40), (64, 64)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_principal_coverage_matches_reference_mask(shape, dtype):
+def test_principal_coverage_matches_reference_mask(shape, dtype, selection_path):
     wb, wp = _pair(shape, dtype, seed=6, density=0.5)
     masks = _masks(wb, wp)
     opts = AnalysisOptions(coverage_fixed_rank=8)
@@ -152,7 +162,7 @@ def test_principal_coverage_matches_reference_mask(shape, dtype):
                 assert abs(res.scalars[f"{pre}{suffix}{lab}"] * total - hit) <= 1 + 1e-9, (pre, suffix, lab)
 
 
-def test_principal_coverage_ties_by_flat_index():
+def test_principal_coverage_ties_by_flat_index(selection_path):
     # rank-1 base with many equal |entries|: the K-th value is tied, the first flat indices win
     # (‖row‖ = 2 so v₁ = row/2 and the float32 reconstruction is exact: true ties)
     col = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.5, 0.5])

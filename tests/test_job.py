@@ -167,7 +167,7 @@ def test_same_name_other_inputs_is_refused(computed, bigger_pair):
 @pytest.mark.parametrize("make_bad, words", [
     (lambda d: (d / "x.bin").write_bytes(b"PK\x03\x04" + b"\0" * 64) and d / "x.bin", "pickle"),
     (lambda d: (d / "x.safetensors").write_bytes((10 ** 12).to_bytes(8, "little") + b"{}") and d / "x.safetensors", "header"),
-    (lambda d: d / "missing", "not"),
+    (lambda d: d / "missing", "no such file"),
 ])
 def test_bad_input_is_a_clear_cli_error(llama_pair, tmp_path, make_bad, words):
     bad = make_bad(tmp_path)
