@@ -18,6 +18,7 @@ COMMANDS = (
     "opdviz.commands.compute",
     "opdviz.commands.metrics",
     "opdviz.commands.figures",
+    "opdviz.commands.demo",
 )
 
 

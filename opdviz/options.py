@@ -46,7 +46,7 @@ class AnalysisOptions:
     allow_pickle: bool = _opt(False, "Allow .bin/.pt checkpoints, loaded with torch.load(weights_only=True).")
     include: str = _opt("", "Only tensors whose name matches this regular expression.")
     exclude: str = _opt("", "Skip tensors whose name matches this regular expression.")
-    chunk_elems: int = _opt(1 << 24, "Elements per chunk in elementwise passes (bounds temporary memory).")
+    chunk_elems: int = _opt(1 << 22, "Elements per chunk in elementwise passes (bounds temporary memory).")
     seed: int = _opt(0, "Seed for randomized solvers, so reruns give identical results.")
 
     def __post_init__(self) -> None:

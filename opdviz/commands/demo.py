@@ -1,0 +1,86 @@
+"""``opdviz demo``: compute the built-in demo database (once) and open the dashboard on it.
+
+The demo checkpoints ship in ``data/demo/`` (regenerate them with ``opdviz lab``): one tiny Llama
+student base and its OPD, RL (GRPO) and SFT post-trained versions. On first run each pair is
+computed by the normal job (``opdviz compute`` in a child process, with its progress bar); later
+runs find the results in the store and go straight to the dashboard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from ..errors import OpdvizError
+from .compute import DEFAULT_DB
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO_DIR = ROOT / "data" / "demo"
+RUNS = (("opd", "OPD"), ("rl", "RL"), ("sft", "SFT"))
+
+
+def register(sub) -> None:
+    p = sub.add_parser("demo", help="compute the built-in demo (first run only) and start the dashboard",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--db", default=str(ROOT / DEFAULT_DB), help="store to fill and open (default: data/opdviz.duckdb)")
+    p.add_argument("--demo-dir", default=str(DEMO_DIR), help="demo checkpoints (default: data/demo)")
+    p.add_argument("--port", type=int, default=8501, help="dashboard port (default: 8501)")
+    p.add_argument("--no-serve", action="store_true", help="compute the demo database only; do not start the dashboard")
+    p.set_defaults(func=main)
+
+
+def demo_runs(demo_dir: Path) -> list[tuple[str, str, Path]]:
+    """(run name, method label, post folder) for each demo run present; the base is ``demo_dir/base``."""
+    runs = []
+    for sub, label in RUNS:
+        folder = demo_dir / sub
+        if not (folder / "model.safetensors").exists() and not (folder / "model.safetensors.index.json").exists():
+            continue
+        try:
+            label = json.loads((folder / "metrics.json").read_text()).get("method", label)
+        except (OSError, ValueError):
+            pass
+        runs.append((f"demo-{sub}", label, folder))
+    return runs
+
+
+def compute_demo(db: Path, demo_dir: Path) -> None:
+    """Compute every demo run that the store does not hold complete yet (resuming partial ones)."""
+    from ..store import Store
+
+    base = demo_dir / "base"
+    runs = demo_runs(demo_dir)
+    if not base.exists() or not runs:
+        raise OpdvizError(f"no demo checkpoints under {demo_dir}; regenerate them with "
+                          f"`opdviz lab --out {demo_dir}` (about 10 minutes on 2 CPU cores).")
+    store = Store(db)
+    for name, label, post in runs:
+        row = store.run_row(name) if store.exists() else None
+        if row is not None and row.get("status") == "done":
+            continue
+        print(f"computing demo run {name} ({label}: {post.relative_to(demo_dir)} vs base) → {db}", flush=True)
+        cmd = [sys.executable, "-m", "opdviz.cli", "compute", str(base), str(post), "--name", name,
+               "--method", label, "--db", str(db)]
+        rc = subprocess.call(cmd)
+        if rc != 0:
+            raise OpdvizError(f"computing {name} failed (exit {rc}); rerun `opdviz demo` to resume it.")
+
+
+def main(args: argparse.Namespace) -> int:
+    db, demo_dir = Path(args.db), Path(args.demo_dir)
+    compute_demo(db, demo_dir)
+    if args.no_serve:
+        print(f"demo database ready: {db}")
+        return 0
+    print(f"starting the dashboard on http://localhost:{args.port} (Ctrl+C to stop)", flush=True)
+    env = {**os.environ, "OPDVIZ_DB": str(db.resolve())}
+    cmd = [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port", str(args.port),
+           "--server.headless", "true"]
+    try:
+        return subprocess.call(cmd, env=env, cwd=ROOT)
+    except KeyboardInterrupt:
+        return 0
