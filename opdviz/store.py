@@ -21,6 +21,12 @@ Schema (documented in the README):
   metrics(run_id, tensor, metric, value)
   arrays(run_id, tensor, name, shape, values)
   failures(run_id, tensor, stage, error, message)
+  overlap(run_a, run_b, tensor, tower, layer, block, module, criterion, numel, n_a, n_b, n_ab)
+  trajectory(trajectory, step, tensor, metric, value)
+
+``overlap`` and ``trajectory`` (opdviz.overlap, opdviz.trajectory) are keyed otherwise than
+(run_id, tensor): see ``KEYED_TABLES``. Each of their fragments is one file written whole (one
+``os.replace``, so no marker is needed) and folding replaces the stored rows of its keys.
 """
 
 from __future__ import annotations
@@ -65,7 +71,14 @@ SCHEMAS: dict[str, pa.Schema] = {
                          ("values", pa.list_(_f64))]),
     "failures": pa.schema([("run_id", _str), ("tensor", _str), ("stage", _str), ("error", _str),
                            ("message", _str)]),
+    "overlap": pa.schema([("run_a", _str), ("run_b", _str), ("tensor", _str), ("tower", _str), ("layer", _i64),
+                          ("block", _str), ("module", _str), ("criterion", _str), ("numel", _i64),
+                          ("n_a", _i64), ("n_b", _i64), ("n_ab", _i64)]),
+    "trajectory": pa.schema([("trajectory", _str), ("step", _i64), ("tensor", _str), ("metric", _str),
+                             ("value", _f64)]),
 }
+# tables whose rows are not keyed by (run_id, tensor): table → key columns (a fragment holds whole keys)
+KEYED_TABLES = {"overlap": ("run_a", "run_b", "tensor"), "trajectory": ("trajectory", "tensor")}
 TENSOR_TABLES = ("tensors", "metrics", "arrays", "failures")
 # fragments of a tensor are written in this order; "tensors" last marks the tensor complete
 WRITE_ORDER = ("arrays", "metrics", "failures", "tensors")
@@ -118,11 +131,13 @@ class Store:
     def _views(self, con: duckdb.DuckDBPyConnection) -> None:
         """Create the union views on an in-memory connection (db attached as ``db`` if present)."""
         attached = False
+        tables: set[str] = set()
         if self.db_path.exists():
             con.execute(f"ATTACH '{_sql_str(self.db_path)}' AS db (READ_ONLY)")
             tables = {r[0] for r in con.execute(
                 "SELECT table_name FROM information_schema.tables WHERE table_catalog = 'db'").fetchall()}
-            attached = set(SCHEMAS) <= tables
+            # a file folded before KEYED_TABLES existed lacks only those: its core tables still count
+            attached = set(SCHEMAS) - set(KEYED_TABLES) <= tables
         for table in SCHEMAS:
             files = self._fragments(table)
             cols = ", ".join(f'"{f.name}"' for f in SCHEMAS[table])
@@ -130,7 +145,8 @@ class Store:
             staged = (f"SELECT {cols} FROM read_parquet({_sql_list(files)})" if files
                       else f"SELECT {typed} WHERE false")
             con.execute(f"CREATE TEMP VIEW staged_{table} AS {staged}")
-            stored = f"SELECT {cols} FROM db.main.{table}" if attached else f"SELECT {typed} WHERE false"
+            stored = (f"SELECT {cols} FROM db.main.{table}" if attached and table in tables
+                      else f"SELECT {typed} WHERE false")
             con.execute(f"CREATE TEMP VIEW stored_{table} AS {stored}")
         con.execute("""CREATE TEMP VIEW runs AS SELECT * FROM (
             SELECT * FROM staged_runs UNION ALL BY NAME SELECT * FROM stored_runs)
@@ -147,6 +163,10 @@ class Store:
                 UNION ALL BY NAME
                 SELECT * FROM stored_{table} s WHERE NOT EXISTS (
                     SELECT 1 FROM staged_tensors t WHERE t.run_id = s.run_id AND t.tensor = s.tensor)""")
+        for table, key in KEYED_TABLES.items():    # staged rows replace stored rows of the same key
+            same = " AND ".join(f"x.{k} = s.{k}" for k in key)
+            con.execute(f"""CREATE TEMP VIEW {table} AS SELECT * FROM staged_{table} UNION ALL BY NAME
+                SELECT * FROM stored_{table} s WHERE NOT EXISTS (SELECT 1 FROM staged_{table} x WHERE {same})""")
 
     def query(self, sql: str, params: list | tuple | None = None, *, timeout: float = 10.0) -> pd.DataFrame:
         """Run ``sql`` against the views and return a DataFrame.
@@ -195,7 +215,8 @@ class Store:
         complete = {p.name for p in marker_files}
         batch = {t: [p for p in self._fragments(t) if p.name in complete] for t in TENSOR_TABLES}
         run_files = self._fragments("runs")
-        if not marker_files and not run_files:
+        keyed = {t: self._fragments(t) for t in KEYED_TABLES}
+        if not marker_files and not run_files and not any(keyed.values()):
             return True
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + wait
@@ -223,6 +244,12 @@ class Store:
                     con.execute(f"DELETE FROM {table} WHERE (run_id, tensor) IN {keys}")
                     if batch[table]:
                         con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM read_parquet({_sql_list(batch[table])})")
+            for table, files in keyed.items():
+                if files:
+                    key = ", ".join(KEYED_TABLES[table])
+                    con.execute(f"DELETE FROM {table} WHERE ({key}) IN (SELECT DISTINCT {key} FROM "
+                                f"read_parquet({_sql_list(files)}))")
+                    con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM read_parquet({_sql_list(files)})")
             if run_files:
                 latest = (f"SELECT * FROM read_parquet({_sql_list(run_files)}) QUALIFY row_number() OVER "
                           "(PARTITION BY run_id ORDER BY updated_at DESC NULLS LAST) = 1")
@@ -239,7 +266,7 @@ class Store:
                              f"fragments are still in {self.staging}.") from exc
         finally:
             con.close()
-        for files in list(batch.values()) + [run_files]:
+        for files in list(batch.values()) + [run_files] + list(keyed.values()):
             for p in files:
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
@@ -258,7 +285,8 @@ class Store:
             with contextlib.closing(duckdb.connect(str(self.db_path))) as con:
                 for table in SCHEMAS:
                     con.execute(_ddl(table))
-                    con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
+                    if table not in KEYED_TABLES:
+                        con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
         except duckdb.IOException as exc:
             raise StoreError(f"cannot delete run {run_id!r}: {self.db_path} is in use ({exc}). "
                              "Close the dashboard's job or retry.") from exc
@@ -291,6 +319,11 @@ class RunWriter:
             tmp.unlink(missing_ok=True)
             raise StoreError(f"cannot write results to {final.parent}: {exc}. Free disk space or choose "
                              "another --db location, then rerun the same command to resume.") from exc
+
+    def write_keyed(self, table: str, key: str, rows: list[dict]) -> None:
+        """Write all rows of one key of a ``KEYED_TABLES`` table (e.g. one tensor of an overlap pair) as
+        one fragment; rewriting the same ``key`` replaces it."""
+        self._write(table, rows, f"{self.slug}__{_slug(key)}.parquet")
 
     def write_run(self, row: dict) -> None:
         """Write (a new version of) the run row; the newest ``updated_at`` wins in the views."""

@@ -1,0 +1,65 @@
+"""Overlap page: do two runs that share a base change the same coordinates, beyond chance?"""
+
+import streamlit as st
+
+from opdviz import figexport
+from opdviz import views_across as VA
+from opdviz.store import Store
+from pages import ui
+
+view = ui.begin("Overlap", r"""For two runs A and B trained from the same base, which coordinates did **both** change? With
+$A$, $B$ the changed masks under the sidebar's criterion and densities $p_A = |A|/n$, $p_B = |B|/n$:
+**coverage** $|A\cap B|/|A|$ is the share of A's changes that B made too (independence baseline $p_B$), and
+symmetrically $|A\cap B|/|B|$ (baseline $p_A$); **Jaccard** $|A\cap B|/|A\cup B|$ has the baseline
+$p_Ap_B/(p_A+p_B-p_Ap_B)$ of two independent random masks. Observed ÷ baseline > 1 means the runs pick the same
+coordinates more often than chance. Groups sum the counts (numel-weighted). After *Dense Supervision, Sparse
+Updates* (arXiv 2606.13657) and *RL Finetunes Small Subnetworks* (arXiv 2505.11711).""")
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _q(name: str, db: str, stamp: tuple, *args):
+    store = Store(db)
+    if name == "pairs":
+        return VA.overlap_pairs(store, *args)
+    if name == "top":
+        return VA.top_overlaps(store, *args)
+    return VA.figure_spec(name).build(store, *args)
+
+
+pairs = _q("pairs", view.db, view.stamp, view.sel)
+if pairs.empty:
+    st.info("No overlap computed for these runs yet. Compute one for two runs that share a base:\n\n"
+            f"`opdviz overlap --db {view.db} --base BASE --a POST_A --b POST_B --run-a A --run-b B`\n\n"
+            "(add `--method-a LABEL --method-b LABEL` for runs not analysed with `opdviz compute`), then reload.",
+            icon=":material/info:")
+    st.stop()
+
+labels = [f"{r.run_a} ∩ {r.run_b}" for r in pairs.itertuples()]
+ui.sticky("p_pair", "pair", labels, labels[0])
+picked = st.selectbox("Pair (A ∩ B)", labels, key="p_pair", help="Pairs with a stored overlap (`opdviz overlap`).")
+ui.remember("p_pair", picked)
+ui.sync_params({"pair": None if picked == labels[0] else picked})
+row = pairs.iloc[labels.index(picked)]
+ctx = VA.AcrossContext(criterion=view.ctx.criterion, run_a=row.run_a, run_b=row.run_b)
+
+for i, spec in enumerate(VA.figures_for("overlap")):
+    fig, df = _q(spec.key, view.db, view.stamp, view.sel, ctx)
+    if i:
+        st.divider()
+    st.plotly_chart(fig, width="stretch", theme=None, key=f"fig_{spec.key}",
+                    config={"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2}})
+    st.caption(spec.caption)
+    ui.export_row(spec.key, fig, df)
+
+st.divider()
+st.subheader("Tensors that overlap most beyond chance")
+top = _q("top", view.db, view.stamp, view.sel, ctx)
+st.dataframe(ui.percent(top, ("p_a", "p_b", "jaccard", "cov_")).rename(columns={
+    "p_a": "density A (%)", "p_b": "density B (%)", "jaccard": "Jaccard (%)", "jaccard_baseline": "baseline (%)",
+    "jaccard_ratio": "Jaccard ÷ baseline", "cov_a": "|A∩B|/|A| (%)", "cov_b": "|A∩B|/|B| (%)"}),
+    hide_index=True, width="stretch")
+row = st.container(horizontal=True, vertical_alignment="center", gap="small")
+row.caption("Data", width="content")
+for fmt, label in (("csv", "CSV"), ("parquet", "Parquet")):
+    row.download_button(label, data=lambda fmt=fmt: figexport.data_bytes(top, fmt), file_name=f"overlap_top.{fmt}",
+                        mime=ui.FORMATS[fmt], on_click="ignore", key=f"dl_top_{fmt}", disabled=top.empty)
