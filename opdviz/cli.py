@@ -20,6 +20,7 @@ COMMANDS = (
     "opdviz.commands.figures",
     "opdviz.commands.demo",
     "opdviz.commands.across",
+    "opdviz.commands.jobs",
 )
 
 
