@@ -1,0 +1,94 @@
+"""Time every dashboard page on a 7B-sized store (Llama-2-7B shapes: 32 layers × 7 projections + embed/head,
+3 runs, every metric and array), with Streamlit's AppTest — no browser, so this is server-side time.
+
+    .venv/bin/python bench/bench_pages.py [--out bench/out] [--repeat 3]
+
+Columns:
+  cold   first render with empty caches (every query runs; the background warmer is off)
+  warm   the same page rendered again (cached queries: what a rerun, a revisit, or a page the background
+         warmer already built costs)
+Each number is the median of --repeat runs. The store is built once under --out (about 300 MB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+PAGES = ("overview", "sparsity", "spectra", "geometry", "tensor", "compare")
+
+
+def build_store(out: Path) -> Path:
+    from synthetic import SEVEN_B, make_synthetic_store
+
+    db = out / "pages_7b.duckdb"
+    if not db.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        t = time.perf_counter()
+        make_synthetic_store(db, runs=("OPD", "RL", "SFT"), seed=0, **SEVEN_B)
+        print(f"built {db} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    return db
+
+
+def _app():
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
+    at.run()
+    return at
+
+
+def _timed_run(at) -> float:
+    t = time.perf_counter()
+    at.run()
+    dt = time.perf_counter() - t
+    assert not at.exception, [e.message for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    return dt
+
+
+def cold_and_warm(page: str) -> tuple[float, float]:
+    import streamlit as st
+
+    at = _app()
+    st.cache_data.clear()
+    if page != "overview":
+        at.switch_page(f"pages/{page}.py")
+    return _timed_run(at), _timed_run(at)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args(argv)
+    db = build_store(args.out)
+    os.environ["OPDVIZ_DB"] = str(db)
+    os.environ["OPDVIZ_PREWARM"] = "0"        # background warming would blur "cold"
+    import logging
+
+    logging.getLogger("streamlit").setLevel(logging.ERROR)
+    from opdviz.views import figures_for
+
+    rows = []
+    for page in PAGES:
+        cw = [cold_and_warm(page) for _ in range(args.repeat)]
+        rows.append((page, len(figures_for(page)), statistics.median(c for c, _ in cw),
+                     statistics.median(w for _, w in cw)))
+    print(f"store: {db} ({db.stat().st_size / 2**20:.0f} MiB), 3 runs × {32 * 7 + 2} matrices; "
+          f"median of {args.repeat}; seconds per page render (AppTest, server side)")
+    print(f"{'page':<10} {'figures':>7} {'cold':>7} {'warm':>7}")
+    for page, n, cold, warm in rows:
+        print(f"{page:<10} {n:>7} {cold:>7.2f} {warm:>7.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
