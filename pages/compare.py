@@ -4,7 +4,8 @@ import streamlit as st
 
 from pages import ui
 
-view = ui.begin("Compare", r"""One metric side by side across the selected runs — per module, per layer, and as the difference
+view = ui.begin("Compare", r"""
+One metric side by side across the selected runs — per module, per layer, and as the difference
 B − A per layer and module (diverging colours centred on 0). Shares (sparsity, energy share, coverage, top-k
 energy) are in %; sparsity and energy share are numel-weighted, per-matrix metrics (stable rank, NSS, angles…)
 are averaged over the matrices of a group. A difference is only meaningful between runs that share a base: check

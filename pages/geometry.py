@@ -4,7 +4,8 @@ import streamlit as st
 
 from pages import ui
 
-view = ui.begin("Geometry", r"""Where the update lands relative to the base weights. **Principal projection**: the share of
+view = ui.begin("Geometry", r"""
+Where the update lands relative to the base weights. **Principal projection**: the share of
 $\lVert\Delta W\rVert_F^2$ inside the top-k singular subspaces of $W_\text{base}$, $k = r\cdot\min(m, n)$.
 **Principal angles** between the top-k singular subspaces of $W_\text{base}$ and $W_\text{post}$ (float64).
 **Coverage**: the share of changed entries that fall in the α·numel lowest-magnitude (or principal) entries of

@@ -6,7 +6,8 @@ from pages import ui
 
 PERCENT = ("sparsity_", "top16_energy", "principal_coverage", "lowmag_coverage", "random_baseline")
 
-view = ui.begin("Overview", r"""How each post-training run changed the base model's weights, $\Delta W = W_\text{post} - W_\text{base}$.
+view = ui.begin("Overview", r"""
+How each post-training run changed the base model's weights, $\Delta W = W_\text{post} - W_\text{base}$.
 **Sparsity** is the share of entries left unchanged under the sidebar's criterion (numel-weighted over the selection);
 **relative change** is $\lVert\Delta W\rVert_F / \lVert W_\text{base}\rVert_F$; **top-16 energy** is the share of
 $\lVert\Delta W\rVert_F^2$ in its 16 largest singular directions; **coverage at α = 10 %** is the share of changed
@@ -37,7 +38,8 @@ st.download_button("Table as CSV", data=lambda: table.to_csv(index=False).encode
 
 ui.figures(view, "overview")
 
-st.header("Runs: provenance, skipped and failed tensors")
+st.divider()
+st.subheader("Runs: provenance, skipped and failed tensors")
 runs = ui.query("runs", view.db, view.stamp)
 shown_runs = runs[runs["run_id"].isin(view.sel.runs)] if view.sel.runs else runs
 for run_id in shown_runs["run_id"]:

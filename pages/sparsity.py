@@ -2,7 +2,8 @@
 
 from pages import ui
 
-view = ui.begin("Sparsity", r"""**Sparsity** is the share of a matrix's entries that post-training left unchanged, unchanged / numel,
+view = ui.begin("Sparsity", r"""
+**Sparsity** is the share of a matrix's entries that post-training left unchanged, unchanged / numel,
 where an entry of $\Delta W = W_\text{post} - W_\text{base}$ counts as *changed* under the criterion chosen in the
 sidebar: bitwise (exact), $|\Delta W| > \varepsilon$, $|\Delta W| > \tau\cdot\mathrm{RMS}(W_\text{base})$, or the
 bf16-aware $|\Delta W| > \eta\cdot\max(|W_\text{base}|, |W_\text{post}|)$. Groups (layers, modules) are

@@ -4,7 +4,8 @@ import streamlit as st
 
 from pages import ui
 
-view = ui.begin("Spectra", r"""The singular values $\sigma_1 \ge \sigma_2 \ge \dots$ of each update $\Delta W$. **Top-k energy**
+view = ui.begin("Spectra", r"""
+The singular values $\sigma_1 \ge \sigma_2 \ge \dots$ of each update $\Delta W$. **Top-k energy**
 $\sum_{i\le k}\sigma_i^2 / \lVert\Delta W\rVert_F^2$ is the share of the update carried by its k strongest
 directions; **stable rank** $\lVert\Delta W\rVert_F^2 / \sigma_1^2$ counts how many directions matter. A sparse
 update need not be low-rank, so both views are shown. Definitions follow *Dense Supervision, Sparse Updates*

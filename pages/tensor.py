@@ -6,7 +6,8 @@ import streamlit as st
 
 from pages import ui
 
-view = ui.begin("Tensor", r"""One weight matrix up close. The **changed-entry map** block-averages the changed mask (share of
+view = ui.begin("Tensor", r"""
+One weight matrix up close. The **changed-entry map** block-averages the changed mask (share of
 entries changed per block, at most 128 × 128 blocks), with the per-row and per-column changed fractions beside it —
 bright rows are outlier features. Below: the matrix's $\Delta W$ spectrum, the principal angles between the top-k
 singular subspaces of $W_\text{base}$ and $W_\text{post}$, sparsity against the threshold ε, and the update density

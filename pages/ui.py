@@ -356,11 +356,12 @@ def _run_notices(view: View, runs: pd.DataFrame) -> None:
             n_total = int(row.n_tensors or 0)
             n_done, current = _progress(view, row.run_id)
             frac = min(1.0, n_done / n_total) if n_total else 0.0
-            with st.container(border=True):
-                st.info(f"Run **{row.run_id}** is still computing: {n_done} of {n_total} tensors done. The "
-                        "figures show the tensors finished so far; rerun the page (press **R**) to pick up "
-                        "new results." + (f" Now on `{current}`." if current else ""), icon=":material/hourglass_top:")
-                st.progress(frac, text=f"{row.run_id}: {n_done}/{n_total} tensors")
+            st.info(f"Run **{row.run_id}** is still computing: {n_done} of {n_total} tensors done. The figures "
+                    "show the tensors finished so far; refresh to pick up new results."
+                    + (f" Now on `{current}`." if current else ""), icon=":material/hourglass_top:")
+            bar, button = st.columns([5, 1], vertical_alignment="center")
+            bar.progress(frac, text=f"{row.run_id}: {n_done}/{n_total} tensors")
+            button.button("Refresh", key=f"refresh_{row.run_id}", icon=":material/refresh:")
         elif row.status not in ("done", None):
             st.warning(f"Run **{row.run_id}** is `{row.status}`" + (f": {row.error}" if row.error else "") +
                        ". Its finished tensors are shown; rerun the same `opdviz compute` command to resume.",
