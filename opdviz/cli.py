@@ -21,6 +21,7 @@ COMMANDS = (
     "opdviz.commands.demo",
     "opdviz.commands.across",
     "opdviz.commands.jobs",
+    "opdviz.commands.batch",
 )
 
 

@@ -5,6 +5,10 @@ tensor whose results are in the store is never recomputed, so rerunning the same
 crash or ``kill -9`` finishes the run with results identical to an uninterrupted one. One tensor
 pair is in memory at a time; a failure on one tensor is recorded (stage, error, message) and the
 job goes on.
+
+``run_jobs`` runs several runs as one job; where the tensors are computed is the executor's business
+(``opdviz.executors``: the local loop, or a Ray cluster with ``--executor ray``) — this process stays the
+only writer of the store.
 """
 
 from __future__ import annotations
@@ -25,16 +29,18 @@ import torch
 
 from . import __version__
 from .errors import OpdvizError, OptionsError, StoreError
+from .executors import LocalExecutor, Work
 from .metrics import analyse_pair
 from .naming import fused_parts, matrix_view, parse_name, split_part
 from .options import AnalysisOptions
-from .reader import Checkpoint, PairItem, iter_pairs, plan_pairs
+from .reader import Checkpoint, PairItem, plan_pairs
 from .store import RunWriter, Store, _slug, dumps, now
 
 FOLD_EVERY_S = 60.0        # try to fold staged fragments into the .duckdb file this often
 # Fault injection for the crash tests (kill -9 at a chosen point): "after:N" kills the job with SIGKILL
 # once N tensors are stored; "torn:N" kills it while writing the N-th tensor, after its metrics
-# fragment and before its tensors marker. Unset in normal use.
+# fragment and before its tensors marker; "worker-once:PATH" kills one Ray worker (opdviz.executors).
+# Unset in normal use.
 FAULT_ENV = "OPDVIZ_FAULT"
 
 
@@ -127,7 +133,16 @@ class Progress:
     def start(self, name: str) -> None:
         self.state["current"] = name
         if self.bar:
-            self.bar.set_postfix_str(f"{self.state['n_done']}/{self.state['n_total']} tensors · {name[-40:]}")
+            self.bar.set_postfix_str(f"{self.state['n_done']}/{self.state['n_total']} tensors · {name[-40:]}"
+                                     + _tasks_text(self.state.get("tasks") or {}))
+        self._write()
+
+    def tasks(self, counts: dict) -> None:
+        """Task counts of a distributed executor: {"total", "done", "running", "retried"}."""
+        self.state["tasks"] = dict(counts)
+        if self.bar:
+            self.bar.set_postfix_str(f"{self.state['n_done']}/{self.state['n_total']} tensors"
+                                     + _tasks_text(counts))
         self._write()
 
     def advance(self, nbytes: int) -> None:
@@ -228,71 +243,75 @@ def _filter(items: list[PairItem], opts: AnalysisOptions) -> list[PairItem]:
     return [i for i in items if (not inc or inc.search(i.name)) and not (exc and exc.search(i.name))]
 
 
-def run_job(spec: JobSpec, *, progress: bool = True, overwrite: bool = False, log=print) -> dict:
-    """Compute (or resume) one run. Returns the final run row as a dict."""
-    opts = spec.options
-    device = resolve_device(opts.device)
-    store = Store(spec.db)
-    base = Checkpoint.open(spec.base, allow_pickle=opts.allow_pickle)
-    post = Checkpoint.open(spec.post, allow_pickle=opts.allow_pickle)
-    items = _filter(plan_pairs(base, post), opts)
-    if not items:
-        raise OptionsError(f"no tensor matches --include {opts.include!r} / --exclude {opts.exclude!r}")
-    with run_lock(store, spec.run_id):
-        if overwrite:
-            store.delete_run(spec.run_id)
-        base_fp, post_fp = base.fingerprint(), post.fingerprint()
-        old = store.run_row(spec.run_id)
-        if old is not None:
-            if (old.get("base_fingerprint"), old.get("post_fingerprint")) != (base_fp, post_fp) or \
-                    AnalysisOptions.from_json(old["options"]).result_key() != opts.result_key():
-                raise OptionsError(
-                    f"a run named {spec.run_id!r} already exists in {spec.db} with other checkpoints or "
-                    "options; choose another --name, or pass --overwrite to replace it.")
-        done = store.done_tensors(spec.run_id)
-        todo = [i for i in items if i.name not in done]
-        ok_items = [i for i in items if i.status == "ok"]
-        bytes_total = sum(i.base.nbytes + i.post.nbytes for i in ok_items)
-        bytes_done = sum(i.base.nbytes + i.post.nbytes for i in ok_items if i.name in done)
-        created = old["created_at"] if old is not None else now()
-        prior_wall = float(old["wall_s"] or 0) if old is not None else 0.0
-        writer = RunWriter(store, spec.run_id)
-        row = {
-            "method": spec.method, "kind": "trajectory" if spec.trajectory else "pair",
-            "base_path": str(Path(spec.base).resolve()), "post_path": str(Path(spec.post).resolve()),
-            "base_fingerprint": base_fp, "post_fingerprint": post_fp, "base_bytes": base.total_bytes,
-            "post_bytes": post.total_bytes, "trajectory": spec.trajectory, "step": spec.step,
-            "options": opts.to_json(), "versions": dumps(package_versions()), "device": str(device),
-            "dtype": _main_dtype(ok_items), "seed": opts.seed, "status": "running", "error": None,
-            "created_at": created, "finished_at": None, "wall_s": prior_wall, "n_tensors": len(items),
-            "n_done": len(items) - len(todo), "n_skipped": None, "n_failed": None,
-            "bytes_total": bytes_total, "bytes_done": bytes_done,
-            "extra": dumps({**training_metadata(spec.post), **spec.extra}),
-        }
-        writer.write_run(row)
-        if todo and done:
-            log(f"resuming {spec.run_id!r}: {len(items) - len(todo)} of {len(items)} tensors already stored")
-        bar = Progress(store, spec.run_id, len(items), bytes_total, len(items) - len(todo), bytes_done, progress)
-        t_start, last_fold = time.time(), time.time()
-        status, error = "running", None
-        try:
-            seq_of = {i.name: n for n, i in enumerate(items)}
-            for item in (i for i in todo if i.status != "ok"):
-                parsed = parse_name(item.name)
-                info = item.base or item.post
-                writer.write_tensor(item.name, [_tensor_row(item.name, "", "", parsed, info.shape, info.dtype,
-                                                            "skipped", item.reason, seq_of[item.name])], [], [], [])
-                bar.advance(0)
-            for item, wb, wp in iter_pairs(base, post, [i for i in todo if i.status == "ok"], device=device):
-                bar.start(item.name)
-                rows = analyse_item(item, wb, wp, opts, base.config, seq_of[item.name])
-                del wb, wp
-                _maybe_fault(writer, item.name, rows, bar.state["n_done"] + 1)
-                writer.write_tensor(item.name, *rows)
-                bar.advance(item.base.nbytes + item.post.nbytes)
-                if time.time() - last_fold > FOLD_EVERY_S:
+def run_job(spec: JobSpec, *, progress: bool = True, overwrite: bool = False, log=print, executor=None) -> dict:
+    """Compute (or resume) one run. Returns the final run row as a dict.
+
+    ``executor`` (``opdviz.executors``): where the tensors are computed; default ``LocalExecutor()``.
+    """
+    return run_jobs([spec], progress=progress, overwrite=overwrite, log=log, executor=executor)[0]
+
+
+@dataclass
+class _Run:
+    """Driver-side state of one run of a job: its store, writer, run row and progress."""
+
+    spec: JobSpec
+    store: Store
+    writer: RunWriter
+    row: dict
+    bar: "Progress"
+    work: Work
+    prior_wall: float
+    status: str = "running"
+
+
+def run_jobs(specs: list[JobSpec], *, progress: bool = True, overwrite: bool = False, log=print,
+             executor=None) -> list[dict]:
+    """Compute (or resume) several runs as one job, their tensors in one pool of ``executor``.
+
+    This process is the only writer: results come back from the executor and are written per tensor
+    by each run's ``RunWriter``. Returns the final run rows, in the order of ``specs``.
+    """
+    if not specs:
+        return []
+    names = [s.run_id for s in specs]
+    if len(set(names)) != len(names):
+        raise OptionsError(f"run names must differ within one job: {sorted(n for n in set(names) if names.count(n) > 1)}")
+    executor = executor or LocalExecutor()
+    t_start, status, error = time.time(), "running", None
+    with contextlib.ExitStack() as stack:
+        runs: list[_Run] = []
+        for n, spec in enumerate(specs):
+            try:
+                runs.append(_open_run(spec, n, stack, executor, overwrite, log, progress and len(specs) == 1))
+            except BaseException as exc:      # runs opened so far must not stay "running"
+                for run in runs:
+                    _finish_run(run, "failed", f"job stopped before computing: {type(exc).__name__}: {exc}", 0.0)
+                raise
+        total = _TotalBar(runs, progress and len(specs) > 1)
+        stores = {str(r.store.db_path): r.store for r in runs}
+        last_fold = time.time()
+
+        def on_result(key: int, name: str, rows: tuple, nbytes: int) -> None:
+            nonlocal last_fold
+            run = runs[key]
+            run.bar.start(name)
+            _maybe_fault(run.writer, name, rows, run.bar.state["n_done"] + 1)
+            run.writer.write_tensor(name, *rows)
+            run.bar.advance(nbytes)
+            total.advance(nbytes)
+            if time.time() - last_fold > FOLD_EVERY_S:
+                for store in stores.values():
                     store.fold(wait=0)
-                    last_fold = time.time()
+                last_fold = time.time()
+
+        def on_tasks(counts: dict) -> None:
+            for run in runs:
+                run.bar.tasks(counts)
+            total.tasks(counts)
+
+        try:
+            executor.run([r.work for r in runs], on_result, on_tasks)
             status = "done"
         except KeyboardInterrupt:
             status, error = "interrupted", "interrupted by the user; rerun the same command to resume"
@@ -301,19 +320,129 @@ def run_job(spec: JobSpec, *, progress: bool = True, overwrite: bool = False, lo
             status, error = "failed", f"{type(exc).__name__}: {exc}"
             raise
         finally:
-            bar.finish(status, error or "")
-            counts = store.query("SELECT status, count(*) AS n FROM tensors WHERE run_id = ? AND parent = '' "
-                                 "GROUP BY status", [spec.run_id])
-            n = dict(zip(counts["status"], counts["n"]))
-            row.update(status=status, error=error, wall_s=prior_wall + time.time() - t_start,
-                       finished_at=now() if status == "done" else None,
-                       n_done=int(sum(n.values())), n_skipped=int(n.get("skipped", 0)),
-                       n_failed=int(n.get("failed", 0)), bytes_done=bar.state["bytes_done"], updated_at=now())
-            writer.write_run(row)
-            if not store.fold(wait=30):
-                log(f"note: {spec.db} was busy; results stay readable in {store.staging} and are folded "
-                    "into the database by the next job or `opdviz fold`.")
-        return row
+            total.close()
+            for run in runs:
+                # a run whose every tensor was written is done even when another run of the job failed
+                finished = run.bar.state["n_done"] >= run.bar.state["n_total"]
+                _finish_run(run, "done" if finished else status, None if finished else error,
+                            time.time() - t_start)
+            for store in stores.values():
+                if not store.fold(wait=30):
+                    log(f"note: {store.db_path} was busy; results stay readable in {store.staging} and are "
+                        "folded into the database by the next job or `opdviz fold`.")
+    return [r.row for r in runs]
+
+
+def _open_run(spec: JobSpec, key: int, stack: contextlib.ExitStack, executor, overwrite: bool, log,
+              show: bool) -> _Run:
+    """Plan one run, take its lock, write its run row and its skipped tensors; the todo goes to ``work``."""
+    opts = spec.options
+    store = Store(spec.db)
+    base = stack.enter_context(Checkpoint.open(spec.base, allow_pickle=opts.allow_pickle))
+    post = stack.enter_context(Checkpoint.open(spec.post, allow_pickle=opts.allow_pickle))
+    items = _filter(plan_pairs(base, post), opts)
+    if not items:
+        raise OptionsError(f"no tensor matches --include {opts.include!r} / --exclude {opts.exclude!r}")
+    stack.enter_context(run_lock(store, spec.run_id))
+    if overwrite:
+        store.delete_run(spec.run_id)
+    base_fp, post_fp = base.fingerprint(), post.fingerprint()
+    old = store.run_row(spec.run_id)
+    if old is not None:
+        if (old.get("base_fingerprint"), old.get("post_fingerprint")) != (base_fp, post_fp) or \
+                AnalysisOptions.from_json(old["options"]).result_key() != opts.result_key():
+            raise OptionsError(
+                f"a run named {spec.run_id!r} already exists in {spec.db} with other checkpoints or "
+                "options; choose another --name, or pass --overwrite to replace it.")
+    done = store.done_tensors(spec.run_id)
+    todo = [i for i in items if i.name not in done]
+    ok_items = [i for i in items if i.status == "ok"]
+    bytes_total = sum(i.base.nbytes + i.post.nbytes for i in ok_items)
+    bytes_done = sum(i.base.nbytes + i.post.nbytes for i in ok_items if i.name in done)
+    created = old["created_at"] if old is not None else now()
+    prior_wall = float(old["wall_s"] or 0) if old is not None else 0.0
+    # the device that computed the results: a rerun with nothing left to do keeps the stored one
+    device = old["device"] if old is not None and not todo and old.get("device") else executor.device_label(opts)
+    writer = RunWriter(store, spec.run_id)
+    row = {
+        "method": spec.method, "kind": "trajectory" if spec.trajectory else "pair",
+        "base_path": str(Path(spec.base).resolve()), "post_path": str(Path(spec.post).resolve()),
+        "base_fingerprint": base_fp, "post_fingerprint": post_fp, "base_bytes": base.total_bytes,
+        "post_bytes": post.total_bytes, "trajectory": spec.trajectory, "step": spec.step,
+        "options": opts.to_json(), "versions": dumps(package_versions()), "device": device,
+        "dtype": _main_dtype(ok_items), "seed": opts.seed, "status": "running", "error": None,
+        "created_at": created, "finished_at": None, "wall_s": prior_wall, "n_tensors": len(items),
+        "n_done": len(items) - len(todo), "n_skipped": None, "n_failed": None,
+        "bytes_total": bytes_total, "bytes_done": bytes_done,
+        "extra": dumps({**training_metadata(spec.post), **spec.extra}),
+    }
+    writer.write_run(row)
+    if todo and done:
+        log(f"resuming {spec.run_id!r}: {len(items) - len(todo)} of {len(items)} tensors already stored")
+    bar = Progress(store, spec.run_id, len(items), bytes_total, len(items) - len(todo), bytes_done, show)
+    seq_of = {i.name: n for n, i in enumerate(items)}
+    for item in (i for i in todo if i.status != "ok"):
+        parsed = parse_name(item.name)
+        info = item.base or item.post
+        writer.write_tensor(item.name, [_tensor_row(item.name, "", "", parsed, info.shape, info.dtype,
+                                                    "skipped", item.reason, seq_of[item.name])], [], [], [])
+        bar.advance(0)
+    work = Work(key=key, base=Path(spec.base), post=Path(spec.post), options=opts,
+                items=[i for i in todo if i.status == "ok"], seq=seq_of, checkpoints=(base, post))
+    return _Run(spec, store, writer, row, bar, work, prior_wall)
+
+
+def _finish_run(run: _Run, status: str, error: str | None, wall: float) -> None:
+    run.bar.finish(status, error or "")
+    counts = run.store.query("SELECT status, count(*) AS n FROM tensors WHERE run_id = ? AND parent = '' "
+                             "GROUP BY status", [run.spec.run_id])
+    n = dict(zip(counts["status"], counts["n"]))
+    run.row.update(status=status, error=error, wall_s=run.prior_wall + wall,
+                   finished_at=now() if status == "done" else None,
+                   n_done=int(sum(n.values())), n_skipped=int(n.get("skipped", 0)),
+                   n_failed=int(n.get("failed", 0)), bytes_done=run.bar.state["bytes_done"], updated_at=now())
+    run.writer.write_run(run.row)
+
+
+class _TotalBar:
+    """One progress bar over all runs of a multi-run job (each run keeps its own progress file)."""
+
+    def __init__(self, runs: list[_Run], show: bool):
+        self.n_total = sum(r.bar.state["n_total"] for r in runs)
+        self.n_done = sum(r.bar.state["n_done"] for r in runs)
+        self.bar = None
+        if show:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=sum(r.bar.state["bytes_total"] for r in runs),
+                            initial=sum(r.bar.state["bytes_done"] for r in runs), unit="B", unit_scale=True,
+                            unit_divisor=1024, desc=f"{len(runs)} runs", dynamic_ncols=True, file=sys.stderr)
+        self.counts: dict = {}
+
+    def _postfix(self) -> None:
+        if self.bar:
+            self.bar.set_postfix_str(f"{self.n_done}/{self.n_total} tensors" + _tasks_text(self.counts))
+
+    def advance(self, nbytes: int) -> None:
+        self.n_done += 1
+        if self.bar:
+            self.bar.update(nbytes)
+        self._postfix()
+
+    def tasks(self, counts: dict) -> None:
+        self.counts = counts
+        self._postfix()
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.close()
+
+
+def _tasks_text(counts: dict) -> str:
+    if not counts:
+        return ""
+    return (f" · tasks {counts['done']}/{counts['total']} done, {counts['running']} running"
+            + (f", {counts['retried']} retried" if counts.get("retried") else ""))
 
 
 def _maybe_fault(writer: RunWriter, key: str, rows, n: int) -> None:
@@ -321,7 +450,7 @@ def _maybe_fault(writer: RunWriter, key: str, rows, n: int) -> None:
     if not spec:
         return
     kind, _, at = spec.partition(":")
-    if n != int(at or 0) + (kind == "after"):
+    if kind not in ("after", "torn") or n != int(at or 0) + (kind == "after"):
         return
     import signal
 

@@ -11,6 +11,7 @@ import dataclasses
 from pathlib import Path
 
 from ..errors import OptionsError
+from ..executors import add_executor_flags, make_executor
 from ..options import AnalysisOptions
 
 DEFAULT_DB = "data/opdviz.duckdb"
@@ -48,12 +49,13 @@ def register(sub) -> None:
     p.add_argument("--db", default=DEFAULT_DB, help=f"DuckDB store (default: {DEFAULT_DB})")
     p.add_argument("--overwrite", action="store_true", help="replace stored runs of the same name")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_executor_flags(p)
     add_option_flags(p)
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..job import JobSpec, run_job
+    from ..job import JobSpec, run_jobs
 
     opts = options_from_args(args)
     posts = [Path(x) for x in args.post]
@@ -67,11 +69,18 @@ def main(args: argparse.Namespace) -> int:
         raise OptionsError(f"--method got {len(methods)} labels for {len(posts)} post-trained checkpoints")
     if len(set(names)) != len(names):
         raise OptionsError("run names must differ: pass --name NAME1 NAME2 …")
-    for post, name, method in zip(posts, names, methods):
-        row = run_job(JobSpec(base=Path(args.base), post=post, run_id=name, method=method, db=Path(args.db),
-                              options=opts), progress=not args.no_progress, overwrite=args.overwrite)
-        print(f"{name}: {row['status']} — {row['n_done']} tensors ({row['n_skipped']} skipped, "
-              f"{row['n_failed']} failed) in {row['wall_s']:.1f} s → {args.db}")
+    executor = make_executor(args.executor, ray_address=args.ray_address,
+                             ray_gpus_per_task=args.ray_gpus_per_task,
+                             ray_cpus_per_task=args.ray_cpus_per_task)
+    specs = [JobSpec(base=Path(args.base), post=post, run_id=name, method=method, db=Path(args.db), options=opts)
+             for post, name, method in zip(posts, names, methods)]
+    # local: one run after the other (each finishes before the next starts); ray: one pool for all runs
+    groups = [specs] if args.executor == "ray" else [[s] for s in specs]
+    for group in groups:
+        rows = run_jobs(group, progress=not args.no_progress, overwrite=args.overwrite, executor=executor)
+        for spec, row in zip(group, rows):
+            print(f"{spec.run_id}: {row['status']} — {row['n_done']} tensors ({row['n_skipped']} skipped, "
+                  f"{row['n_failed']} failed) in {row['wall_s']:.1f} s → {args.db}")
     return 0
 
 

@@ -1,0 +1,249 @@
+"""Batch: many analyses from one YAML/JSON file, run as one job (``opdviz batch FILE --db PATH``).
+
+The file lists bases, the post-trained checkpoints of each (name, method), optional trajectories
+(checkpoints with their steps; each checkpoint is run as ``NAME@step``) and the analysis options
+(fields of ``opdviz.options.AnalysisOptions``, for every run). Relative paths are relative to the file::
+
+    options: {spectrum: exact, abs_eps: [1e-6, 1e-5]}
+    bases:
+      - path: /shared/qwen2.5-0.5b
+        posts:
+          - {name: qwen-opd, path: /shared/runs/opd/final, method: OPD}
+          - {name: qwen-rl, path: /shared/runs/rl/final, method: RL}
+        trajectories:
+          - name: qwen-opd-traj
+            method: OPD
+            checkpoints:
+              - {step: 100, path: /shared/runs/opd/checkpoint-100}
+              - {step: 200, path: /shared/runs/opd/checkpoint-200}
+
+Everything is validated before anything runs (unknown keys, missing paths, unreadable checkpoints,
+duplicate run names), with every problem listed at once. The runs then go through
+``opdviz.job.run_jobs`` together: with ``--executor ray`` the tensors of all runs share one pool of
+tasks and the driver writes each run with its own ``RunWriter``. Trajectory metrics (the
+``trajectory`` table) are computed afterwards by ``opdviz.trajectory.run_trajectory``, on the driver.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import OpdvizError, OptionsError
+from .job import JobSpec, run_jobs
+from .options import AnalysisOptions
+from .reader import Checkpoint
+from .trajectory import DEFAULT_HILL_FRAC, DEFAULT_K, TrajectorySpec
+
+TOP_KEYS = ("options", "bases")
+BASE_KEYS = ("path", "posts", "trajectories")
+POST_KEYS = ("name", "path", "method")
+TRAJ_KEYS = ("name", "method", "checkpoints", "k", "hill_frac")
+CKPT_KEYS = ("step", "path")
+DEFAULT_METHOD = "post-trained"
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A validated batch: the pair runs (trajectory steps included) and the trajectories."""
+
+    specs: tuple[JobSpec, ...]
+    trajectories: tuple[TrajectorySpec, ...]
+
+
+class _Problems:
+    """Collects every validation problem so the user sees them all at once."""
+
+    def __init__(self, source: Path):
+        self.source = source
+        self.lines: list[str] = []
+
+    def add(self, where: str, what: str) -> None:
+        self.lines.append(f"{where}: {what}")
+
+    def keys(self, where: str, obj, allowed: tuple[str, ...], required: tuple[str, ...] = ()) -> bool:
+        if not isinstance(obj, dict):
+            self.add(where, f"expected a mapping with keys {', '.join(allowed)}, got {type(obj).__name__}")
+            return False
+        for k in obj:
+            if k not in allowed:
+                self.add(where, f"unknown key {k!r} (known: {', '.join(allowed)})")
+        for k in required:
+            if k not in obj:
+                self.add(where, f"missing key {k!r}")
+        return True
+
+    def raise_if_any(self) -> None:
+        if self.lines:
+            raise OptionsError(f"{self.source}: {len(self.lines)} problem(s), nothing was run:\n  "
+                               + "\n  ".join(self.lines))
+
+
+def read_batch_file(path: str | Path) -> dict:
+    """The raw mapping of a ``.yaml``/``.yml``/``.json`` batch file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise OptionsError(f"cannot read the batch file {path}: {exc}") from None
+    import yaml
+
+    try:
+        return json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        raise OptionsError(f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: {exc}") from None
+
+
+def options_from_mapping(data, where: str, problems: _Problems) -> AnalysisOptions:
+    """AnalysisOptions from a mapping of field names (``abs_eps`` or ``abs-eps``) with type checks."""
+    fields = {f.name: f for f in dataclasses.fields(AnalysisOptions)}
+    if data is None:
+        return AnalysisOptions()
+    if not problems.keys(where, data, tuple(fields)):
+        return AnalysisOptions()
+    kw = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in fields:
+            continue                      # already reported as unknown
+        default = fields[name].default
+        if isinstance(default, tuple):
+            value = value if isinstance(value, list) else [value]
+            elem = type(default[0]) if default else float
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and (elem is float or isinstance(v, int))
+                       for v in value):
+                problems.add(f"{where}.{key}", f"expected a list of {elem.__name__}, got {value!r}")
+                continue
+            value = tuple(elem(v) for v in value)
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                problems.add(f"{where}.{key}", f"expected true or false, got {value!r}")
+                continue
+        elif isinstance(default, (int, float)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                    (isinstance(default, int) and not isinstance(value, int)):
+                problems.add(f"{where}.{key}", f"expected a {type(default).__name__}, got {value!r}")
+                continue
+        elif not isinstance(value, str):
+            problems.add(f"{where}.{key}", f"expected a string, got {value!r}")
+            continue
+        kw[name] = value
+    try:
+        return AnalysisOptions(**kw)
+    except OptionsError as exc:
+        problems.add(where, str(exc))
+        return AnalysisOptions()
+
+
+def load_batch(path: str | Path, db: str | Path) -> Batch:
+    """Read and validate a batch file; every run will write to ``db``. Raises OptionsError listing all
+    problems (unknown keys, missing or unreadable checkpoints, duplicate names) before anything runs."""
+    path = Path(path)
+    data = read_batch_file(path)
+    problems = _Problems(path)
+    root = path.resolve().parent
+    if not problems.keys("(top level)", data, TOP_KEYS, ("bases",)):
+        problems.raise_if_any()
+    opts = options_from_mapping(data.get("options"), "options", problems)
+    specs: list[JobSpec] = []
+    trajectories: list[TrajectorySpec] = []
+    opened: dict[Path, bool] = {}
+
+    def checkpoint(where: str, value) -> Path | None:
+        if not isinstance(value, str) or not value:
+            problems.add(where, f"expected a checkpoint path, got {value!r}")
+            return None
+        p = Path(value).expanduser()
+        p = p if p.is_absolute() else root / p
+        if p not in opened:
+            try:
+                Checkpoint.open(p, allow_pickle=opts.allow_pickle).close()
+                opened[p] = True
+            except OpdvizError as exc:
+                opened[p] = False
+                problems.add(where, str(exc))
+        return p if opened[p] else None
+
+    bases = data.get("bases")
+    if not isinstance(bases, list) or not bases:
+        problems.add("bases", "expected a non-empty list of bases")
+        bases = []
+    for b, base in enumerate(bases):
+        where = f"bases[{b}]"
+        if not problems.keys(where, base, BASE_KEYS, ("path",)):
+            continue
+        base_path = checkpoint(f"{where}.path", base.get("path"))
+        posts, trajs = base.get("posts") or [], base.get("trajectories") or []
+        if not isinstance(posts, list) or not isinstance(trajs, list):
+            problems.add(where, "posts and trajectories must be lists")
+            continue
+        if not posts and not trajs:
+            problems.add(where, "no posts and no trajectories: nothing to compare with this base")
+        for i, post in enumerate(posts):
+            w = f"{where}.posts[{i}]"
+            if not problems.keys(w, post, POST_KEYS, ("path",)):
+                continue
+            post_path = checkpoint(f"{w}.path", post.get("path"))
+            name = post.get("name") or (post_path and (post_path.stem if post_path.is_file() else post_path.name))
+            if base_path and post_path:
+                specs.append(JobSpec(base=base_path, post=post_path, run_id=str(name),
+                                     method=str(post.get("method") or DEFAULT_METHOD), db=Path(db), options=opts))
+        for t, traj in enumerate(trajs):
+            w = f"{where}.trajectories[{t}]"
+            if not problems.keys(w, traj, TRAJ_KEYS, ("name", "checkpoints")):
+                continue
+            name, method = str(traj.get("name")), str(traj.get("method") or DEFAULT_METHOD)
+            ckpts = traj.get("checkpoints")
+            if not isinstance(ckpts, list) or not ckpts:
+                problems.add(f"{w}.checkpoints", "expected a non-empty list of {step, path}")
+                continue
+            steps: list[tuple[int, Path]] = []
+            for c, ck in enumerate(ckpts):
+                wc = f"{w}.checkpoints[{c}]"
+                if not problems.keys(wc, ck, CKPT_KEYS, ("step", "path")):
+                    continue
+                step = ck.get("step")
+                if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+                    problems.add(f"{wc}.step", f"expected a non-negative integer, got {step!r}")
+                    continue
+                p = checkpoint(f"{wc}.path", ck.get("path"))
+                if p:
+                    steps.append((step, p))
+            if len({s for s, _ in steps}) != len(steps):
+                problems.add(f"{w}.checkpoints", "steps must differ")
+                continue
+            k, hill = traj.get("k", DEFAULT_K), traj.get("hill_frac", DEFAULT_HILL_FRAC)
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                problems.add(f"{w}.k", f"expected an integer ≥ 1, got {k!r}")
+            if isinstance(hill, bool) or not isinstance(hill, (int, float)) or not 0 < hill < 1:
+                problems.add(f"{w}.hill_frac", f"expected a number in (0, 1), got {hill!r}")
+            if not base_path or len(steps) != len(ckpts):
+                continue
+            steps.sort()
+            extra = {"trajectory_k": k, "hill_frac": hill, "steps": [s for s, _ in steps]}
+            specs.extend(JobSpec(base=base_path, post=p, run_id=f"{name}@{s}", method=method, db=Path(db),
+                                 options=opts, trajectory=name, step=s, extra=extra) for s, p in steps)
+            trajectories.append(TrajectorySpec(base=base_path, checkpoints=tuple(steps), name=name, method=method,
+                                               db=Path(db), options=opts, k=k, hill_frac=float(hill)))
+    names = [s.run_id for s in specs]
+    for dup in sorted({n for n in names if names.count(n) > 1}):
+        problems.add("runs", f"run name {dup!r} is used more than once; give each post a distinct name")
+    problems.raise_if_any()
+    if not specs:
+        raise OptionsError(f"{path}: lists no runs")
+    return Batch(tuple(specs), tuple(trajectories))
+
+
+def run_batch(batch: Batch, *, executor=None, progress: bool = True, overwrite: bool = False,
+              log=print) -> list[dict]:
+    """Run every analysis of ``batch`` as one job (resumable like ``opdviz compute``), then the trajectory
+    metrics. Returns the final run rows, in the order of ``batch.specs``."""
+    from .trajectory import run_trajectory
+
+    rows = run_jobs(list(batch.specs), progress=progress, overwrite=overwrite, log=log, executor=executor)
+    for traj in batch.trajectories:
+        # the per-step runs are stored: run_trajectory finds nothing left to do for them
+        run_trajectory(traj, progress=progress, overwrite=False, log=lambda *_: None)
+    return rows
