@@ -19,6 +19,7 @@ COMMANDS = (
     "opdviz.commands.metrics",
     "opdviz.commands.figures",
     "opdviz.commands.demo",
+    "opdviz.lab.command",
     "opdviz.commands.across",
     "opdviz.commands.jobs",
     "opdviz.commands.batch",

@@ -2,7 +2,8 @@
 
 The demo checkpoints ship in ``data/demo/`` (regenerate them with ``opdviz lab``): one tiny Llama
 student base and its OPD, RL (GRPO) and SFT post-trained versions. On first run each pair is
-computed by the normal job (``opdviz compute`` in a child process, with its progress bar); later
+computed by the normal job (``opdviz compute`` in a child process, with its progress bar), then each
+run's intermediate checkpoints as a trajectory and the mask overlap of every pair of methods; later
 runs find the results in the store and go straight to the dashboard.
 """
 
@@ -65,9 +66,57 @@ def compute_demo(db: Path, demo_dir: Path) -> None:
         print(f"computing demo run {name} ({label}: {post.relative_to(demo_dir)} vs base) → {db}", flush=True)
         cmd = [sys.executable, "-m", "opdviz.cli", "compute", str(base), str(post), "--name", name,
                "--method", label, "--db", str(db)]
-        rc = subprocess.call(cmd)
-        if rc != 0:
-            raise OpdvizError(f"computing {name} failed (exit {rc}); rerun `opdviz demo` to resume it.")
+        _call(cmd, name)
+    compute_across(store, db, demo_dir, runs)
+
+
+def compute_across(store, db: Path, demo_dir: Path, runs: list[tuple[str, str, Path]]) -> None:
+    """Trajectories (the intermediate checkpoints plus the final one of each run) and the mask
+    overlap of every pair of methods — the demo's data for the Trajectory and Overlap pages."""
+    base = demo_dir / "base"
+    have_traj = set(store.query("SELECT DISTINCT trajectory FROM trajectory")["trajectory"])
+    for name, label, post in runs:
+        traj = f"{name}-traj"
+        if traj in have_traj:
+            continue
+        steps = _checkpoints(post)
+        if not steps:
+            continue
+        print(f"computing demo trajectory {traj} ({len(steps)} checkpoints)", flush=True)
+        _call([sys.executable, "-m", "opdviz.cli", "trajectory", str(base), *[str(p) for _, p in steps],
+               "--steps", *[str(t) for t, _ in steps], "--name", traj, "--method", label, "--db", str(db)], traj)
+    have_pairs = store.query("SELECT DISTINCT run_a, run_b FROM overlap")
+    have = set(zip(have_pairs["run_a"], have_pairs["run_b"]))
+    for i, (a, _, pa) in enumerate(runs):
+        for b, _, pb in runs[i + 1:]:
+            if (a, b) in have:
+                continue
+            print(f"computing demo overlap {a} ∩ {b}", flush=True)
+            _call([sys.executable, "-m", "opdviz.cli", "overlap", "--db", str(db), "--base", str(base),
+                   "--a", str(pa), "--b", str(pb), "--run-a", a, "--run-b", b], f"overlap {a} {b}")
+
+
+def _checkpoints(post: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of ``checkpoint-N`` folders, then the final checkpoint at its recorded step."""
+    steps = []
+    for folder in post.glob("checkpoint-*"):
+        tail = folder.name.split("-")[-1]
+        if tail.isdigit() and (folder / "model.safetensors").exists():
+            steps.append((int(tail), folder))
+    steps.sort()
+    try:
+        final = int(json.loads((post / "metrics.json").read_text())["steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        final = None
+    if final is not None and (not steps or final > steps[-1][0]):
+        steps.append((final, post))
+    return steps
+
+
+def _call(cmd: list[str], what: str) -> None:
+    rc = subprocess.call(cmd)
+    if rc != 0:
+        raise OpdvizError(f"computing {what} failed (exit {rc}); rerun `opdviz demo` to resume it.")
 
 
 def main(args: argparse.Namespace) -> int:
