@@ -24,6 +24,7 @@ METHODS = ("OPD", "RL", "SFT", "DPO", "other")
 MAX_POSTS = 8
 SHOWN_JOBS = 8
 
+ui.route_through_app()   # a deep link on a fresh server must still get app.py's navigation and sidebar
 db = (st.session_state.get(ui._STATE) or {}).get("db") or os.environ.get("OPDVIZ_DB") or ui.DEFAULT_DB
 
 st.title("New analysis")

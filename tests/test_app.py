@@ -88,8 +88,7 @@ def test_every_page_renders_its_figures(monkeypatch, db, page):
     assert any("zip" in label for label in labels)
 
 
-@pytest.mark.parametrize("page", ("overlap", "trajectory", pytest.param("new_analysis", marks=pytest.mark.xfail(
-    reason="pages/new_analysis.py does not call ui.route_through_app() (or ui.begin()) yet", strict=False))))
+@pytest.mark.parametrize("page", ("overlap", "trajectory", "new_analysis"))
 def test_the_other_routed_pages_open_with_the_sidebar(monkeypatch, db, page):
     at = _app(monkeypatch, db, page)
     assert at.sidebar.text_input(key="f_db").value == db
