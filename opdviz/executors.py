@@ -62,7 +62,20 @@ def compute_items(base: Checkpoint, post: Checkpoint, items: list[PairItem], opt
     for item, wb, wp in iter_pairs(base, post, items, device=device):
         rows = analyse_item(item, wb, wp, opts, base.config, seq[item.name])
         del wb, wp
+        release_memory()
         yield item, rows
+
+
+def release_memory() -> None:
+    """Hand freed heap back to the OS after each tensor. glibc keeps large freed blocks in its
+    arenas, so after the embedding the process would hold its peak for the rest of the run, and
+    fragments from several large tensors add up (measured: RSS 1.6 GB held after a 151936×896 pair)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):   # not glibc: nothing to do
+        pass
 
 
 class LocalExecutor:

@@ -181,7 +181,7 @@ def _mask_code(masks: dict[str, torch.Tensor], transposed: bool, m: int, n: int)
     return code
 
 
-SMALL_SELECT = 1 << 20        # below this many entries a stable sort beats the histogram's fixed cost
+SMALL_SELECT = 1 << 15        # below this many entries a stable sort beats the histogram's fixed cost
 
 
 def _topk_mask_counts_sorted(w: torch.Tensor, v: torch.Tensor, plan: dict[int, list[tuple[str, str, int]]],
