@@ -337,15 +337,21 @@ def _angles(store, sel, ctx):
 def _angles_for(store, sel, tensors, title):
     names = _array_names(store, sel, "angles_%")
     frames = []
+    # a k that reaches min(m, n) spans the whole space: every angle is 0 and says nothing, so take the
+    # largest k that stays a proper subspace of the chosen tensors (base_spectrum has min(m, n) values)
+    sizes = _arrays(store, sel, "base_spectrum", tuple(tensors)) if tensors else pd.DataFrame()
+    full = int(sizes["values"].map(len).min()) if not sizes.empty else None
     for side in ("left", "right"):
         ks = sorted((int(n.rsplit("_k", 1)[1]) for n in names if n.startswith(f"angles_{side}_k")), reverse=True)
         if not ks or not tensors:
             continue
-        a = _arrays(store, sel, f"angles_{side}_k{ks[0]}", tuple(tensors))
+        proper = [k for k in ks if full is None or k < full]
+        k = proper[0] if proper else ks[-1]
+        a = _arrays(store, sel, f"angles_{side}_k{k}", tuple(tensors))
         if a.empty:
             continue
         a = _with_label(a)
-        a["label"] = a["label"] + f" · {side} k={ks[0]}"
+        a["label"] = a["label"] + f" · {side} k={k}"
         a = a.assign(angle=a["values"].map(np.asarray)).explode("angle")
         a["index"] = a.groupby(["run_id", "tensor"]).cumcount() + 1
         a["angle_deg"] = np.degrees(a["angle"].astype(float))
@@ -528,7 +534,7 @@ FIGURES: tuple[FigureSpec, ...] = (
                _principal_projection),
     FigureSpec("geometry.angles", "geometry", "Principal angles",
                "Principal angles (degrees) between the top-k left and right singular subspaces of W_base and "
-               "W_post, computed in float64, for the chosen tensor (largest stored k).", _angles),
+               "W_post, computed in float64, for the chosen tensor (the largest stored k below min(m, n): a k that spans the whole space gives all-zero angles).", _angles),
     FigureSpec("geometry.nss_heatmap", "geometry", "Normalised spectral shift",
                "NSS = ‖σ(W_post) − σ(W_base)‖ / ‖σ(W_base)‖ per layer and module (×10⁻³), one panel per run.",
                _nss_heatmap),

@@ -239,9 +239,16 @@ def sidebar(page_path: str) -> None:
     run_ids = list(runs["run_id"])
     _init("f_runs", _param_list("run"))
     st.session_state.f_runs = [r for r in st.session_state.f_runs if r in run_ids]
-    chosen = sb.multiselect("Runs", run_ids, key="f_runs", format_func=run_label(runs), placeholder="all runs",
-                            help="Post-trained checkpoints (label: run id and method). Empty = all runs.")
-    fac = facets[facets["run_id"].isin(chosen)] if chosen else facets
+    # trajectory steps (runs NAME@step) belong on the Trajectory page; "all runs" means the others
+    kinds = runs["kind"] if "kind" in runs else pd.Series(["pair"] * len(runs))
+    primary = [r for r, k in zip(run_ids, kinds) if k != "trajectory"]
+    hides_steps = 0 < len(primary) < len(run_ids)
+    chosen = sb.multiselect("Runs", run_ids, key="f_runs", format_func=run_label(runs),
+                            placeholder="all runs (trajectory steps hidden)" if hides_steps else "all runs",
+                            help="Post-trained checkpoints (label: run id and method). Empty = all runs except "
+                                 "the steps of trajectories, which you can pick here or see on the Trajectory page.")
+    effective = list(chosen) or (primary if hides_steps else [])
+    fac = facets[facets["run_id"].isin(effective)] if effective else facets
 
     towers = sorted(fac["tower"].dropna().unique())
     _init("f_towers", _param_list("tower"))
@@ -289,7 +296,7 @@ def sidebar(page_path: str) -> None:
                              "unchanged / numel). Default |ΔW| > 1e-5 (2606.13657, 2505.11711); exact = "
                              "bitwise; RMS-relative τ; bf16-η = 1e-3 of the larger magnitude (2511.08567).")
 
-    sel = Selection(runs=tuple(chosen), towers=sel_towers, blocks=tuple(sel_blocks), modules=tuple(sel_modules),
+    sel = Selection(runs=tuple(effective), towers=sel_towers, blocks=tuple(sel_blocks), modules=tuple(sel_modules),
                     layer_min=layer_range[0] if layer_range else None,
                     layer_max=layer_range[1] if layer_range else None)
     st.session_state[_STATE] = {"db": db, "ready": True, "stamp": st_, "sel": sel,
