@@ -24,6 +24,11 @@ Schema (documented in the README):
   overlap(run_a, run_b, tensor, tower, layer, block, module, criterion, numel, n_a, n_b, n_ab)
   trajectory(trajectory, step, tensor, metric, value)
 
+Arrays are stored in two physical tables by length: ``small_arrays`` (at most ``SMALL_ARRAY`` values:
+sweeps, deciles, low-k angles, rank grids) and ``arrays`` (the rest). DuckDB reads list columns a
+vector of 2048 rows at a time, so a query over one small array of every tensor would otherwise decode
+the spectra and maps stored beside it; the ``arrays`` view unions both.
+
 ``overlap`` and ``trajectory`` (opdviz.overlap, opdviz.trajectory) are keyed otherwise than
 (run_id, tensor): see ``KEYED_TABLES``. Each of their fragments is one file written whole (one
 ``os.replace``, so no marker is needed) and folding replaces the stored rows of its keys.
@@ -38,8 +43,11 @@ import json
 import os
 import random
 import re
+import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
+from typing import Callable
 
 import duckdb
 import pandas as pd
@@ -80,6 +88,8 @@ SCHEMAS: dict[str, pa.Schema] = {
 # tables whose rows are not keyed by (run_id, tensor): table → key columns (a fragment holds whole keys)
 KEYED_TABLES = {"overlap": ("run_a", "run_b", "tensor"), "trajectory": ("trajectory", "tensor")}
 TENSOR_TABLES = ("tensors", "metrics", "arrays", "failures")
+# arrays of at most this many values live in the physical table small_arrays (see the module docstring)
+SMALL_ARRAY = 64
 # fragments of a tensor are written in this order; "tensors" last marks the tensor complete
 WRITE_ORDER = ("arrays", "metrics", "failures", "tensors")
 
@@ -87,9 +97,15 @@ _SQL_TYPES = {pa.int64(): "BIGINT", pa.float64(): "DOUBLE", pa.string(): "VARCHA
               _ts: "TIMESTAMPTZ", pa.list_(_i64): "BIGINT[]", pa.list_(_f64): "DOUBLE[]"}
 
 
-def _ddl(table: str) -> str:
+def _ddl(table: str, name: str | None = None) -> str:
+    """CREATE TABLE for ``table``'s schema, named ``name`` (default: ``table``)."""
     cols = ", ".join(f'"{f.name}" {_SQL_TYPES[f.type]}' for f in SCHEMAS[table])
-    return f"CREATE TABLE IF NOT EXISTS {table} ({cols})"
+    return f"CREATE TABLE IF NOT EXISTS {name or table} ({cols})"
+
+
+def _physical(table: str) -> tuple[str, ...]:
+    """The stored tables behind a logical table (arrays are split by length)."""
+    return ("arrays", "small_arrays") if table == "arrays" else (table,)
 
 
 def now() -> dt.datetime:
@@ -113,9 +129,21 @@ class Store:
     Reading never blocks a writer for longer than one query; writing goes through ``RunWriter``.
     """
 
-    def __init__(self, db_path: str | Path):
+    def __init__(self, db_path: str | Path, memo: "QueryMemo | None" = None):
         self.db_path = Path(db_path)
         self.staging = Path(str(self.db_path) + ".staging")
+        self.memo = memo
+
+    def version(self) -> tuple:
+        """Modification times that change whenever results are written or folded (a cache key)."""
+        out = []
+        for p in (self.db_path, Path(str(self.db_path) + ".wal"), self.staging / "tensors", self.staging / "runs",
+                  *(self.staging / t for t in KEYED_TABLES)):
+            try:
+                out.append(p.stat().st_mtime_ns)
+            except OSError:
+                out.append(0)
+        return tuple(out)
 
     # ------------------------------------------------------------------ reading
     def exists(self) -> bool:
@@ -145,8 +173,9 @@ class Store:
             staged = (f"SELECT {cols} FROM read_parquet({_sql_list(files)})" if files
                       else f"SELECT {typed} WHERE false")
             con.execute(f"CREATE TEMP VIEW staged_{table} AS {staged}")
-            stored = (f"SELECT {cols} FROM db.main.{table}" if attached and table in tables
-                      else f"SELECT {typed} WHERE false")
+            parts = [f"SELECT {cols} FROM db.main.{name}" for name in _physical(table)
+                     if attached and name in tables]
+            stored = " UNION ALL ".join(parts) or f"SELECT {typed} WHERE false"
             con.execute(f"CREATE TEMP VIEW stored_{table} AS {stored}")
         con.execute("""CREATE TEMP VIEW runs AS SELECT * FROM (
             SELECT * FROM staged_runs UNION ALL BY NAME SELECT * FROM stored_runs)
@@ -169,27 +198,55 @@ class Store:
                 SELECT * FROM stored_{table} s WHERE NOT EXISTS (SELECT 1 FROM staged_{table} x WHERE {same})""")
 
     def query(self, sql: str, params: list | tuple | None = None, *, timeout: float = 10.0) -> pd.DataFrame:
-        """Run ``sql`` against the views and return a DataFrame.
+        """Run ``sql`` against the views and return a DataFrame (through ``self.memo`` when set).
 
-        Opens an in-memory connection per call (a kept connection would lock the job out); retries
-        with jittered backoff while a fold holds the file or a fragment disappears under us.
+        The file is attached read-only for the length of this one query (a kept attachment would lock
+        the job out); retries with jittered backoff while a fold holds the file or a fragment disappears.
         """
+        if self.memo is None:
+            return self._query(sql, params, timeout)
+        key = (str(self.db_path), self.version(), sql, tuple(params or ()))
+        return self.memo.get(key, lambda: self._query(sql, params, timeout))
+
+    def _query(self, sql: str, params, timeout: float) -> pd.DataFrame:
         deadline = time.monotonic() + timeout
         delay = 0.01
         while True:
             try:
-                with contextlib.closing(duckdb.connect(":memory:")) as con:
-                    self._views(con)
-                    return con.execute(sql, params or []).df()
+                return self._run(sql, params)
             except (duckdb.IOException, duckdb.InvalidInputException, duckdb.CatalogException) as exc:
+                _CONNECTIONS.drop(self.db_path)
                 transient = _is_lock_error(exc) or "No files found" in str(exc) or "No such file" in str(exc)
                 if not transient and not isinstance(exc, duckdb.IOException):
                     raise StoreError(f"query failed on {self.db_path}: {exc}") from exc
+                if not _is_lock_error(exc) and _not_duckdb(self.db_path):
+                    raise StoreError(f"{self.db_path} is not an opdviz DuckDB store ({exc}). Point --db or the "
+                                     "sidebar's Database field at a .duckdb file that opdviz wrote.") from exc
                 if time.monotonic() > deadline:
                     raise StoreError(f"{self.db_path} stayed busy for {timeout:.0f}s ({exc}); "
                                      "is another process folding a large run? Try again.") from exc
                 time.sleep(delay * (1 + random.random()))
                 delay = min(delay * 2, 0.5)
+
+    def _run(self, sql: str, params) -> pd.DataFrame:
+        """One query on this thread's in-memory connection: its views are rebuilt only when the staged
+        fragments or the file changed; the file is attached for this query only."""
+        signature = (self._file_stamp(), tuple(tuple(self._fragments(t)) for t in SCHEMAS))
+        con, attached = _CONNECTIONS.get(self.db_path, signature, self._views)
+        try:
+            if attached is None and self.db_path.exists():
+                con.execute(f"ATTACH '{_sql_str(self.db_path)}' AS db (READ_ONLY)")
+            return con.execute(sql, params or []).df()
+        finally:
+            with contextlib.suppress(duckdb.Error):
+                con.execute("DETACH DATABASE IF EXISTS db")
+
+    def _file_stamp(self) -> tuple:
+        try:
+            st = self.db_path.stat()
+            return (st.st_mtime_ns, st.st_size)
+        except OSError:
+            return (0, 0)
 
     def runs(self) -> pd.DataFrame:
         return self.query("SELECT * FROM runs ORDER BY created_at")
@@ -236,14 +293,21 @@ class Store:
                 delay = min(delay * 2, 1.0)
         try:
             for table in SCHEMAS:
-                con.execute(_ddl(table))
+                for name in _physical(table):
+                    con.execute(_ddl(table, name))
             con.execute("BEGIN TRANSACTION")
             if marker_files:
                 keys = f"(SELECT DISTINCT run_id, tensor FROM read_parquet({_sql_list(marker_files)}))"
                 for table in TENSOR_TABLES:
-                    con.execute(f"DELETE FROM {table} WHERE (run_id, tensor) IN {keys}")
-                    if batch[table]:
-                        con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM read_parquet({_sql_list(batch[table])})")
+                    for name in _physical(table):
+                        con.execute(f"DELETE FROM {name} WHERE (run_id, tensor) IN {keys}")
+                    if not batch[table]:
+                        continue
+                    rows = f"SELECT * FROM read_parquet({_sql_list(batch[table])})"
+                    if table == "arrays":
+                        con.execute(f"INSERT INTO small_arrays BY NAME {rows} WHERE len(\"values\") <= {SMALL_ARRAY}")
+                        rows += f" WHERE len(\"values\") > {SMALL_ARRAY} OR \"values\" IS NULL"
+                    con.execute(f"INSERT INTO {table} BY NAME {rows}")
             for table, files in keyed.items():
                 if files:
                     key = ", ".join(KEYED_TABLES[table])
@@ -284,9 +348,10 @@ class Store:
         try:
             with contextlib.closing(duckdb.connect(str(self.db_path))) as con:
                 for table in SCHEMAS:
-                    con.execute(_ddl(table))
-                    if table not in KEYED_TABLES:
-                        con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
+                    for name in _physical(table):
+                        con.execute(_ddl(table, name))
+                        if table not in KEYED_TABLES:
+                            con.execute(f"DELETE FROM {name} WHERE run_id = ?", [run_id])
         except duckdb.IOException as exc:
             raise StoreError(f"cannot delete run {run_id!r}: {self.db_path} is in use ({exc}). "
                              "Close the dashboard's job or retry.") from exc
@@ -354,3 +419,113 @@ def _sql_list(files: list[Path]) -> str:
 def dumps(obj) -> str:
     """JSON for provenance columns (options, versions, extra)."""
     return json.dumps(obj, sort_keys=True, default=str)
+
+
+def _not_duckdb(path: Path) -> bool:
+    """True when ``path`` exists but does not start with DuckDB's file header."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return False
+    return len(head) >= 12 and head[8:12] != b"DUCK"
+
+
+class _Connections(threading.local):
+    """Per thread and store: one in-memory DuckDB connection with the union views, rebuilt only when the
+    store's signature (file stamp, staged fragment lists) changes. Opening a connection and creating the
+    views costs ~25 ms, attaching the file ~1 ms; the file is never left attached."""
+
+    def __init__(self):
+        self.cons: dict[Path, tuple[tuple, duckdb.DuckDBPyConnection]] = {}
+
+    def get(self, path: Path, signature: tuple, build: Callable):
+        """(connection, "attached" if ``build`` left the file attached else None)."""
+        held = self.cons.get(path)
+        if held is not None and held[0] == signature:
+            return held[1], None
+        self.drop(path)
+        con = duckdb.connect(":memory:")
+        try:
+            build(con)
+        except BaseException:
+            con.close()
+            raise
+        self.cons[path] = (signature, con)
+        return con, "attached"
+
+    def drop(self, path: Path) -> None:
+        held = self.cons.pop(path, None)
+        if held is not None:
+            with contextlib.suppress(duckdb.Error):
+                held[1].close()
+
+
+_CONNECTIONS = _Connections()
+
+
+def _frame_bytes(df: pd.DataFrame) -> int:
+    """Approximate memory of a query result, list columns (numpy arrays per row) included."""
+    size = int(df.memory_usage(index=True, deep=False).sum())
+    for col in df.columns:
+        if df[col].dtype == object and len(df):
+            size += sum(getattr(v, "nbytes", 64) for v in df[col])
+    return size
+
+
+class QueryMemo:
+    """A bounded, thread-safe memo of query results keyed by (store, version, sql, params).
+
+    Concurrent callers of the same key wait for the first one instead of running the query again (the
+    dashboard builds a page's figures in parallel, and several read the same rows). Results are returned
+    as shallow copies (pandas copy-on-write keeps the stored frame intact)."""
+
+    def __init__(self, max_bytes: int = 512 << 20):
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._data: OrderedDict = OrderedDict()
+        self._sizes: dict = {}
+        self._pending: dict = {}
+        self.bytes = 0
+
+    def get(self, key, compute: Callable[[], pd.DataFrame]) -> pd.DataFrame:
+        while True:
+            with self._lock:
+                if key in self._data:
+                    self._data.move_to_end(key)
+                    return self._data[key].copy(deep=False)
+                event = self._pending.get(key)
+                if event is None:
+                    event = self._pending[key] = threading.Event()
+                    owner = True
+                else:
+                    owner = False
+            if not owner:
+                event.wait()
+                continue            # the owner stored it (or failed: then this caller runs it itself)
+            try:
+                df = compute()
+                self._put(key, df)
+                return df.copy(deep=False)
+            finally:
+                with self._lock:
+                    self._pending.pop(key, None)
+                event.set()
+
+    def _put(self, key, df: pd.DataFrame) -> None:
+        size = _frame_bytes(df)
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            self._data[key] = df
+            self._sizes[key] = size
+            self.bytes += size
+            while self.bytes > self.max_bytes and self._data:
+                old, _ = self._data.popitem(last=False)
+                self.bytes -= self._sizes.pop(old)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+            self._sizes.clear()
+            self.bytes = 0

@@ -23,6 +23,7 @@ import plotly.graph_objects as go
 
 from . import figures as F
 from . import queries as Q
+from .rankgrid import PROJ_GRID, rank_grid
 from .queries import Selection
 from .store import Store
 
@@ -97,24 +98,37 @@ def _short(row) -> str:
     return f"L{int(layer)} {row.get('module')}" if layer is not None and not pd.isna(layer) else str(row.get("module"))
 
 
-def _arrays(store: Store, sel: Selection, name: str, tensors: tuple[str, ...] = (),
-            with_numel: bool = False) -> pd.DataFrame:
-    """Arrays ``name`` of the selected tensors (optionally only ``tensors``), with tensor fields."""
-    where, params = sel.where("t")
+def _arrays(store: Store, sel: Selection, name: str, tensors: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Arrays ``name`` of the selected tensors (of only ``tensors`` when given), with tensor fields.
+
+    With ``tensors``, the rows come from ``tensor_arrays`` (every array of those tensors in one query,
+    which the other figures of the page share through the store's memo)."""
     if tensors:
-        where += f" AND t.tensor IN ({', '.join('?' * len(tensors))})"
-        params = params + list(tensors)
+        a = tensor_arrays(store, sel, tuple(tensors))
+        return a[a["name"] == name].reset_index(drop=True)
+    where, params = sel.where("t")
     return store.query(f"""
-        SELECT t.run_id, r.method, t.tensor, t.layer, t.block, t.module, t.numel, t.rows, t.cols, a."values"
+        SELECT t.run_id, r.method, t.tensor, t.layer, t.block, t.module, t.numel, t.rows, t.cols, a.shape,
+               a."values"
         FROM tensors t JOIN arrays a USING (run_id, tensor) LEFT JOIN runs r USING (run_id)
         WHERE {where} AND a.name = ? ORDER BY t.run_id, t.seq, t.tensor""", params + [name])
 
 
-def _array_names(store: Store, sel: Selection, like: str) -> list[str]:
-    where, params = sel.where("t")
-    df = store.query(f"""SELECT DISTINCT a.name FROM tensors t JOIN arrays a USING (run_id, tensor)
-                         WHERE {where} AND a.name LIKE ?""", params + [like])
-    return sorted(df["name"])
+def tensor_arrays(store: Store, sel: Selection, tensors: tuple[str, ...]) -> pd.DataFrame:
+    """Every stored array of ``tensors`` (parts included) in the selected runs, with tensor fields.
+
+    One query for a page's drill-down: DuckDB decodes list columns 2048 rows at a time, so a tensor's
+    spectra, maps and angles cost about the same read together as one of them alone."""
+    if not tensors:
+        return pd.DataFrame(columns=["run_id", "method", "tensor", "layer", "block", "module", "numel", "rows",
+                                     "cols", "name", "shape", "values"])
+    where, params = replace(sel, leaves_only=False).where("t")
+    return store.query(f"""
+        SELECT t.run_id, r.method, t.tensor, t.layer, t.block, t.module, t.numel, t.rows, t.cols, a.name,
+               a.shape, a."values"
+        FROM tensors t JOIN arrays a USING (run_id, tensor) LEFT JOIN runs r USING (run_id)
+        WHERE {where} AND t.tensor IN ({', '.join('?' * len(tensors))})
+        ORDER BY t.run_id, t.seq, t.tensor, a.name""", params + list(tensors))
 
 
 def _default_tensors(store: Store, sel: Selection, ctx: ViewContext, per_run: int = 2) -> tuple[str, ...]:
@@ -309,45 +323,49 @@ def _stable_rank(store, sel, ctx):
 
 # ------------------------------------------------------------------------------------ builds: geometry
 def _principal_projection(store, sel, ctx):
-    frames = {kind: _arrays(store, sel, f"proj_{kind}_by_rank") for kind in ("joint", "left", "right")}
-    longest = max((len(v) for a in frames.values() for v in a["values"]), default=0)
-    # a common grid of rank fractions from the finest resolution present (1/min(m, n) of the largest) to 1
-    grid = np.geomspace(1.0 / longest, 1.0, 40) if longest else np.array([])
     rows = []
-    for kind, a in frames.items():
+    for kind in ("joint", "left", "right"):
+        a = _arrays(store, sel, f"proj_{kind}_grid")
+        missing = tuple(sorted(set(Q.tensors(store, sel)["run_id"]) - set(a["run_id"])))
+        if missing:
+            # runs written before the grid arrays existed: put their full by-rank curves on the grid here
+            full = _arrays(store, replace(sel, runs=missing), f"proj_{kind}_by_rank")
+            full["values"] = [rank_grid(v, min(m, n)) for v, m, n in zip(full["values"], full["rows"], full["cols"])]
+            a = pd.concat([a, full], ignore_index=True)
         for (run_id, method), g in a.groupby(["run_id", "method"], dropna=False, sort=False):
-            # value i is the share for k = i + 1; r = k / min(m, n) (an approximate spectrum stores only q values)
-            curves = np.vstack([np.interp(grid, np.arange(1, len(v) + 1) / min(m, n), np.asarray(v, dtype=float),
-                                          left=np.nan, right=np.nan)
-                                for v, m, n in zip(g["values"], g["rows"], g["cols"])])
+            curves = np.vstack([np.asarray(v, dtype=float) for v in g["values"]])
             ok = np.isfinite(curves)
-            mean = np.where(ok.any(0), np.where(ok, curves, 0).sum(0) / np.maximum(ok.sum(0), 1), np.nan)
+            n_ok = ok.sum(0)
+            mean = np.where(ok, curves, 0).sum(0) / np.maximum(n_ok, 1)
             rows += [{"run_id": run_id, "method": method, "kind": kind, "rank_frac": r, "share": m,
                       "n_matrices": int(n), "random_one_side": r, "random_joint": r * r}
-                     for r, m, n in zip(grid, mean, ok.sum(0)) if n > 0]
+                     for r, m, n in zip(PROJ_GRID, mean, n_ok) if n > 0]
     df = pd.DataFrame(rows)
     return F.principal_projection(df, "ΔW energy inside the principal subspaces of W<sub>base</sub>"), df
 
 
 def _angles(store, sel, ctx):
-    tensors = _default_tensors(store, sel, ctx)[:1] if not ctx.tensors else ctx.tensors
-    return _angles_for(store, sel, tensors, "Principal angles between W<sub>base</sub> and W<sub>post</sub> subspaces")
+    tensors = _default_tensors(store, sel, ctx)
+    # fetch every default tensor (the Spectra page reads the same rows), show the first
+    return _angles_for(store, sel, tensors[:1] if not ctx.tensors else tensors,
+                       "Principal angles between W<sub>base</sub> and W<sub>post</sub> subspaces", fetch=tensors)
 
 
-def _angles_for(store, sel, tensors, title):
-    names = _array_names(store, sel, "angles_%")
+def _angles_for(store, sel, tensors, title, fetch=None):
+    rows = tensor_arrays(store, sel, tuple(fetch or tensors))
+    rows = rows[rows["tensor"].isin(tensors)]
+    names = set(rows["name"])
     frames = []
     # a k that reaches min(m, n) spans the whole space: every angle is 0 and says nothing, so take the
-    # largest k that stays a proper subspace of the chosen tensors (base_spectrum has min(m, n) values)
-    sizes = _arrays(store, sel, "base_spectrum", tuple(tensors)) if tensors else pd.DataFrame()
-    full = int(sizes["values"].map(len).min()) if not sizes.empty else None
+    # largest k that stays a proper subspace of the chosen tensors
+    full = int(np.minimum(rows["rows"], rows["cols"]).min()) if rows["cols"].notna().any() else None
     for side in ("left", "right"):
         ks = sorted((int(n.rsplit("_k", 1)[1]) for n in names if n.startswith(f"angles_{side}_k")), reverse=True)
-        if not ks or not tensors:
+        if not ks:
             continue
         proper = [k for k in ks if full is None or k < full]
         k = proper[0] if proper else ks[-1]
-        a = _arrays(store, sel, f"angles_{side}_k{k}", tuple(tensors))
+        a = rows[rows["name"] == f"angles_{side}_k{k}"]
         if a.empty:
             continue
         a = _with_label(a)
@@ -376,25 +394,28 @@ def _coverage_variants(store, sel, ctx):
 
 
 # ------------------------------------------------------------------------------------ builds: tensor
-def _tensor_sel(store, sel, ctx) -> tuple[str | None, str | None]:
+def _tensor_sel(store, sel, ctx) -> tuple[str | None, pd.DataFrame]:
+    """The drill-down tensor and the rows of its first selected run that has a changed-entry map."""
     tensor = _pick_tensor(store, sel, ctx)
     if tensor is None:
-        return None, None
-    runs = _arrays(store, replace(sel, leaves_only=False), "sparsity_map", (tensor,))
-    return tensor, (str(runs["run_id"].iloc[0]) if len(runs) else None)
+        return None, pd.DataFrame()
+    a = tensor_arrays(store, sel, (tensor,))
+    a = a[a["tensor"] == tensor]
+    maps = a[a["name"] == "sparsity_map"]
+    return tensor, (a[a["run_id"] == maps["run_id"].iloc[0]] if len(maps) else pd.DataFrame())
 
 
 def _tensor_map(store, sel, ctx):
-    tensor, run_id = _tensor_sel(store, sel, ctx)
-    if run_id is None:
+    tensor, rows_ = _tensor_sel(store, sel, ctx)
+    if rows_.empty:
         return F.empty_figure(title="Changed-entry map"), pd.DataFrame()
-    img = Q.array(store, run_id, tensor, "sparsity_map")
-    rows = Q.array(store, run_id, tensor, "row_changed_frac")
-    cols = Q.array(store, run_id, tensor, "col_changed_frac")
-    t = Q.tensors(store, Selection(runs=(run_id,), leaves_only=False, extra=(tensor,)))
-    t = t[t["tensor"] == tensor]
-    shape = (int(t["rows"].iloc[0]), int(t["cols"].iloc[0])) if len(t) else None
-    fig = F.sparsity_map(img, rows, cols, f"Where {tensor} changed ({run_id})", shape=shape)
+    run_id = str(rows_["run_id"].iloc[0])
+    by_name = {r.name: np.asarray(r.values, dtype=np.float64).reshape([int(x) for x in r.shape] or [-1])
+               for r in rows_.itertuples()}
+    img = by_name["sparsity_map"]
+    shape = (int(rows_["rows"].iloc[0]), int(rows_["cols"].iloc[0])) if rows_["cols"].notna().iloc[0] else None
+    fig = F.sparsity_map(img, by_name.get("row_changed_frac"), by_name.get("col_changed_frac"),
+                         f"Where {tensor} changed ({run_id})", shape=shape)
     df = pd.DataFrame({"run_id": run_id, "tensor": tensor, "block_row": np.repeat(np.arange(img.shape[0]), img.shape[1]),
                        "block_col": np.tile(np.arange(img.shape[1]), img.shape[0]),
                        "changed_frac": np.asarray(img).ravel()})
@@ -418,8 +439,7 @@ def _tensor_sweep(store, sel, ctx):
     tensor = _pick_tensor(store, sel, ctx)
     if tensor is None:
         return F.empty_figure(title="Sparsity against ε"), pd.DataFrame()
-    sub = replace(sel, leaves_only=False)
-    s, e = _arrays(store, sub, "abs_sweep_sparsity", (tensor,)), _arrays(store, sub, "abs_sweep_eps", (tensor,))
+    s, e = _arrays(store, sel, "abs_sweep_sparsity", (tensor,)), _arrays(store, sel, "abs_sweep_eps", (tensor,))
     if s.empty or e.empty:
         return F.empty_figure(title=f"Sparsity against ε — {tensor}"), pd.DataFrame()
     rows = [{"run_id": r.run_id, "method": r.method, "eps": eps, "sparsity": v}

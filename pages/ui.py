@@ -6,7 +6,8 @@ and the current ``View`` (store path, Selection, ViewContext), then ``figures()`
 
 Caching: every query goes through ``st.cache_data`` keyed on (database path, a *stamp* of the file's
 and the staging folder's mtimes, the arguments), so results written by a running job show up on the
-next rerun while an unchanged store is never queried twice. A page's figures are built on a small
+next rerun while an unchanged store is never queried twice; below that, ``MEMO`` keeps the raw SQL
+results (same stamp) so figures that read the same rows share one query. A page's figures are built on a small
 thread pool; then a background thread warms the other pages' default figures for the same selection
 (set ``OPDVIZ_PREWARM=0`` to switch that off, e.g. for benchmarks). No DuckDB connection is kept open here:
 ``Store.query`` opens an in-memory one per call (a kept connection would lock the job out).
@@ -36,7 +37,7 @@ from streamlit.runtime.scriptrunner import add_script_run_ctx, get_script_run_ct
 from opdviz import figexport, queries, views
 from opdviz.errors import OpdvizError
 from opdviz.queries import Selection
-from opdviz.store import Store, _slug
+from opdviz.store import QueryMemo, Store, _slug
 from opdviz.views import ViewContext
 
 DEFAULT_DB = "data/opdviz.duckdb"
@@ -83,15 +84,12 @@ class View:
 # ----------------------------------------------------------------------------------- caching
 def stamp(db: str) -> tuple:
     """Modification times that change whenever results are written or folded (the cache key)."""
-    base = Path(db)
-    stag = Path(db + ".staging")
-    out = []
-    for p in (base, Path(db + ".wal"), stag / "tensors", stag / "runs"):
-        try:
-            out.append(p.stat().st_mtime_ns)
-        except OSError:
-            out.append(0)
-    return tuple(out)
+    return Store(db).version()
+
+
+# Query results shared by every session of this server process: figures of one page read many of the
+# same rows (tensor lists, a tensor's arrays), built in parallel; the memo runs each query once.
+MEMO = QueryMemo(max_bytes=int(os.environ.get("OPDVIZ_MEMO_MB", "512")) << 20)
 
 
 def _facets(store: Store) -> pd.DataFrame:
@@ -156,7 +154,7 @@ QUERIES: dict[str, Callable] = {
 
 @st.cache_data(show_spinner=False, max_entries=1024)
 def _cached(name: str, db: str, stamp_: tuple, args: tuple):
-    return QUERIES[name](Store(db), *args)
+    return QUERIES[name](Store(db, memo=MEMO), *args)
 
 
 def query(name: str, db: str, stamp_: tuple, *args):

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from opdviz.rankgrid import rank_grid
 from opdviz.store import RunWriter, Store, now
 
 
@@ -277,6 +278,8 @@ def _unit_results(u: dict, prof: tuple, rng: np.random.Generator) -> tuple[list[
         img = changed * np.outer(_bin(row_eff, hr), _bin(col_eff, hc)) * np.exp(rng.normal(0, 0.05, (hr, hc)))
         arrays += [("spectrum", sig_d), ("base_spectrum", base_s), ("post_spectrum", post_s),
                    ("proj_joint_by_rank", joint), ("proj_left_by_rank", left), ("proj_right_by_rank", right),
+                   ("proj_joint_grid", rank_grid(joint, n)), ("proj_left_grid", rank_grid(left, n)),
+                   ("proj_right_grid", rank_grid(right, n)),
                    ("sparsity_map", np.clip(img, 0, 1)),
                    ("row_changed_frac", np.clip(changed * row_eff, 0, 1)),
                    ("col_changed_frac", np.clip(changed * col_eff, 0, 1))]

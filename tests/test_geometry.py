@@ -60,7 +60,24 @@ def _ref_geometry(B, P, fracs=(0.01, 0.05, 0.10, 0.20), ks=(16, 64, 512)):
     arrays["proj_right_by_rank"] = np.cumsum(((D @ Vbt.T) ** 2).sum(0)) / fro2
     z2 = (Ub.T @ D @ Vbt.T) ** 2
     arrays["proj_joint_by_rank"] = np.array([z2[:i + 1, :i + 1].sum() for i in range(mn)]) / fro2
+    for side in ("left", "right", "joint"):
+        arrays[f"proj_{side}_grid"] = _ref_grid(arrays[f"proj_{side}_by_rank"], mn)
     return out, arrays
+
+
+def _ref_grid(by_rank, mn):
+    """The by-rank curve at r = 2^(-14 + i/4): k = r·mn, linear between the stored integer ranks."""
+    out = []
+    for i in range(57):
+        k = 2.0 ** (-14 + i / 4) * mn
+        if k < 1 - 1e-12 or k > len(by_rank) + 1e-12:
+            out.append(math.nan)
+            continue
+        lo = min(int(math.floor(k)), len(by_rank))
+        hi = min(lo + 1, len(by_rank))
+        t = k - lo
+        out.append(by_rank[lo - 1] * (1 - t) + by_rank[hi - 1] * t if hi != lo else by_rank[lo - 1])
+    return np.array(out)
 
 
 @pytest.mark.parametrize("shape", [(40, 24), (24, 40), (64, 64)])
@@ -74,6 +91,7 @@ def test_geometry_matches_reference(shape, dtype):
     for k, v in arrays.items():
         assert res.arrays[k].shape == v.shape, k
         np.testing.assert_allclose(res.arrays[k], v, rtol=1e-6, atol=1e-9, err_msg=k)
+    assert np.isfinite(res.arrays["proj_joint_grid"]).sum() > 10     # the grid reaches into the curve
 
 
 def test_wide_is_transpose_of_tall_with_sides_swapped():

@@ -9,7 +9,7 @@ import textwrap
 import duckdb
 import pytest
 
-from opdviz.store import SCHEMAS, RunWriter, Store, now
+from opdviz.store import SCHEMAS, SMALL_ARRAY, QueryMemo, RunWriter, Store, _ddl, now
 
 
 def _tensor(writer: RunWriter, name: str, value: float, layer: int = 0) -> None:
@@ -114,3 +114,94 @@ def test_reader_does_not_hold_the_file(store):
     store.query("SELECT * FROM metrics")
     con = duckdb.connect(str(store.db_path))     # would fail if a reader kept the file open
     con.close()
+
+
+def test_arrays_are_split_by_length_and_read_as_one(store):
+    w = RunWriter(store, "a")
+    long = [float(i) for i in range(SMALL_ARRAY + 1)]
+    w.write_tensor("x", [{"tensor": "x", "parent": "", "status": "ok", "numel": 4, "shape": [2, 2], "seq": 0}], [],
+                   [{"tensor": "x", "name": "short", "shape": [3], "values": [1.0, 2.0, 3.0]},
+                    {"tensor": "x", "name": "edge", "shape": [SMALL_ARRAY], "values": long[:SMALL_ARRAY]},
+                    {"tensor": "x", "name": "long", "shape": [SMALL_ARRAY + 1], "values": long}], [])
+    staged = store.query("SELECT name, len(\"values\") AS n FROM arrays ORDER BY name")
+    assert store.fold()
+    stored = store.query("SELECT name, len(\"values\") AS n FROM arrays ORDER BY name")
+    assert staged.equals(stored) and list(stored["name"]) == ["edge", "long", "short"]
+    with duckdb.connect(str(store.db_path), read_only=True) as con:
+        assert [r[0] for r in con.execute("SELECT name FROM small_arrays ORDER BY name").fetchall()] == ["edge", "short"]
+        assert [r[0] for r in con.execute("SELECT name FROM arrays").fetchall()] == ["long"]
+    # folding the same tensor again replaces its rows in both tables
+    _tensor(w, "x", 5.0)
+    assert store.fold()
+    assert list(store.query("SELECT name FROM arrays")["name"]) == ["spectrum"]
+
+
+def test_store_folded_before_the_split_is_read(store):
+    """A file whose arrays all sit in one table (no small_arrays) reads as before."""
+    store.db_path.parent.mkdir(parents=True, exist_ok=True)
+    with duckdb.connect(str(store.db_path)) as con:
+        for table in SCHEMAS:
+            con.execute(_ddl(table))
+        con.execute("INSERT INTO tensors (run_id, tensor, status) VALUES ('old', 'x', 'ok')")
+        con.execute("INSERT INTO arrays VALUES ('old', 'x', 'short', [2], [1.0, 2.0])")
+    assert store.query("SELECT \"values\" FROM arrays")["values"].map(list).tolist() == [[1.0, 2.0]]
+
+
+def test_reused_connection_sees_new_results_and_never_holds_the_file(store):
+    w = RunWriter(store, "a")
+    _tensor(w, "x", 1.0)
+    assert store.fold()
+    for i, name in enumerate(("y", "z")):
+        assert len(store.query("SELECT * FROM metrics")) == i + 1
+        _tensor(w, name, 2.0)                      # staged: seen by the next query
+        assert len(store.query("SELECT * FROM metrics")) == i + 2
+        # another process can fold between our queries (the file is attached only during one)
+        code = f"from opdviz.store import Store; assert Store({str(store.db_path)!r}).fold(wait=0)"
+        subprocess.run([sys.executable, "-c", code], check=True)
+        assert not store._fragments("metrics")
+    assert sorted(store.query("SELECT tensor FROM metrics")["tensor"]) == ["x", "y", "z"]
+
+
+def test_not_a_duckdb_file_is_a_clear_error(tmp_path):
+    from opdviz.errors import StoreError
+
+    bad = tmp_path / "notes.duckdb"
+    bad.write_bytes(b"these are my notes, not a database" * 100)
+    with pytest.raises(StoreError, match="not an opdviz DuckDB store"):
+        Store(bad).query("SELECT * FROM runs", timeout=30)
+
+
+def test_memo_runs_a_query_once_and_sees_new_versions(store):
+    import threading
+
+    w = RunWriter(store, "a")
+    _tensor(w, "x", 1.0)
+    memo = QueryMemo()
+    calls = []
+    real = Store._query
+
+    def counting(self, sql, params, timeout):
+        calls.append(sql)
+        return real(self, sql, params, timeout)
+
+    memoised = Store(store.db_path, memo=memo)
+    Store._query = counting
+    try:
+        out = []
+        threads = [threading.Thread(target=lambda: out.append(memoised.query("SELECT * FROM metrics")))
+                   for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(calls) == 1 and all(len(df) == 1 for df in out)
+        out[0]["extra"] = 1                          # a caller's change does not reach the others
+        assert "extra" not in memoised.query("SELECT * FROM metrics")
+        assert len(calls) == 1
+        _tensor(w, "y", 2.0)                          # a new fragment changes the version
+        assert len(memoised.query("SELECT * FROM metrics")) == 2 and len(calls) == 2
+    finally:
+        Store._query = real
+    small = QueryMemo(max_bytes=1)                    # a result larger than the memo is not kept
+    Store(store.db_path, memo=small).query("SELECT * FROM metrics")
+    assert small.bytes == 0

@@ -130,3 +130,22 @@ def test_principal_projection_x_is_k_over_min_dim(store):
     assert df["rank_frac"].max() == pytest.approx(1.0)
     last = df[df["rank_frac"] == df["rank_frac"].max()]
     assert last["share"].to_numpy() == pytest.approx(1.0)      # all of ΔW lies in the full subspace
+
+
+def test_principal_projection_of_a_store_without_grid_arrays(tmp_path, store):
+    """Runs computed before proj_*_grid existed: the figure puts their full by-rank curves on the same grid."""
+    import shutil
+
+    import duckdb
+
+    old = Store(tmp_path / "old.duckdb")
+    shutil.copy(store.db_path, old.db_path)
+    with duckdb.connect(str(old.db_path)) as con:
+        con.execute("DELETE FROM small_arrays WHERE name LIKE 'proj_%_grid' AND run_id = 'RL'")
+    spec = figure_spec("geometry.principal_projection")
+    _, new_df = spec.build(store, Selection(), ViewContext())
+    _, old_df = spec.build(old, Selection(), ViewContext())
+    keys = ["run_id", "kind", "rank_frac"]
+    a, b = new_df.sort_values(keys).reset_index(drop=True), old_df.sort_values(keys).reset_index(drop=True)
+    assert set(a["run_id"]) == set(b["run_id"]) and len(a) == len(b)
+    assert a["share"].to_numpy() == pytest.approx(b["share"].to_numpy(), rel=1e-12)

@@ -20,6 +20,7 @@ import torch
 
 from ..errors import TensorMismatchError
 from ..options import AnalysisOptions, fmt_pct
+from ..rankgrid import rank_grid
 from .linalg import (MetricInfo, Factors, approx_factors, chunk_rows, exact_factors, floor_frac)
 from .spectral import spectrum_metrics
 
@@ -38,6 +39,11 @@ FAMILIES: tuple[MetricInfo, ...] = (
                "min(m, n); approx: q).", _PROJ_SRC),
     MetricInfo("proj_left_by_rank", "array", "Value i: principal_proj_left with k = i + 1.", _PROJ_SRC),
     MetricInfo("proj_right_by_rank", "array", "Value i: principal_proj_right with k = i + 1.", _PROJ_SRC),
+    MetricInfo("proj_joint_grid", "array", "proj_joint_by_rank at the fixed rank fractions r = k/min(m, n) = "
+               "2^(−14 + i/4), i = 0…56 (linear in k between stored ranks; NaN outside 1/min(m, n) … stored "
+               "length/min(m, n)): the by-rank curves on one grid for every shape.", _PROJ_SRC),
+    MetricInfo("proj_left_grid", "array", "proj_left_by_rank on the same rank-fraction grid.", _PROJ_SRC),
+    MetricInfo("proj_right_grid", "array", "proj_right_by_rank on the same rank-fraction grid.", _PROJ_SRC),
     MetricInfo("angle_left_mean_sin_k{k}", "scalar", "Mean sin θ of the principal angles between the top-k left "
                "singular subspaces of W_base and W_post, k ∈ {16, 64, 512} capped at min(m, n) (float64).",
                _ANG_SRC),
@@ -109,6 +115,7 @@ def _projections(f: Factors, transposed: bool, mn: int, opts: AnalysisOptions, s
                    for name, cum in (("joint", f.proj_joint_cum), ("left", left), ("right", right))}
     for name, v in by_rank.items():
         arrays[f"proj_{name}_by_rank"] = v
+        arrays[f"proj_{name}_grid"] = rank_grid(v, mn)
     for frac in opts.proj_fracs:
         k = max(1, floor_frac(frac, mn))
         for name, suffix in (("joint", ""), ("left", "_left"), ("right", "_right")):
