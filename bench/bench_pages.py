@@ -1,7 +1,7 @@
 """Time every dashboard page on a 7B-sized store (Llama-2-7B shapes: 32 layers × 7 projections + embed/head,
 3 runs, every metric and array), with Streamlit's AppTest — no browser, so this is server-side time.
 
-    .venv/bin/python bench/bench_pages.py [--out bench/out] [--repeat 3]
+    .venv/bin/python bench/bench_pages.py [--out bench/out] [--repeat 3] [--browser]
 
 Columns:
   cold   first render with empty caches (st.cache_data and the query memo cleared: every query runs;
@@ -9,6 +9,12 @@ Columns:
   warm   the same page rendered again (cached queries: what a rerun, a revisit, or a page the background
          warmer already built costs)
 Each number is the median of --repeat runs. The store is built once under --out (about 300 MB).
+
+--browser also times what a user sees: ``streamlit run app.py`` on the store (warmer off) driven by
+Debian's Chromium through Playwright; from a click on the page's link in the sidebar until the script
+is idle and every figure of the page is drawn. ``first`` is the first visit of the page in a fresh
+server (its figures not cached yet), ``again`` a later visit; once with the background warmer off, once
+with it on (the default: after a page is drawn, the server builds the other pages' figures).
 """
 
 from __future__ import annotations
@@ -70,10 +76,63 @@ def cold_and_warm(page: str) -> tuple[float, float]:
     return _timed_run(at), _timed_run(at)
 
 
+def browser_times(db: Path, port: int = 8765, warmer: bool = False) -> list[tuple[str, float, float]]:
+    import subprocess
+    import urllib.request
+
+    from playwright.sync_api import sync_playwright
+
+    from opdviz.views import figures_for
+
+    env = {**os.environ, "OPDVIZ_DB": str(db), "OPDVIZ_PREWARM": "1" if warmer else "0"}
+    server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless",
+                               "true", "--server.port", str(port)], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"]
+    drawn = """([title, n]) => {
+        const h = document.querySelector('h1');
+        const app = document.querySelector('[data-testid="stApp"]');
+        const charts = [...document.querySelectorAll('[data-testid="stPlotlyChart"]')];
+        return h && h.innerText.trim() === title && app.dataset.testScriptState === 'notRunning'
+            && charts.length >= n && charts.every(c => c.querySelector('.main-svg'));
+    }"""
+    try:
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(f"http://localhost:{port}/_stcore/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.2)
+        out = []
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=args)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"http://localhost:{port}/")
+            page.wait_for_function(drawn, arg=["Overview", len(figures_for("overview"))], timeout=300_000)
+            visits: dict[str, list[float]] = {}
+            order = PAGES[1:] + PAGES       # overview was the landing page: its first visit is not timed
+            for name in order:
+                title = name.capitalize()
+                t = time.perf_counter()
+                page.get_by_role("link", name=title).first.click()
+                page.wait_for_function(drawn, arg=[title, len(figures_for(name))], timeout=300_000)
+                visits.setdefault(name, []).append(time.perf_counter() - t)
+            browser.close()
+        for name in PAGES:
+            v = visits[name]
+            out.append((name, v[0] if len(v) > 1 else float("nan"), v[-1]))
+        return out
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--browser", action="store_true", help="also time page switches in Chromium (see above)")
     args = ap.parse_args(argv)
     db = build_store(args.out)
     os.environ["OPDVIZ_DB"] = str(db)
@@ -93,6 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'page':<10} {'figures':>7} {'cold':>7} {'warm':>7}")
     for page, n, cold, warm in rows:
         print(f"{page:<10} {n:>7} {cold:>7.2f} {warm:>7.2f}")
+    if args.browser:
+        for warmer in (False, True):
+            print(f"\nin Chromium (click on the page's link → every figure drawn), seconds; background warmer "
+                  f"{'on (the default): pages clicked as soon as the previous one is drawn' if warmer else 'off'}")
+            print(f"{'page':<10} {'first':>7} {'again':>7}")
+            for page, first, again in browser_times(db, warmer=warmer):
+                print(f"{page:<10} {first:>7.2f} {again:>7.2f}")
     return 0
 
 

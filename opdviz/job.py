@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import re
+import socket
 import sys
 import time
 import traceback
@@ -34,7 +35,7 @@ from .metrics import analyse_pair
 from .naming import fused_parts, matrix_view, parse_name, split_part
 from .options import AnalysisOptions
 from .reader import Checkpoint, PairItem, plan_pairs
-from .store import RunWriter, Store, _slug, dumps, now
+from .store import RunWriter, Store, _slug, dumps, lock_path, now
 
 FOLD_EVERY_S = 60.0        # try to fold staged fragments into the .duckdb file this often
 # Fault injection for the crash tests (kill -9 at a chosen point): "after:N" kills the job with SIGKILL
@@ -81,10 +82,10 @@ def package_versions() -> dict:
 @contextlib.contextmanager
 def run_lock(store: Store, run_id: str):
     """Exclusive lock on one run, so two jobs never compute the same run at once."""
-    folder = store.staging / "locks"
+    path = lock_path(store, run_id)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fh = open(folder / f"{_slug(run_id)}.lock", "a+")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(path, "a+")
     except OSError as exc:
         raise StoreError(f"cannot write next to {store.db_path} ({exc}); choose a writable --db location.") from exc
     try:
@@ -97,7 +98,7 @@ def run_lock(store: Store, run_id: str):
                          "or stop it before starting it again.") from None
     fh.seek(0)
     fh.truncate()
-    fh.write(f"pid {os.getpid()}")
+    fh.write(f"pid {os.getpid()} on {socket.gethostname()}")
     fh.flush()
     try:
         yield

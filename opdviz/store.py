@@ -43,6 +43,7 @@ import json
 import os
 import random
 import re
+import socket
 import threading
 import time
 from collections import OrderedDict
@@ -215,7 +216,6 @@ class Store:
             try:
                 return self._run(sql, params)
             except (duckdb.IOException, duckdb.InvalidInputException, duckdb.CatalogException) as exc:
-                _CONNECTIONS.drop(self.db_path)
                 transient = _is_lock_error(exc) or "No files found" in str(exc) or "No such file" in str(exc)
                 if not transient and not isinstance(exc, duckdb.IOException):
                     raise StoreError(f"query failed on {self.db_path}: {exc}") from exc
@@ -229,17 +229,17 @@ class Store:
                 delay = min(delay * 2, 0.5)
 
     def _run(self, sql: str, params) -> pd.DataFrame:
-        """One query on this thread's in-memory connection: its views are rebuilt only when the staged
+        """One query on a pooled in-memory connection: its views are rebuilt only when the staged
         fragments or the file changed; the file is attached for this query only."""
         signature = (self._file_stamp(), tuple(tuple(self._fragments(t)) for t in SCHEMAS))
-        con, attached = _CONNECTIONS.get(self.db_path, signature, self._views)
-        try:
-            if attached is None and self.db_path.exists():
-                con.execute(f"ATTACH '{_sql_str(self.db_path)}' AS db (READ_ONLY)")
-            return con.execute(sql, params or []).df()
-        finally:
-            with contextlib.suppress(duckdb.Error):
-                con.execute("DETACH DATABASE IF EXISTS db")
+        with _CONNECTIONS.borrow(self.db_path, signature, self._views) as (con, attached):
+            try:
+                if not attached and self.db_path.exists():
+                    con.execute(f"ATTACH '{_sql_str(self.db_path)}' AS db (READ_ONLY)")
+                return con.execute(sql, params or []).df()
+            finally:
+                with contextlib.suppress(duckdb.Error):
+                    con.execute("DETACH DATABASE IF EXISTS db")
 
     def _file_stamp(self) -> tuple:
         try:
@@ -421,6 +421,30 @@ def dumps(obj) -> str:
     return json.dumps(obj, sort_keys=True, default=str)
 
 
+def lock_path(store: Store, run_id: str) -> Path:
+    """The file a job holds locked (and names its pid and host in) while it computes ``run_id``."""
+    return store.staging / "locks" / f"{_slug(run_id)}.lock"
+
+
+def computing(store: Store, run_id: str) -> bool | None:
+    """Whether the process computing ``run_id`` is alive: True/False when its lock file names a process on
+    this host, None when that cannot be told (no lock file, another host)."""
+    try:
+        text = lock_path(store, run_id).read_text()
+    except OSError:
+        return None
+    m = re.fullmatch(r"pid (\d+)(?: on (.+))?", text.strip())
+    if not m or (m.group(2) and m.group(2) != socket.gethostname()):
+        return None
+    try:
+        os.kill(int(m.group(1)), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _not_duckdb(path: Path) -> bool:
     """True when ``path`` exists but does not start with DuckDB's file header."""
     try:
@@ -431,37 +455,68 @@ def _not_duckdb(path: Path) -> bool:
     return len(head) >= 12 and head[8:12] != b"DUCK"
 
 
-class _Connections(threading.local):
-    """Per thread and store: one in-memory DuckDB connection with the union views, rebuilt only when the
-    store's signature (file stamp, staged fragment lists) changes. Opening a connection and creating the
-    views costs ~25 ms, attaching the file ~1 ms; the file is never left attached."""
+class _Connections:
+    """A small pool of idle in-memory DuckDB connections with the union views, per store signature (file
+    stamp, staged fragment lists). Opening a connection and creating its views costs ~25 ms, attaching
+    the file ~1 ms; the file is never left attached. A query borrows a connection (one thread at a time
+    uses it) and gives it back; at most ``max_idle`` stay open, and every idle one is closed before this
+    process forks (a forked child that runs Python code before exec, as Ray's process launcher does,
+    crashed while dozens of DuckDB instances were alive)."""
 
-    def __init__(self):
-        self.cons: dict[Path, tuple[tuple, duckdb.DuckDBPyConnection]] = {}
+    def __init__(self, max_idle: int = 4):
+        self.max_idle = max_idle
+        self._lock = threading.Lock()
+        self._idle: list[tuple[Path, tuple, duckdb.DuckDBPyConnection]] = []
 
-    def get(self, path: Path, signature: tuple, build: Callable):
-        """(connection, "attached" if ``build`` left the file attached else None)."""
-        held = self.cons.get(path)
-        if held is not None and held[0] == signature:
-            return held[1], None
-        self.drop(path)
-        con = duckdb.connect(":memory:")
+    @contextlib.contextmanager
+    def borrow(self, path: Path, signature: tuple, build: Callable):
+        """Yield (connection, True if ``build`` just made it and left the file attached)."""
+        con = None
+        with self._lock:
+            for i, (p, sig, c) in enumerate(self._idle):
+                if p == path and sig == signature:
+                    con = c
+                    del self._idle[i]
+                    break
+        fresh = con is None
+        if fresh:
+            con = duckdb.connect(":memory:")
+            try:
+                build(con)
+            except BaseException:
+                con.close()
+                raise
+        ok = False
         try:
-            build(con)
-        except BaseException:
-            con.close()
-            raise
-        self.cons[path] = (signature, con)
-        return con, "attached"
+            yield con, fresh
+            ok = True
+        finally:
+            self._give_back(path, signature, con, ok)
 
-    def drop(self, path: Path) -> None:
-        held = self.cons.pop(path, None)
-        if held is not None:
+    def _give_back(self, path: Path, signature: tuple, con, ok: bool) -> None:
+        stale = [] if ok else [con]
+        with self._lock:
+            if ok:
+                # entries of an older signature of this store are useless from now on
+                stale += [c for p, sig, c in self._idle if p == path and sig != signature]
+                self._idle = [e for e in self._idle if not (e[0] == path and e[1] != signature)]
+                self._idle.append((path, signature, con))
+                while len(self._idle) > self.max_idle:
+                    stale.append(self._idle.pop(0)[2])
+        for c in stale:
             with contextlib.suppress(duckdb.Error):
-                held[1].close()
+                c.close()
+
+    def close_idle(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for _, _, c in idle:
+            with contextlib.suppress(duckdb.Error):
+                c.close()
 
 
 _CONNECTIONS = _Connections()
+os.register_at_fork(before=_CONNECTIONS.close_idle)
 
 
 def _frame_bytes(df: pd.DataFrame) -> int:

@@ -7,6 +7,8 @@ Run: .venv/bin/pytest tests/test_app.py -q
 
 from __future__ import annotations
 
+import os
+
 import json
 import sys
 from pathlib import Path
@@ -165,6 +167,34 @@ def test_a_running_run_shows_progress_and_what_is_done(monkeypatch, tmp_path):
     assert "SFT" in notice and "still computing" in notice
     assert at.get("progress")
     assert all(spec["data"] for spec in _specs(at))
+
+
+def test_a_run_whose_process_died_says_so(monkeypatch, tmp_path):
+    """A job killed mid-run leaves status 'running'; its lock file names a pid that no longer exists."""
+    import socket
+    import subprocess
+    import sys
+
+    from opdviz.store import Store, computing, lock_path
+
+    path = tmp_path / "killed.duckdb"
+    store = make_synthetic_store(path, finished=False)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    lock = lock_path(store, "SFT")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.write_text(f"pid {gone.pid} on {socket.gethostname()}")
+    assert computing(Store(path), "SFT") is False
+    at = _app(monkeypatch, str(path))
+    assert not any("still computing" in i.value for i in at.info)
+    warning = " ".join(w.value for w in at.warning)
+    assert "SFT" in warning and "process is gone" in warning and "rerun" in warning
+    assert all(spec["data"] for spec in _specs(at))        # what was computed is still shown
+    # the same file naming a live process (this one) reads as computing
+    lock.write_text(f"pid {os.getpid()} on {socket.gethostname()}")
+    assert computing(Store(path), "SFT") is True
+    lock.write_text(f"pid {gone.pid} on some-other-host")
+    assert computing(Store(path), "SFT") is None
 
 
 def test_a_store_error_is_shown_without_a_traceback(monkeypatch, db):

@@ -24,18 +24,8 @@ from opdviz.store import Store, _slug  # noqa: E402
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray for the whole module (starting one costs seconds), shut down at the end.
-
-    On a loaded 2-core machine Ray's GCS server now and then misses its start-up deadline ("Timed out
-    waiting for file …gcs_server_port…"); that is Ray's start, not opdviz, so try a second time."""
-    for attempt in (1, 2):
-        try:
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-            break
-        except RuntimeError as exc:
-            ray.shutdown()
-            if attempt == 2 or "Timed out" not in str(exc):
-                raise
+    """One local Ray for the whole module (starting one costs seconds), shut down at the end."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
 

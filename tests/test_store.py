@@ -205,3 +205,31 @@ def test_memo_runs_a_query_once_and_sees_new_versions(store):
     small = QueryMemo(max_bytes=1)                    # a result larger than the memo is not kept
     Store(store.db_path, memo=small).query("SELECT * FROM metrics")
     assert small.bytes == 0
+
+
+def test_idle_connections_are_bounded_and_closed_before_a_fork(store):
+    """Readers on many threads leave at most a few pooled DuckDB instances, and none survive into a forked
+    child (Ray's process launcher runs Python code between fork and exec, which crashed while dozens of
+    DuckDB instances were alive)."""
+    import os
+    import threading
+
+    from opdviz.store import _CONNECTIONS
+
+    w = RunWriter(store, "a")
+    _tensor(w, "x", 1.0)
+    store.fold()
+    others = [Store(store.db_path.with_name(f"o{i}.duckdb")) for i in range(3)]
+    threads = [threading.Thread(target=lambda: [s.query("SELECT count(*) FROM metrics") for s in [store, *others]])
+               for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert 0 < len(_CONNECTIONS._idle) <= _CONNECTIONS.max_idle
+    pid = os.fork()
+    if pid == 0:
+        os._exit(len(_CONNECTIONS._idle))
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert len(store.query("SELECT * FROM metrics")) == 1          # readers carry on after the fork
