@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from .store import Store
+from .store import Store, computing
 
 GROUP_KEYS = {
     "layer": ("layer",),
@@ -62,8 +62,15 @@ class Selection:
 
 
 def runs(store: Store) -> pd.DataFrame:
-    """One row per run, newest status, ordered by creation."""
-    return store.query("SELECT * FROM runs ORDER BY created_at, run_id")
+    """One row per run, newest status, ordered by creation. A run stored as ``running`` whose process is
+    gone (killed, machine restarted: see ``store.computing``) reads as ``interrupted``, with why."""
+    df = store.query("SELECT * FROM runs ORDER BY created_at, run_id")
+    for i in df.index[df["status"] == "running"]:
+        if computing(store, df.at[i, "run_id"]) is False:
+            df.loc[i, "status"] = "interrupted"
+            df.loc[i, "error"] = ("its process is gone (killed, or the machine restarted) after "
+                                  f"{int(df.at[i, 'n_done'] or 0)} of {int(df.at[i, 'n_tensors'] or 0)} tensors")
+    return df
 
 
 def tensors(store: Store, sel: Selection = Selection()) -> pd.DataFrame:

@@ -37,7 +37,7 @@ from streamlit.runtime.scriptrunner import add_script_run_ctx, get_script_run_ct
 from opdviz import figexport, queries, views
 from opdviz.errors import OpdvizError
 from opdviz.queries import Selection
-from opdviz.store import QueryMemo, Store, _slug, computing
+from opdviz.store import QueryMemo, Store, _slug
 from opdviz.views import ViewContext
 
 DEFAULT_DB = "data/opdviz.duckdb"
@@ -357,13 +357,7 @@ def route_through_app() -> None:
 def _run_notices(view: View, runs: pd.DataFrame) -> None:
     shown = runs[runs["run_id"].isin(view.sel.runs)] if view.sel.runs else runs
     for row in shown.itertuples():
-        if row.status == "running" and computing(view.store, row.run_id) is False:
-            n_done, _ = _progress(view, row.run_id)
-            st.warning(f"Run **{row.run_id}** stopped while computing: its process is gone (killed, or the "
-                       f"machine restarted) after {n_done} of {int(row.n_tensors or 0)} tensors. Those tensors "
-                       "are shown; rerun the same `opdviz compute` command (or Resume on the New analysis page) "
-                       "to compute the rest.", icon=":material/warning:")
-        elif row.status == "running":
+        if row.status == "running":
             n_total = int(row.n_tensors or 0)
             n_done, current = _progress(view, row.run_id)
             frac = min(1.0, n_done / n_total) if n_total else 0.0
@@ -375,8 +369,8 @@ def _run_notices(view: View, runs: pd.DataFrame) -> None:
             button.button("Refresh", key=f"refresh_{row.run_id}", icon=":material/refresh:")
         elif row.status not in ("done", None):
             st.warning(f"Run **{row.run_id}** is `{row.status}`" + (f": {row.error}" if row.error else "") +
-                       ". Its finished tensors are shown; rerun the same `opdviz compute` command to resume.",
-                       icon=":material/warning:")
+                       ". Its finished tensors are shown; rerun the same `opdviz compute` command (or Resume on "
+                       "the New analysis page) to compute the rest.", icon=":material/warning:")
 
 
 def _progress(view: View, run_id: str) -> tuple[int, str]:

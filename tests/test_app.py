@@ -188,7 +188,9 @@ def test_a_run_whose_process_died_says_so(monkeypatch, tmp_path):
     at = _app(monkeypatch, str(path))
     assert not any("still computing" in i.value for i in at.info)
     warning = " ".join(w.value for w in at.warning)
-    assert "SFT" in warning and "process is gone" in warning and "rerun" in warning
+    assert "SFT" in warning and "interrupted" in warning and "process is gone" in warning and "rerun" in warning
+    table = at.dataframe[0].value
+    assert dict(zip(table["run_id"], table["status"]))["SFT"] == "interrupted"
     assert all(spec["data"] for spec in _specs(at))        # what was computed is still shown
     # the same file naming a live process (this one) reads as computing
     lock.write_text(f"pid {os.getpid()} on {socket.gethostname()}")
