@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import OptionsError, StoreError
-from .lab.subnetwork import MaskedTrainer, MaskHandle, apply_masks
+from .masked_training import MaskedTrainer, MaskHandle, apply_masks
 from .metrics.elementwise import _floor32
 from .options import AnalysisOptions
 from .reader import Checkpoint, iter_pairs, plan_pairs
@@ -202,7 +202,7 @@ def train_only_masked(model: torch.nn.Module, masks: dict[str, torch.Tensor],
     Gradients outside the masks are zeroed by hooks, and — because AdamW's decoupled weight decay
     moves every coordinate whatever its gradient — frozen coordinates are copied back after every
     ``optimizer.step()`` (a step post-hook when ``optimizer`` is given; else call ``handle.restore()``
-    yourself). Wraps ``opdviz.lab.subnetwork.apply_masks``. ``handle.remove()`` undoes both.
+    yourself). Wraps ``opdviz.masked_training.apply_masks``. ``handle.remove()`` undoes both.
     """
     handle = apply_masks(model, masks)
     if optimizer is not None:

@@ -101,3 +101,8 @@ def fmt_pct(frac: float) -> str:
     """A fraction as a percent label for metric names: 0.1 -> '10pct', 0.001 -> '0.1pct'."""
     p = round(frac * 100, 6)
     return (f"{p:g}" if p != int(p) else str(int(p))) + "pct"
+
+
+# the "changed" criteria stored by default, in the order pages and exports list them (the one list:
+# figure exports, views and the sidebar read it from here)
+DEFAULT_CRITERIA: tuple[str, ...] = AnalysisOptions().criteria()

@@ -214,18 +214,50 @@ def arrays_long(store: Store, sel: Selection, name: str) -> pd.DataFrame:
         ORDER BY t.run_id, t.seq, t.tensor""", params + [name])
 
 
-def export_rows(store: Store, run_id: str | None = None) -> pd.DataFrame:
-    """The stable export: one row per (tensor, metric) with columns
-    run, method, tensor, tower, layer, block, module, metric, value (every ok tensor, parts included)."""
+EXPORT_COLUMNS = ("run", "method", "tensor", "tower", "layer", "block", "module", "metric", "value")
+
+
+def export_rows(store: Store, run_id: str | None = None, *, runs=(), methods=(), towers=(), layers=(), blocks=(),
+                modules=(), metrics=()) -> pd.DataFrame:
+    """The stable export: one row per (tensor, metric) with columns ``EXPORT_COLUMNS``
+    run, method, tensor, tower, layer (nullable int), block, module, metric, value (every ok tensor, parts
+    included). ``opdviz metrics`` and ``opdviz.open(db).metrics(...)`` both return exactly this.
+
+    Filters (empty = all): runs, methods, towers, layers (tensors without a layer drop out when given),
+    blocks, modules, and metrics — exact names, or globs with ``*``/``?``/``[...]``."""
     where, params = "t.status = 'ok'", []
-    if run_id is not None:
-        where += " AND t.run_id = ?"
-        params.append(run_id)
-    return store.query(f"""
+    runs = tuple(runs) + ((run_id,) if run_id is not None else ())
+    for col, values in (("t.run_id", runs), ("r.method", methods), ("t.tower", towers), ("t.layer", layers),
+                        ("t.block", blocks), ("t.module", modules)):
+        if values:
+            where += f" AND {col} IN ({', '.join('?' * len(values))})"
+            params.extend(values)
+    if metrics:
+        exact = [m for m in metrics if not any(c in m for c in "*?[")]
+        globs = [m for m in metrics if m not in exact]
+        terms = ([f"m.metric IN ({', '.join('?' * len(exact))})"] if exact else []) + ["m.metric GLOB ?"] * len(globs)
+        where += " AND (" + " OR ".join(terms) + ")"
+        params.extend(exact + globs)
+    df = store.query(f"""
         SELECT t.run_id AS run, r.method, t.tensor, t.tower, t.layer, t.block, t.module, m.metric, m.value
         FROM tensors t JOIN metrics m USING (run_id, tensor) LEFT JOIN runs r USING (run_id)
         WHERE {where}
         ORDER BY t.run_id, t.seq, t.tensor, m.metric""", params)
+    df = df[list(EXPORT_COLUMNS)]
+    df["layer"] = df["layer"].astype("Int64")
+    return df
+
+
+def selection_values(store: Store) -> dict[str, set]:
+    """What ``export_rows`` can select: the runs, methods, towers, layers, blocks, modules and metric names
+    of ok tensors in the store (for messages that list the valid values)."""
+    facets = store.query("""SELECT DISTINCT t.run_id, r.method, t.tower, t.layer, t.block, t.module
+                            FROM tensors t LEFT JOIN runs r USING (run_id) WHERE t.status = 'ok'""")
+    out = {"runs": set(store.query("SELECT run_id FROM runs")["run_id"]),
+           "methods": set(facets["method"].dropna()), "towers": set(facets["tower"].dropna()),
+           "layers": {int(x) for x in facets["layer"].dropna()}, "blocks": set(facets["block"].dropna()),
+           "modules": set(facets["module"].dropna()), "metrics": set(metric_names(store))}
+    return out
 
 
 def _q(name: str) -> str:

@@ -150,6 +150,27 @@ class Store:
     def exists(self) -> bool:
         return self.db_path.exists() or any(self._fragments("tensors")) or any(self._fragments("runs"))
 
+    def check_readable(self) -> None:
+        """Raise StoreError unless this is an opdviz store to read: the ``.duckdb`` file exists (or a job has
+        staged results for it), is a DuckDB file, and holds opdviz's tables. Reads only; creates nothing."""
+        if self.db_path.is_dir():
+            raise StoreError(f"{self.db_path} is a folder; give the path of the .duckdb file opdviz wrote "
+                             "(for example data/opdviz.duckdb).")
+        if not self.exists():
+            raise StoreError(f"no opdviz store at {self.db_path}: compute one first with opdviz.analyze(BASE, POST, "
+                             f"db={str(self.db_path)!r}) or `opdviz compute BASE POST --db {self.db_path}` "
+                             "(or `opdviz demo --no-serve` for the example).")
+        if not self.db_path.exists():
+            return                  # a first job is running: its staged results are readable
+        if _not_duckdb(self.db_path) or self.db_path.stat().st_size < 12:
+            raise StoreError(f"{self.db_path} is not a DuckDB file; point at a .duckdb file that opdviz wrote.")
+        tables = set(self.query("SELECT table_name FROM information_schema.tables WHERE table_catalog = 'db'")
+                     ["table_name"])
+        missing = sorted(set(TENSOR_TABLES + ("runs",)) - tables)
+        if missing:
+            raise StoreError(f"{self.db_path} is a DuckDB file but not an opdviz store (no table "
+                             f"{', '.join(missing)}); point at a .duckdb file that opdviz wrote.")
+
     def _fragments(self, table: str) -> list[Path]:
         folder = self.staging / table
         try:

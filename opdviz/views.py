@@ -24,12 +24,12 @@ import plotly.graph_objects as go
 from . import figures as F
 from . import queries as Q
 from .rankgrid import PROJ_GRID, rank_grid
+from .options import DEFAULT_CRITERIA
 from .queries import Selection
 from .store import Store
 
 PAGES = ("overview", "sparsity", "spectra", "geometry", "tensor", "compare")
-CRITERIA = ("exact", "abs_1e-8", "abs_1e-7", "abs_1e-6", "abs_1e-5", "abs_1e-4", "relrms_1e-4", "relrms_1e-3",
-            "relrms_1e-2", "bf16_1e-3")
+CRITERIA = DEFAULT_CRITERIA
 ALPHAS = (1, 5, 10, 20, 30, 50)
 TOPK = (1, 2, 4, 8, 16, 32, 64)
 # group_summary columns a Compare page may show; any other name is read as a per-matrix metric

@@ -36,6 +36,7 @@ from streamlit.runtime.scriptrunner import add_script_run_ctx, get_script_run_ct
 
 from opdviz import figexport, queries, views
 from opdviz.errors import OpdvizError
+from opdviz.options import DEFAULT_CRITERIA
 from opdviz.queries import Selection
 from opdviz.store import QueryMemo, Store, _slug
 from opdviz.views import ViewContext
@@ -44,8 +45,7 @@ DEFAULT_DB = "data/opdviz.duckdb"
 DEFAULT_CRITERION = ViewContext().criterion
 # the stored sparsity_<criterion> names, in the order the sidebar lists them
 _CRITERION_RE = re.compile(r"^sparsity_(exact|abs_[0-9.e+-]+|relrms_[0-9.e+-]+|bf16_[0-9.e+-]+)$")
-FALLBACK_CRITERIA = ("exact", "abs_1e-8", "abs_1e-7", "abs_1e-6", "abs_1e-5", "abs_1e-4",
-                     "relrms_1e-4", "relrms_1e-3", "relrms_1e-2", "bf16_1e-3")
+FALLBACK_CRITERIA = DEFAULT_CRITERIA
 COMMON_PARAMS = ("db", "run", "tower", "block", "module", "layers", "crit")
 PAGE_PARAMS = {"tensor": ("tensor",), "spectra": ("tensors",), "geometry": ("tensors",),
                "compare": ("metric", "a", "b"), "overlap": ("pair",), "trajectory": ("traj", "tmetric")}

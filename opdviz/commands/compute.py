@@ -1,5 +1,7 @@
 """``opdviz compute BASE POST [POST ...]``: analyse post-trained checkpoints against their base.
 
+A thin call into ``opdviz.analyze`` (the Python API), which checks the arguments and runs the job.
+
 Flags for the analysis options are generated from ``opdviz.options.AnalysisOptions`` so the CLI,
 the dashboard form and the README stay in step.
 """
@@ -8,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from pathlib import Path
 
-from ..errors import OptionsError
 from ..executors import add_executor_flags, make_executor
 from ..options import AnalysisOptions
 
@@ -55,35 +55,16 @@ def register(sub) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..job import JobSpec, run_jobs
+    from ..api import analyze
 
-    opts = options_from_args(args)
-    posts = [Path(x) for x in args.post]
-    names = args.name or [_default_name(x) for x in posts]
-    methods = args.method or ["post-trained"]
-    if len(names) != len(posts):
-        raise OptionsError(f"--name got {len(names)} names for {len(posts)} post-trained checkpoints")
-    if len(methods) == 1:
-        methods = methods * len(posts)
-    if len(methods) != len(posts):
-        raise OptionsError(f"--method got {len(methods)} labels for {len(posts)} post-trained checkpoints")
-    if len(set(names)) != len(names):
-        raise OptionsError("run names must differ: pass --name NAME1 NAME2 …")
     executor = make_executor(args.executor, ray_address=args.ray_address,
                              ray_gpus_per_task=args.ray_gpus_per_task,
                              ray_cpus_per_task=args.ray_cpus_per_task)
-    specs = [JobSpec(base=Path(args.base), post=post, run_id=name, method=method, db=Path(args.db), options=opts)
-             for post, name, method in zip(posts, names, methods)]
-    # local: one run after the other (each finishes before the next starts); ray: one pool for all runs
-    groups = [specs] if args.executor == "ray" else [[s] for s in specs]
-    for group in groups:
-        rows = run_jobs(group, progress=not args.no_progress, overwrite=args.overwrite, executor=executor)
-        for spec, row in zip(group, rows):
-            print(f"{spec.run_id}: {row['status']} — {row['n_done']} tensors ({row['n_skipped']} skipped, "
-                  f"{row['n_failed']} failed) in {row['wall_s']:.1f} s → {args.db}")
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(AnalysisOptions)}
+    device = options.pop("device")
+    summaries = analyze(args.base, list(args.post), db=args.db, name=args.name, method=args.method or "post-trained",
+                        device=device, overwrite=args.overwrite, progress=not args.no_progress, executor=executor,
+                        **options)
+    for summary in summaries:
+        print(summary)
     return 0
-
-
-def _default_name(path: Path) -> str:
-    path = path.resolve()
-    return path.stem if path.is_file() else path.name

@@ -2,6 +2,7 @@
 
     opdviz figures --db data/opdviz.duckdb --out figs --format pdf
     opdviz figures --run opd-7b --run rl-7b --page sparsity --criterion abs_1e-6 --width double --out figs
+    opdviz figures --list            # the figure names (also opdviz.figure_names(), store.figure(name))
 
 Static formats (pdf, svg, png) are sized for a paper column (``--width single`` ≈ 3.3 in, ``double``
 ≈ 6.9 in, 8–9 pt text) and need Chromium (Debian's ``chromium`` package); ``html`` is interactive
@@ -14,10 +15,10 @@ import argparse
 from pathlib import Path
 
 from ..errors import OptionsError, StoreError
+from ..options import DEFAULT_CRITERIA
 from .compute import DEFAULT_DB
 
-CRITERIA = ("exact", "abs_1e-8", "abs_1e-7", "abs_1e-6", "abs_1e-5", "abs_1e-4", "relrms_1e-4", "relrms_1e-3",
-            "relrms_1e-2", "bf16_1e-3")
+CRITERIA = DEFAULT_CRITERIA
 PAGES = ("overview", "sparsity", "spectra", "geometry", "tensor", "compare")
 
 
@@ -27,7 +28,9 @@ def register(sub) -> None:
     p.add_argument("--db", default=DEFAULT_DB, help=f"DuckDB store (default: {DEFAULT_DB})")
     p.add_argument("--run", action="append", default=None, metavar="NAME",
                    help="include this run (repeat for several; default: every run)")
-    p.add_argument("--out", required=True, help="output folder (created if missing)")
+    p.add_argument("--list", action="store_true",
+                   help="print the name of every figure (as opdviz.figure_names() returns them) and exit")
+    p.add_argument("--out", default=None, help="output folder (created if missing; required unless --list)")
     p.add_argument("--format", choices=("pdf", "png", "svg", "html"), default="pdf", help="figure format (default: pdf)")
     p.add_argument("--page", action="append", choices=PAGES, default=None,
                    help="only this dashboard page's figures (repeatable; default: every page)")
@@ -40,6 +43,13 @@ def register(sub) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.list:
+        from ..api import figure_names
+
+        print("\n".join(figure_names()))
+        return 0
+    if not args.out:
+        raise OptionsError("--out FOLDER is required (or --list to see the figure names)")
     from ..figexport import export_figures
     from ..queries import Selection, runs
     from ..store import Store
