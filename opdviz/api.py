@@ -16,6 +16,7 @@ and otherwise returns at once. Reading never writes: ``open`` refuses a missing 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -538,8 +539,8 @@ def _strs(value, what: str) -> list[str]:
 
 
 def _ints(value, what: str) -> list[int]:
-    out = _as_list(value, what) if not isinstance(value, int) else [value]
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in out):
+    out = [value] if isinstance(value, numbers.Integral) else _as_list(value, what)
+    if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in out):
         raise OptionsError(f"{what} takes integers (a layer index, a list or a range), got {value!r}")
     return [int(v) for v in out]
 

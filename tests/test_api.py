@@ -220,6 +220,7 @@ def test_cli_csv_is_the_same_rows(db, capsys):
 
     csv = pd.read_csv(io.StringIO(capsys.readouterr().out))
     api = opdviz.open(db).metrics(runs="opd", layers=range(0, 2), modules="v")
+    pd.testing.assert_frame_equal(api, opdviz.open(db).metrics(runs=["opd"], layers=np.arange(2), modules=["v"]))
     assert len(csv) == len(api) > 0
     assert list(csv["tensor"]) == list(api["tensor"]) and list(csv["metric"]) == list(api["metric"])
     np.testing.assert_array_equal(csv["value"].to_numpy(), api["value"].to_numpy())   # repr round-trips
