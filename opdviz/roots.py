@@ -24,6 +24,7 @@ refused before anything is created, opened or stat-ed; only a path already insid
 from __future__ import annotations
 
 import os
+import stat
 import unicodedata
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -96,14 +97,58 @@ def lexically_under(path: str | os.PathLike, roots: Iterable[str | os.PathLike])
 
 def confined(path: str | os.PathLike, roots: Sequence[str | os.PathLike]) -> Path | None:
     """``path`` if it lies under ``roots`` both lexically (checked first, without touching the file
-    system) and once symlinks are resolved (each root resolved too); else None."""
+    system) and once symlinks are resolved (each root resolved too); else None. Symlinks are resolved
+    one at a time (``resolve_within``), so nothing outside the roots is ever stat-ed on the way."""
     real_roots = [os.path.realpath(r) for r in roots]     # the operator's roots may be symlinks themselves
     lexical = lexically_under(path, [*roots, *real_roots])
     if lexical is None:
         return None
-    if lexically_under(os.path.realpath(lexical), real_roots) is None:
+    if resolve_within(lexical, [*roots, *real_roots], real_roots) is None:
         return None
     return lexical
+
+
+def resolve_within(path: str | os.PathLike, roots: Sequence[str | os.PathLike],
+                   real_roots: Sequence[str] | None = None, max_links: int = 40) -> str | None:
+    """The real path of ``path`` (lexically under ``roots``), following symlinks one component at a time
+    and giving up (None) as soon as a link points outside ``real_roots`` (the roots resolved): unlike
+    ``os.path.realpath`` it never looks at anything outside. Missing trailing components are kept as
+    written."""
+    real_roots = [os.path.realpath(r) for r in roots] if real_roots is None else list(real_roots)
+    p = _abs(path)
+    start = None
+    for r, real in [*((_abs(r), os.path.realpath(r)) for r in roots), *((r, r) for r in real_roots)]:
+        if p == r or p.startswith(r.rstrip(os.sep) + os.sep):
+            start = (real, os.path.relpath(p, r))
+            break
+    if start is None:
+        return None
+    current, rest = start
+    pending = [c for c in rest.split(os.sep) if c not in ("", ".")]
+    links = 0
+    while pending:
+        nxt = os.path.join(current, pending.pop(0))
+        if lexically_under(nxt, real_roots) is None:
+            return None
+        try:
+            is_link = stat.S_ISLNK(os.lstat(nxt).st_mode)
+        except OSError:                       # missing: nothing further to resolve
+            return os.path.join(nxt, *pending)
+        if not is_link:
+            current = nxt
+            continue
+        links += 1
+        if links > max_links:
+            return None
+        target = os.readlink(nxt)
+        full = os.path.normpath(os.path.join(current, target, *pending))
+        for real in real_roots:
+            if full == real or full.startswith(real.rstrip(os.sep) + os.sep):
+                current, pending = real, [c for c in os.path.relpath(full, real).split(os.sep) if c not in ("", ".")]
+                break
+        else:
+            return None
+    return current
 
 
 def _store_of(entry: os.DirEntry) -> str | None:

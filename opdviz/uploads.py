@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import CheckpointError
-from .roots import confined, lexically_under
+from .roots import confined, lexically_under, resolve_within
 
 REPO = Path(__file__).resolve().parent.parent
 ROOTS_ENV = "OPDVIZ_CHECKPOINT_ROOTS"
@@ -108,7 +108,7 @@ def resolve_under_roots(path: str | Path, roots: list[Path] | None = None) -> Pa
         raise UploadError(f"{text} is outside the folders this app may read "
                           f"({', '.join(map(str, roots))}); copy the checkpoint under one of them or add its "
                           f"folder to {ROOTS_ENV}")
-    return Path(os.path.realpath(os.path.abspath(text)))
+    return Path(resolve_within(text, roots))
 
 
 def list_checkpoints(root: str | Path | None = None, *, roots: list[Path] | None = None,
@@ -330,6 +330,10 @@ def _mb_setting(env: str, default: float) -> int:
     return int(mb * (1 << 20))
 
 
+def _mb(n: int) -> str:
+    return f"{n / 2**20:,.0f} MB" if n >= 10 << 20 else f"{n / 2**20:.2g} MB"
+
+
 def session_quota_bytes() -> int:
     """How much one browser session may keep uploaded at once (``OPDVIZ_UPLOAD_SESSION_MB``)."""
     return _mb_setting(SESSION_MB_ENV, DEFAULT_SESSION_MB)
@@ -383,15 +387,14 @@ def save_session_upload(session_id: str, files: list[tuple[str, object]]) -> Pat
     used_session = _bytes_under(folder)
     used_total = _bytes_under(uploads_root())
     s_cap, t_cap = session_quota_bytes(), total_quota_bytes()
-    mb = 1 << 20
     limits = [
         (s_cap - used_session,
-         f"this upload would take your uploads over {s_cap / mb:.0f} MB, the limit per browser session "
-         f"({SESSION_MB_ENV}; you have {used_session / mb:.0f} MB stored): delete uploads you no longer need "
-         "under *Your uploads*, or pick the checkpoint from a server folder"),
+         f"this upload would take your uploads over {_mb(s_cap)}, the limit per browser session "
+         f"({SESSION_MB_ENV}; you have {_mb(used_session)} stored): delete uploads you no longer need "
+         "under Your uploads, or pick the checkpoint from a server folder"),
         (t_cap - used_total,
-         f"the server's upload space is full: this upload would take all uploads over {t_cap / mb:.0f} MB "
-         f"({TOTAL_MB_ENV}; {used_total / mb:.0f} MB stored); delete uploads you no longer need, try again "
+         f"the server's upload space is full: this upload would take all uploads over {_mb(t_cap)} "
+         f"({TOTAL_MB_ENV}; {_mb(used_total)} stored); delete uploads you no longer need, try again "
          "later (unused uploads are removed after "
          f"{max_age_hours():g} h), or ask the operator to raise the limit"),
     ]
