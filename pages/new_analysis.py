@@ -196,12 +196,12 @@ def _your_uploads() -> None:
         quota = f" of {uploads.session_quota_bytes() / 2**20:,.0f} MB"
     except OpdvizError:
         quota = ""
-    with st.expander(f"Your uploads: {len(mine)}, {used / 2**20:,.1f} MB{quota}", icon=":material/upload_file:"):
+    with st.expander(f"Your uploads: {len(mine)}, {ui._human_bytes(used)}{quota}", icon=":material/upload_file:"):
         st.caption(f"Only this browser tab sees them. Uploads unused for {uploads.max_age_hours():g} h are "
                    "removed; delete them yourself when the analysis is done.")
         for u in mine:
             row = st.container(horizontal=True, vertical_alignment="center")
-            row.markdown(", ".join(ui.code(n) for n in u.files) + f" · {u.bytes / 2**20:,.1f} MB")
+            row.markdown(", ".join(ui.code(n) for n in u.files) + f" · {ui._human_bytes(u.bytes)}")
             row.button("Delete", key=f"del_{u.folder.name}", icon=":material/delete:", on_click=_delete,
                        args=(u.folder,), help="Remove these files from the server.")
 
