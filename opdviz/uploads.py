@@ -7,7 +7,7 @@ written to a temporary folder and renamed into place so a half-written upload is
 checking the per-upload, per-session and total quotas (``OPDVIZ_MAX_UPLOAD_MB``,
 ``OPDVIZ_UPLOAD_SESSION_MB``, ``OPDVIZ_UPLOAD_TOTAL_MB``). ``session_uploads`` lists a session's own
 uploads, ``delete_upload`` removes one, ``sweep_uploads`` removes those not used for
-``OPDVIZ_UPLOAD_MAX_AGE_H`` hours. ``checkpoint_in(folder)`` says what to open in such a folder.
+``OPDVIZ_UPLOAD_MAX_AGE_H`` hours (the New analysis page and a starting job worker call it). ``checkpoint_in(folder)`` says what to open in such a folder.
 
 Server-side folders are confined to ``checkpoint_roots()`` (``OPDVIZ_CHECKPOINT_ROOTS``,
 ``os.pathsep``-separated; default ``data/demo`` under the repository); ``resolve_under_roots`` checks a

@@ -390,3 +390,14 @@ def test_a_name_too_long_is_refused_not_cut(tmp_path):
     with pytest.raises(UploadError, match=r"262 characters long, over the limit of 255.*rename the file"):
         save_upload(tmp_path / "up", [(name, b"x")])
     assert not (tmp_path / "up").exists() or not any((tmp_path / "up").iterdir())
+
+
+def test_a_starting_worker_sweeps_abandoned_uploads(up, tmp_path):
+    from opdviz import jobs
+
+    a, _ = up
+    U.save_session_upload(a, [("model.safetensors", b"x")])
+    day_ago = time.time() - 25 * 3600
+    os.utime(U.session_dir(a), (day_ago, day_ago))
+    assert jobs.work(tmp_path / "db" / "s.duckdb", idle_exit_s=0, poll_s=0) is True     # empty queue: starts, sweeps, exits
+    assert not U.session_dir(a).exists()
