@@ -366,6 +366,7 @@ def work(db: str | Path, *, idle_exit_s: float = IDLE_EXIT_S, poll_s: float = PO
     old = signal.signal(signal.SIGTERM, on_term)
     try:
         _recover_stale(db)
+        _sweep_uploads(db)
         idle_since = time.monotonic()
         while True:
             with _queue_lock(db):
@@ -381,6 +382,15 @@ def work(db: str | Path, *, idle_exit_s: float = IDLE_EXIT_S, poll_s: float = PO
     finally:
         signal.signal(signal.SIGTERM, old)
         fh.close()
+
+
+def _sweep_uploads(db) -> None:
+    """Remove abandoned browser uploads (``OPDVIZ_UPLOAD_MAX_AGE_H``), keeping what this store's jobs read."""
+    from .uploads import sweep_uploads
+
+    keep = tuple(p for j in list_jobs(db) if j.active for p in (j.base, *(r.post for r in j.runs)))
+    with contextlib.suppress(OpdvizError):   # a bad upload setting is the page's to report, not the worker's
+        sweep_uploads(keep=keep)
 
 
 def _forget_spawned(folder: Path) -> None:

@@ -1,15 +1,22 @@
-"""Checkpoints chosen in the browser: uploads saved safely, server folders confined, pairs validated.
+"""Checkpoints chosen in the browser: uploads saved privately, server folders confined, pairs validated.
 
-``save_upload(root, files)`` stores uploaded files in ``root/<content hash>/`` (the same files
-uploaded twice land in the same folder, stored once), with sanitised names, written to a temporary
-folder and renamed into place so a half-written upload is never visible. ``checkpoint_in(folder)``
-says what to open in such a folder. Server-side folders are confined to ``allowed_roots()``
-(``OPDVIZ_CHECKPOINT_ROOTS``, ``os.pathsep``-separated; default ``data/demo`` under the repository;
-the upload folder is always allowed); ``resolve_under_roots`` refuses anything that resolves
-outside them (symlinks and ``..`` included). ``validate_checkpoint`` / ``validate_pair`` never
-raise on bad input: they return reports whose ``errors`` say what is wrong and what to do.
+Uploads are private to a browser session: ``save_session_upload(session_id, files)`` stores them in
+``<upload dir>/<session id>/<content hash>/`` (``new_session_id()`` is unguessable and kept in the
+session only; the same files uploaded twice by one session are stored once), with sanitised names,
+written to a temporary folder and renamed into place so a half-written upload is never visible, after
+checking the per-upload, per-session and total quotas (``OPDVIZ_MAX_UPLOAD_MB``,
+``OPDVIZ_UPLOAD_SESSION_MB``, ``OPDVIZ_UPLOAD_TOTAL_MB``). ``session_uploads`` lists a session's own
+uploads, ``delete_upload`` removes one, ``sweep_uploads`` removes those not used for
+``OPDVIZ_UPLOAD_MAX_AGE_H`` hours (the New analysis page and a starting job worker call it). ``checkpoint_in(folder)`` says what to open in such a folder.
 
-    folder = save_upload(uploads_root(), [("model.safetensors", data), ("config.json", cfg)])
+Server-side folders are confined to ``checkpoint_roots()`` (``OPDVIZ_CHECKPOINT_ROOTS``,
+``os.pathsep``-separated; default ``data/demo`` under the repository); ``resolve_under_roots`` checks a
+path lexically against the roots before touching the file system, then refuses anything that resolves
+outside them (symlinks and ``..`` included). ``validate_checkpoint`` / ``validate_pair`` never raise on
+bad input: they return reports whose ``errors`` say what is wrong and what to do.
+
+    sid = new_session_id()
+    folder = save_session_upload(sid, [("model.safetensors", data), ("config.json", cfg)])
     report = validate_pair(checkpoint_in(folder), resolve_under_roots("data/demo/base"))
 
 This module does not import torch at import time; validation does (through ``opdviz.reader``).
@@ -21,23 +28,35 @@ import hashlib
 import io
 import os
 import re
+import secrets
 import shutil
+import time
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import CheckpointError
+from .roots import confined, lexically_under, resolve_within
 
 REPO = Path(__file__).resolve().parent.parent
 ROOTS_ENV = "OPDVIZ_CHECKPOINT_ROOTS"
 UPLOAD_DIR_ENV = "OPDVIZ_UPLOAD_DIR"
 MAX_MB_ENV = "OPDVIZ_MAX_UPLOAD_MB"
+SESSION_MB_ENV = "OPDVIZ_UPLOAD_SESSION_MB"
+TOTAL_MB_ENV = "OPDVIZ_UPLOAD_TOTAL_MB"
+MAX_AGE_ENV = "OPDVIZ_UPLOAD_MAX_AGE_H"
 DEFAULT_MAX_MB = 4096
+DEFAULT_SESSION_MB = 16384
+DEFAULT_TOTAL_MB = 65536
+DEFAULT_MAX_AGE_H = 24.0
+MAX_NAME = 255            # bytes in a file name on common file systems (names are ASCII once sanitised)
 INDEX_NAME = "model.safetensors.index.json"
 JSON_NAMES = ("config.json", INDEX_NAME, "generation_config.json", "metrics.json")
 _CHUNK = 8 << 20
 _MAX_JSON_BYTES = 64 << 20
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_SESSION = re.compile(r"^[0-9a-f]{32}$")
+_OURS = re.compile(r"^([0-9a-f]{32}|[0-9a-f]{24}|\.tmp-.+)$")   # session, content-hash (older layout), temp
 
 
 class UploadError(CheckpointError):
@@ -51,40 +70,57 @@ def uploads_root() -> Path:
     return Path(os.environ.get(UPLOAD_DIR_ENV) or REPO / "data" / "uploads").expanduser().resolve()
 
 
-def allowed_roots() -> list[Path]:
-    """Folders the app may read checkpoints from: ``OPDVIZ_CHECKPOINT_ROOTS`` (``os.pathsep``-separated;
-    default ``data/demo`` in the repository) plus the upload folder. Resolved, symlinks followed."""
+def checkpoint_roots() -> list[Path]:
+    """Server folders the browser may pick checkpoints from: ``OPDVIZ_CHECKPOINT_ROOTS``
+    (``os.pathsep``-separated; default ``data/demo`` in the repository), absolute and normalised.
+    The upload folder is not among them: each session sees only its own uploads."""
     raw = os.environ.get(ROOTS_ENV)
     entries = [e for e in raw.split(os.pathsep) if e.strip()] if raw else [str(REPO / "data" / "demo")]
-    roots = []
-    for e in entries + [str(uploads_root())]:
-        p = Path(e).expanduser().resolve()
+    roots: list[Path] = []
+    for e in entries:
+        p = Path(os.path.normpath(os.path.abspath(os.path.expanduser(e))))
         if p not in roots:
             roots.append(p)
     return roots
 
 
-def resolve_under_roots(path: str | Path) -> Path:
-    """``path`` resolved (symlinks and ``..`` followed); UploadError unless it lies under an allowed root."""
+def allowed_roots() -> list[Path]:
+    """Every folder the app may read checkpoints from: ``checkpoint_roots()`` plus the upload folder,
+    resolved (symlinks followed). A browser session is further limited to its own upload folder."""
+    roots = []
+    for e in [*checkpoint_roots(), uploads_root()]:
+        p = Path(e).resolve()
+        if p not in roots:
+            roots.append(p)
+    return roots
+
+
+def resolve_under_roots(path: str | Path, roots: list[Path] | None = None) -> Path:
+    """``path`` resolved (symlinks and ``..`` followed) if it lies under ``roots`` (default
+    ``allowed_roots()``); else UploadError. The path is first checked lexically (no file system call),
+    so a path outside the roots is refused before anything is looked up; only then is it resolved and
+    checked again, which refuses symlinks inside a root that lead out of it."""
     text = str(path)
+    roots = allowed_roots() if roots is None else list(roots)
     if not text.strip() or any(_is_control(c) for c in text):
         raise UploadError(f"{text!r} is not a usable path (empty or with control characters)")
-    resolved = Path(text).expanduser().resolve()
-    roots = allowed_roots()
-    if not any(resolved == r or resolved.is_relative_to(r) for r in roots):
-        raise UploadError(f"{path} resolves to {resolved}, outside the folders this app may read "
+    if confined(text, roots) is None:
+        raise UploadError(f"{text} is outside the folders this app may read "
                           f"({', '.join(map(str, roots))}); copy the checkpoint under one of them or add its "
                           f"folder to {ROOTS_ENV}")
-    return resolved
+    return Path(resolve_within(text, roots))
 
 
-def list_checkpoints(root: str | Path | None = None, *, max_depth: int = 4) -> list[Path]:
-    """Checkpoints under ``root`` (default: every allowed root): folders holding ``model.safetensors``
-    or an index, and loose ``.safetensors`` files outside such folders. Only paths under the allowed
-    roots are listed (a symlink leading elsewhere is left out); hidden folders are skipped."""
-    roots = [resolve_under_roots(root)] if root is not None else [r for r in allowed_roots() if r.is_dir()]
+def list_checkpoints(root: str | Path | None = None, *, roots: list[Path] | None = None,
+                     max_depth: int = 4) -> list[Path]:
+    """Checkpoints under ``root`` (default: every one of ``roots``, default ``checkpoint_roots()``):
+    folders holding ``model.safetensors`` or an index, and loose ``.safetensors`` files outside such
+    folders. Only paths under the roots are listed (a symlink leading elsewhere is left out, and
+    never looked into); hidden folders are skipped. Uploads are not listed here."""
+    roots = checkpoint_roots() if roots is None else list(roots)
+    tops = [resolve_under_roots(root, roots)] if root is not None else roots
     found: list[Path] = []
-    for top in roots:
+    for top in tops:
         if not top.is_dir():
             continue
         for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
@@ -96,13 +132,13 @@ def list_checkpoints(root: str | Path | None = None, *, max_depth: int = 4) -> l
                 dirnames[:] = []  # its files are its shards
                 continue
             found += [here / f for f in sorted(filenames) if f.endswith(".safetensors") and not f.startswith(".")]
-            for d in _symlinked_dirs(here):  # not walked into (followlinks=False); a candidate only
+            for d in _symlinked_dirs(here, roots):  # not walked into (followlinks=False); a candidate only
                 if (d / INDEX_NAME).is_file() or (d / "model.safetensors").is_file():
                     found.append(d)
     safe = []
     for p in found:
         try:
-            resolve_under_roots(p)
+            resolve_under_roots(p, roots)
         except UploadError:
             continue
         if p not in safe:
@@ -110,11 +146,13 @@ def list_checkpoints(root: str | Path | None = None, *, max_depth: int = 4) -> l
     return safe
 
 
-def _symlinked_dirs(folder: Path) -> list[Path]:
+def _symlinked_dirs(folder: Path, roots: list[Path]) -> list[Path]:
+    """Symlinks in ``folder`` that resolve to folders under ``roots`` (one leading out is never stat-ed)."""
     try:
-        return sorted(p for p in folder.iterdir() if p.is_symlink() and p.is_dir() and not p.name.startswith("."))
+        links = sorted(p for p in folder.iterdir() if p.is_symlink() and not p.name.startswith("."))
     except OSError:
         return []
+    return [p for p in links if confined(p, roots) is not None and p.is_dir()]
 
 
 # ---------------------------------------------------------------------------------------- uploads
@@ -134,7 +172,7 @@ def sanitize_name(name: str) -> str:
 
     Directories are stripped (``a/b/model.safetensors`` → ``model.safetensors``); names with ``..``
     components or control characters, empty names and hidden names are refused; any other character
-    outside ``[A-Za-z0-9._-]`` becomes ``_``."""
+    outside ``[A-Za-z0-9._-]`` becomes ``_``. A name longer than ``MAX_NAME`` is refused, never cut."""
     if not isinstance(name, str):
         raise UploadError(f"file name {name!r} is not text")
     if any(_is_control(c) for c in name):
@@ -146,7 +184,12 @@ def sanitize_name(name: str) -> str:
     safe = _SAFE.sub("_", base)
     if not safe or set(safe) <= {"."} or safe.startswith("."):
         raise UploadError(f"file name {name!r} is empty or hidden after removing folders; rename the file")
-    return safe[:200]
+    if len(safe) > MAX_NAME:
+        # never shortened: a shard's name must stay the one its index names, and the extension says its kind
+        raise UploadError(f"file name {safe[:40]}…{safe[-24:]} is {len(safe)} characters long, over the "
+                          f"limit of {MAX_NAME}; rename the file (and its entry in {INDEX_NAME}) and upload "
+                          "it again")
+    return safe
 
 
 def _is_control(c: str) -> bool:
@@ -196,13 +239,15 @@ def _chunks(data):
         yield chunk
 
 
-def save_upload(root: str | Path, files: list[tuple[str, object]]) -> Path:
+def save_upload(root: str | Path, files: list[tuple[str, object]], *,
+                limits: list[tuple[int, str]] | None = None) -> Path:
     """Store uploaded ``files`` (name, bytes or binary file-like) as one checkpoint folder under ``root``.
 
     Returns ``root/<content hash>``; the hash covers the sanitised names and every file's content, so
     the same upload twice gives the same folder and is stored once. Raises UploadError for a refused
-    name or kind, repeated names, an upload over ``OPDVIZ_MAX_UPLOAD_MB``, or a folder that cannot be
-    written (nothing partial is left behind)."""
+    name or kind, repeated names, an upload over ``OPDVIZ_MAX_UPLOAD_MB`` or over any of ``limits``
+    ((bytes, message) pairs: checked against the known sizes before writing and again while copying),
+    or a folder that cannot be written (nothing partial is left behind)."""
     if not files:
         raise UploadError("no files were uploaded")
     names = [sanitize_name(n) for n, _ in files]
@@ -217,6 +262,10 @@ def save_upload(root: str | Path, files: list[tuple[str, object]]) -> Path:
     if known > limit:
         raise UploadError(f"the upload is {known / 2**20:.0f} MB, over the limit of {limit / 2**20:.0f} MB "
                           f"({MAX_MB_ENV}); raise the limit or pick the checkpoint from a server folder instead")
+    limits = [(limit, f"the upload is over the limit of {limit / 2**20:.0f} MB ({MAX_MB_ENV})"), *(limits or [])]
+    for cap, message in limits:
+        if known > cap:
+            raise UploadError(message)
     root = Path(root)
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -232,8 +281,9 @@ def save_upload(root: str | Path, files: list[tuple[str, object]]) -> Path:
             with open(tmp / name, "wb") as out:
                 for chunk in _chunks(data):
                     total += len(chunk)
-                    if total > limit:
-                        raise UploadError(f"the upload is over the limit of {limit / 2**20:.0f} MB ({MAX_MB_ENV})")
+                    for cap, message in limits:
+                        if total > cap:
+                            raise UploadError(message)
                     h.update(chunk)
                     out.write(chunk)
             if name.endswith(".json") and (tmp / name).stat().st_size > _MAX_JSON_BYTES:
@@ -265,6 +315,168 @@ def _mkdtemp(root: Path) -> str:
     import tempfile
 
     return tempfile.mkdtemp(prefix=".tmp-", dir=root)
+
+
+# ------------------------------------------------------------------------------- sessions, quotas
+
+def _mb_setting(env: str, default: float) -> int:
+    raw = os.environ.get(env, "")
+    try:
+        mb = float(raw) if raw.strip() else default
+    except ValueError:
+        raise UploadError(f"{env}={raw!r} is not a number of megabytes") from None
+    if not mb > 0 or mb == float("inf"):
+        raise UploadError(f"{env}={raw!r} must be a positive number of megabytes")
+    return int(mb * (1 << 20))
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:,.0f} MB" if n >= 10 << 20 else f"{n / 2**20:.2g} MB"
+
+
+def session_quota_bytes() -> int:
+    """How much one browser session may keep uploaded at once (``OPDVIZ_UPLOAD_SESSION_MB``)."""
+    return _mb_setting(SESSION_MB_ENV, DEFAULT_SESSION_MB)
+
+
+def total_quota_bytes() -> int:
+    """How much all sessions together may keep uploaded (``OPDVIZ_UPLOAD_TOTAL_MB``)."""
+    return _mb_setting(TOTAL_MB_ENV, DEFAULT_TOTAL_MB)
+
+
+def max_age_hours() -> float:
+    """Hours after which a session's unused uploads are removed (``OPDVIZ_UPLOAD_MAX_AGE_H``)."""
+    raw = os.environ.get(MAX_AGE_ENV, "")
+    try:
+        hours = float(raw) if raw.strip() else DEFAULT_MAX_AGE_H
+    except ValueError:
+        raise UploadError(f"{MAX_AGE_ENV}={raw!r} is not a number of hours") from None
+    if not hours > 0:
+        raise UploadError(f"{MAX_AGE_ENV}={raw!r} must be a positive number of hours")
+    return hours
+
+
+def new_session_id() -> str:
+    """An unguessable id (128 random bits) for one browser session's uploads; keep it in the session only."""
+    return secrets.token_hex(16)
+
+
+def session_dir(session_id: str) -> Path:
+    """The upload folder of one session (not created here). UploadError for anything but an id of
+    ``new_session_id``'s form, so an id can never name another folder."""
+    if not isinstance(session_id, str) or not _SESSION.match(session_id):
+        raise UploadError("this browser session has no valid upload id; reload the page")
+    return uploads_root() / session_id
+
+
+def _bytes_under(folder: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(folder, followlinks=False):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def save_session_upload(session_id: str, files: list[tuple[str, object]]) -> Path:
+    """``save_upload`` into the session's own folder, within the per-session and total quotas (checked
+    against the known sizes before anything is written, and while copying). Returns the upload folder."""
+    folder = session_dir(session_id)
+    used_session = _bytes_under(folder)
+    used_total = _bytes_under(uploads_root())
+    s_cap, t_cap = session_quota_bytes(), total_quota_bytes()
+    limits = [
+        (s_cap - used_session,
+         f"this upload would take your uploads over {_mb(s_cap)}, the limit per browser session "
+         f"({SESSION_MB_ENV}; you have {_mb(used_session)} stored): delete uploads you no longer need "
+         "under Your uploads, or pick the checkpoint from a server folder"),
+        (t_cap - used_total,
+         f"the server's upload space is full: this upload would take all uploads over {_mb(t_cap)} "
+         f"({TOTAL_MB_ENV}; {_mb(used_total)} stored); delete uploads you no longer need, try again "
+         "later (unused uploads are removed after "
+         f"{max_age_hours():g} h), or ask the operator to raise the limit"),
+    ]
+    out = save_upload(folder, files, limits=limits)
+    touch_session(session_id)
+    return out
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One stored upload of a session: its folder, file names, size in bytes and last change (epoch s)."""
+
+    folder: Path
+    files: tuple[str, ...]
+    bytes: int
+    mtime: float
+
+
+def session_uploads(session_id: str) -> list[Upload]:
+    """The uploads this session stored, newest first (another session's are never listed)."""
+    folder = session_dir(session_id)
+    out = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return []
+    for e in entries:
+        if e.name.startswith(".") or not e.is_dir(follow_symlinks=False):
+            continue
+        p = Path(e.path)
+        names = tuple(sorted(f.name for f in p.iterdir() if f.is_file()))
+        out.append(Upload(p, names, _bytes_under(p), e.stat(follow_symlinks=False).st_mtime))
+    return sorted(out, key=lambda u: -u.mtime)
+
+
+def touch_session(session_id: str) -> None:
+    """Mark the session's uploads as in use now (the age limit counts from the last use)."""
+    folder = session_dir(session_id)
+    try:
+        os.utime(folder)
+    except OSError:
+        pass
+
+
+def delete_upload(session_id: str, folder: str | Path, keep: tuple[str, ...] = ()) -> None:
+    """Remove one of the session's own uploads. UploadError when ``folder`` is not one of them, or when
+    a queued or running job still reads it (``keep``: the checkpoint paths of such jobs)."""
+    mine = {str(u.folder): u for u in session_uploads(session_id)}
+    target = mine.get(str(folder))
+    if target is None:
+        raise UploadError("that upload is not one of this session's; nothing was deleted")
+    if any(lexically_under(k, [target.folder]) is not None for k in keep):
+        raise UploadError(f"{', '.join(target.files)}: a queued or running analysis still reads this upload; "
+                          "cancel it first (under *Analyses*) or wait for it to finish")
+    shutil.rmtree(target.folder)
+
+
+def sweep_uploads(max_age_h: float | None = None, keep: tuple[str, ...] = (), now: float | None = None) -> list[Path]:
+    """Remove uploads not used for ``max_age_h`` hours (default ``OPDVIZ_UPLOAD_MAX_AGE_H``): session
+    folders, older content-hash folders and temporary folders of interrupted uploads, judged by their
+    modification time. Folders holding one of ``keep`` (paths a queued or running job reads) stay; so
+    does anything in the upload folder that opdviz did not create. Returns what was removed."""
+    root = uploads_root()
+    cutoff = (time.time() if now is None else now) - 3600 * (max_age_hours() if max_age_h is None else max_age_h)
+    removed = []
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return []
+    for e in entries:
+        if not _OURS.match(e.name) or not e.is_dir(follow_symlinks=False):
+            continue
+        try:
+            if e.stat(follow_symlinks=False).st_mtime >= cutoff:
+                continue
+        except OSError:
+            continue
+        if any(lexically_under(k, [e.path]) is not None for k in keep):
+            continue
+        shutil.rmtree(e.path, ignore_errors=True)
+        removed.append(Path(e.path))
+    return removed
 
 
 def checkpoint_in(folder: str | Path) -> Path:

@@ -4,16 +4,21 @@ queue the analysis and watch it run.
 Thin: uploads, confinement and validation live in ``opdviz.uploads``, the queue and its detached
 worker in ``opdviz.jobs``. Nothing is computed in the web server: the job runs in a worker process
 that outlives this session (reloads, closed tabs), so this page reads its state from disk.
+
+Uploads are private to the browser session: they are stored under an unguessable id kept in
+``st.session_state`` (``_na_upload_session``), listed only to that session (*Your uploads*, with
+Delete), within per-session and total quotas, and swept after ``OPDVIZ_UPLOAD_MAX_AGE_H`` hours unused.
+Server folders come from ``OPDVIZ_CHECKPOINT_ROOTS`` only; the queue is the confined store's.
+Text from checkpoints, the store or the browser goes into Markdown through ``ui.md`` / ``ui.code``.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import streamlit as st
 
-from opdviz import jobs, queries, uploads
+from opdviz import jobs, queries, roots, uploads
 from opdviz.errors import OpdvizError
 from opdviz.options import AnalysisOptions
 from opdviz.store import Store
@@ -25,7 +30,9 @@ MAX_POSTS = 8
 SHOWN_JOBS = 8
 
 ui.route_through_app()   # a deep link on a fresh server must still get app.py's navigation and sidebar
-db = (st.session_state.get(ui._STATE) or {}).get("db") or os.environ.get("OPDVIZ_DB") or ui.DEFAULT_DB
+# the store chosen in the sidebar (one of the operator's, see pages/ui.py); the queue lives in its staging folder
+db = (st.session_state.get(ui._STATE) or {}).get("db") or roots.default_db()
+sid = st.session_state.setdefault("_na_upload_session", uploads.new_session_id())
 
 st.title("New analysis")
 st.markdown("""\
@@ -34,13 +41,33 @@ Each is a `.safetensors` file or a Hugging Face folder (sharded: the shards plus
 `model.safetensors.index.json`; add `config.json` so fused tensors are split correctly). The analysis
 runs in the background, one job at a time; it keeps running if you close this tab, and a cancelled or
 interrupted job resumes from the tensors already stored.""")
-st.caption(f"Results go to `{db}` (the sidebar's *Database*).")
+st.caption(f"Results go to {ui.code(db)} (the sidebar's *Database*).")
+
+
+def _active_paths() -> tuple[str, ...]:
+    """Checkpoints that queued or running jobs of this store still read (never swept or deleted)."""
+    try:
+        return tuple(p for j in jobs.list_jobs(db) if j.active for p in (j.base, *(r.post for r in j.runs)))
+    except OpdvizError:
+        return ()
+
+
+try:
+    uploads.touch_session(sid)
+    uploads.sweep_uploads(keep=_active_paths())
+except OpdvizError as exc:          # a bad OPDVIZ_UPLOAD_* setting: the operator's to fix
+    st.error(ui.md(exc), icon=":material/error:")
 
 
 # ----------------------------------------------------------------------------------- choosing
+def _short(message: str) -> str:
+    """Uploaded files named by their upload folder, not by the server's absolute path."""
+    return message.replace(str(uploads.session_dir(sid)), "your uploads").replace(str(uploads.uploads_root()), "uploads")
+
+
 def _clean(message: str) -> str:
-    """Messages name uploaded files by their upload folder, not by the server's absolute path."""
-    return message.replace(str(uploads.uploads_root()), "uploads")
+    """A message for Markdown: ``_short`` and escaped (messages quote file names and checkpoint contents)."""
+    return ui.md(_short(message))
 
 
 def _stamp(path: Path) -> tuple:
@@ -63,12 +90,18 @@ def _validate_pair(base: str, post: str, stamps: tuple) -> uploads.PairReport:
 
 
 @st.cache_data(show_spinner=False, ttl=10)
-def _server_checkpoints(roots: tuple[str, ...]) -> list[str]:
-    return [str(p) for p in uploads.list_checkpoints()]
+def _server_checkpoints(folders: tuple[str, ...]) -> list[str]:
+    return [str(p) for p in uploads.list_checkpoints(roots=[Path(r) for r in folders])]
+
+
+def _page_roots() -> list[Path]:
+    """What this session may analyse: the operator's checkpoint folders and its own uploads."""
+    return [*uploads.checkpoint_roots(), uploads.session_dir(sid)]
 
 
 def _from_upload(key: str, label: str) -> Path | None:
-    files = st.file_uploader(label, type=["safetensors", "json"], accept_multiple_files=True, key=key,
+    files = st.file_uploader(label, type=["safetensors", "json"], accept_multiple_files=True,
+                             key=f"{key}_{st.session_state.get('_na_gen', 0)}",   # a new key empties it (Delete)
                              max_upload_size=max(1, uploads.max_upload_bytes() >> 20),
                              help="Select every file of the checkpoint at once: the .safetensors weights (all "
                                   "shards), model.safetensors.index.json when sharded, and config.json.")
@@ -79,7 +112,7 @@ def _from_upload(key: str, label: str) -> Path | None:
     if ident not in saved:
         try:
             with st.spinner("Storing the upload…"):
-                folder = uploads.save_upload(uploads.uploads_root(), [(f.name, f) for f in files])
+                folder = uploads.save_session_upload(sid, [(f.name, f) for f in files])
                 saved[ident] = ("ok", str(uploads.checkpoint_in(folder)))
         except OpdvizError as exc:
             saved[ident] = ("error", str(exc))
@@ -91,15 +124,15 @@ def _from_upload(key: str, label: str) -> Path | None:
 
 
 def _from_server(key: str, label: str) -> Path | None:
-    roots = uploads.allowed_roots()
-    found = _server_checkpoints(tuple(map(str, roots)))
+    folders = uploads.checkpoint_roots()
+    found = _server_checkpoints(tuple(map(str, folders)))
     if not found:
-        st.info("No checkpoints under " + ", ".join(f"`{r}`" for r in roots) + f" (set `{uploads.ROOTS_ENV}` "
+        st.info("No checkpoints under " + ", ".join(ui.code(r) for r in folders) + f" (set `{uploads.ROOTS_ENV}` "
                 "to list other folders).", icon=":material/folder_off:")
         return None
 
     def short(p: str) -> str:
-        for r in roots:
+        for r in folders:
             if Path(p).is_relative_to(r):
                 return f"{r.name}/{Path(p).relative_to(r)}"
         return p
@@ -108,9 +141,9 @@ def _from_server(key: str, label: str) -> Path | None:
     if choice is None:
         return None
     try:
-        return uploads.resolve_under_roots(choice)
+        return uploads.resolve_under_roots(choice, folders)
     except OpdvizError as exc:
-        st.error(str(exc), icon=":material/block:")
+        st.error(ui.md(exc), icon=":material/block:")
         return None
 
 
@@ -122,9 +155,9 @@ def choose(key: str, label: str) -> Path | None:
     for err in report.errors:
         st.error(_clean(err), icon=":material/error:")
     if report.ok:
-        st.caption(":material/check_circle: " + report.summary())
+        st.caption(":material/check_circle: " + ui.md(report.summary()))
         for w in report.warnings:
-            st.caption(":material/info: " + w)
+            st.caption(":material/info: " + _clean(w))
     return path if report.ok else None
 
 
@@ -139,9 +172,43 @@ def _suggest(path: Path | None, method: str, i: int) -> str:
     return f"{method.lower()}-{i + 1}"
 
 
+def _delete(folder: Path) -> None:
+    try:
+        uploads.delete_upload(sid, folder, keep=_active_paths())
+    except OpdvizError as exc:
+        st.session_state["_na_delete_error"] = str(exc)
+        return
+    # empty the file pickers (new keys) so the deleted files are not stored again on the next rerun
+    st.session_state["_na_gen"] = st.session_state.get("_na_gen", 0) + 1
+    st.session_state["_na_saved"] = {}
+
+
+def _your_uploads() -> None:
+    """This session's uploads (no other session's are ever listed), each with Delete."""
+    mine = uploads.session_uploads(sid)
+    err = st.session_state.pop("_na_delete_error", None)
+    if err:
+        st.error(_clean(err), icon=":material/error:")
+    if not mine:
+        return
+    used = sum(u.bytes for u in mine)
+    try:
+        quota = f" of {uploads.session_quota_bytes() / 2**20:,.0f} MB"
+    except OpdvizError:
+        quota = ""
+    with st.expander(f"Your uploads: {len(mine)}, {ui._human_bytes(used)}{quota}", icon=":material/upload_file:"):
+        st.caption(f"Only this browser tab sees them. Uploads unused for {uploads.max_age_hours():g} h are "
+                   "removed; delete them yourself when the analysis is done.")
+        for u in mine:
+            row = st.container(horizontal=True, vertical_alignment="center")
+            row.markdown(", ".join(ui.code(n) for n in u.files) + f" · {ui._human_bytes(u.bytes)}")
+            row.button("Delete", key=f"del_{u.folder.name}", icon=":material/delete:", on_click=_delete,
+                       args=(u.folder,), help="Remove these files from the server.")
+
+
 source = st.radio("Checkpoints from", (UPLOAD, SERVER), horizontal=True, key="na_source",
-                  help="Uploads are stored once per content under the upload folder; server folders are "
-                       f"limited to {uploads.ROOTS_ENV}.")
+                  help="Uploads are private to this browser tab and stored once per content; server folders "
+                       f"are limited to {uploads.ROOTS_ENV}.")
 
 with st.container(border=True):
     st.subheader("Base checkpoint")
@@ -165,6 +232,11 @@ for i in range(int(n_posts)):
                                   "(or the same checkpoints and options, to resume).").strip() or suggested
         posts.append((path, name, method))
 
+try:
+    _your_uploads()
+except OpdvizError as exc:
+    st.error(_clean(str(exc)), icon=":material/error:")
+
 with st.expander("Options", icon=":material/tune:"):
     defaults = AnalysisOptions()
     o1, o2 = st.columns(2)
@@ -187,32 +259,32 @@ problems: list[str] = []
 ready = base is not None and all(p is not None for p, _, _ in posts)
 names = [n for _, n, _ in posts]
 if len(set(names)) != len(names):
-    problems.append(f"Run names must differ: {', '.join(names)}.")
+    problems.append(f"Run names must differ: {ui.md(', '.join(names))}.")
 try:
     stored = set(queries.runs(Store(db))["run_id"]) if Store(db).exists() else set()
     in_queue = {r.run_id for j in jobs.list_jobs(db) if j.active for r in j.runs}
 except OpdvizError as exc:
     stored, in_queue = set(), set()
-    st.error(str(exc), icon=":material/database:")
+    st.error(ui.md(exc), icon=":material/database:")
 if ready:
     st.subheader("Checks")
     for path, name, _ in posts:
         rep = _validate_pair(str(base), str(path), (_stamp(base), _stamp(path)))
-        head = f"**{name}** vs base"
+        head = f"**{ui.md(name)}** vs base"
         if rep.errors:
-            problems.append(f"{name}: cannot be compared with the base.")
+            problems.append(f"{ui.md(name)}: cannot be compared with the base.")
             for err in rep.errors:
                 st.error(f"{head}: {_clean(err)}", icon=":material/error:")
             continue
         for w in rep.warnings:
-            st.warning(f"{head}: {w}", icon=":material/warning:")
+            st.warning(f"{head}: {_clean(w)}", icon=":material/warning:")
         st.success(f"{head}: {rep.n_analysed} tensors will be analysed ({rep.bytes_to_read / 1e6:,.1f} MB to read)"
                    + (f", {rep.n_skipped} skipped" if rep.n_skipped else "") + ".", icon=":material/check_circle:")
         if name in in_queue:
-            problems.append(f"A job for run **{name}** is already queued or running (see *Analyses* below); "
+            problems.append(f"A job for run **{ui.md(name)}** is already queued or running (see *Analyses* below); "
                             "choose another run name to start one more.")
         elif name in stored:
-            st.warning(f"A run named **{name}** is already stored in `{db}`: starting continues it when the "
+            st.warning(f"A run named **{ui.md(name)}** is already stored in {ui.code(db)}: starting continues it when the "
                        "checkpoints and options are the same, and fails otherwise — choose another run name "
                        "to keep both.", icon=":material/warning:")
 for p in problems:
@@ -222,14 +294,17 @@ start = st.button("Start analysis", type="primary", icon=":material/play_arrow:"
                   disabled=not ready or bool(problems),
                   help=None if ready and not problems else "Choose valid checkpoints first.")
 if start:
-    request = jobs.JobRequest(base=str(base), posts=tuple((str(p), n, m) for p, n, m in posts),
-                              options=options.to_json())
     try:
+        # checked again as the job is queued: the worker reads only what this session may read
+        confined = [uploads.resolve_under_roots(p, _page_roots()) for p in (base, *(p for p, _, _ in posts))]
+        request = jobs.JobRequest(base=str(confined[0]),
+                                  posts=tuple((str(c), n, m) for c, (_, n, m) in zip(confined[1:], posts)),
+                                  options=options.to_json())
         job_id = jobs.submit(db, request)
         jobs.ensure_worker(db)
         st.toast(f"Queued job {job_id}", icon=":material/schedule:")
     except OpdvizError as exc:
-        st.error(f"Could not queue the analysis: {exc}", icon=":material/error:")
+        st.error(f"Could not queue the analysis: {_clean(str(exc))}", icon=":material/error:")
 
 
 # ----------------------------------------------------------------------------------- jobs
@@ -242,14 +317,14 @@ def _eta(seconds) -> str:
 
 def _run_line(r: jobs.RunProgress, state: str) -> str:
     if r.n_total is None:
-        return f"{r.run_id}: " + ("starting (reading the checkpoint headers)…" if state == "running" else "not started")
-    parts = [f"{r.run_id}: {r.n_done}/{r.n_total} tensors"]
+        return f"{ui.md(r.run_id)}: " + ("starting (reading the checkpoint headers)…" if state == "running" else "not started")
+    parts = [f"{ui.md(r.run_id)}: {r.n_done}/{r.n_total} tensors"]
     if r.bytes_total:
         parts.append(f"{r.bytes_done / 1e6:,.1f}/{r.bytes_total / 1e6:,.1f} MB")
     if r.status == "running":
         parts.append(_eta(r.eta_s))
         if r.current:
-            parts.append(r.current)
+            parts.append(ui.md(r.current))
     return " · ".join(parts)
 
 
@@ -257,8 +332,8 @@ def _show_job(job: jobs.JobStatus, waiting: bool) -> None:
     label = {"queued": ":material/schedule: queued", "running": ":material/progress_activity: running",
              "done": ":material/check_circle: done", "failed": ":material/error: failed",
              "cancelled": ":material/cancel: cancelled"}[job.state]
-    runs = ", ".join(f"{r.run_id} ({r.method})" for r in job.runs)
-    st.markdown(f"**{runs}** · {label} · base `{_clean(job.base)}` · job `{job.id}`")
+    runs = ui.md(", ".join(f"{r.run_id} ({r.method})" for r in job.runs))
+    st.markdown(f"**{runs}** · {label} · base {ui.code(_short(job.base))} · job {ui.code(job.id)}")
     if job.state == "queued":
         st.caption("Waiting for the job ahead of it to finish." if waiting else "Starting…")
     for r in job.runs:
@@ -269,14 +344,14 @@ def _show_job(job: jobs.JobStatus, waiting: bool) -> None:
             bits = [f"{r.n_skipped} skipped"] if r.n_skipped else []
             if r.n_failed:
                 bits.append(f"{r.n_failed} failed")
-            st.success(f"{r.run_id}: finished" + (f" ({', '.join(bits)})" if bits else "") + ".",
+            st.success(f"{ui.md(r.run_id)}: finished" + (f" ({', '.join(bits)})" if bits else "") + ".",
                        icon=":material/check_circle:")
             if r.n_failed:
                 _failures(r.run_id)
     elif job.state == "failed":
         st.error(_clean(job.error) or "the job failed", icon=":material/error:")
     elif job.state == "cancelled":
-        st.warning(job.error or "cancelled", icon=":material/cancel:")
+        st.warning(_clean(job.error or "cancelled"), icon=":material/cancel:")
     row = st.container(horizontal=True)
     if job.state in ("queued", "running"):
         if row.button("Cancel", key=f"cancel_{job.id}", icon=":material/stop:"):
@@ -294,10 +369,10 @@ def _failures(run_id: str) -> None:
     try:
         df = queries.failures(Store(db), run_id)
     except OpdvizError as exc:
-        st.error(str(exc))
+        st.error(ui.md(exc))
         return
     if not df.empty:
-        with st.expander(f"{len(df)} tensor(s) of {run_id} failed (e.g. NaN/Inf weights) — recorded, the job went on"):
+        with st.expander(f"{len(df)} tensor(s) of {ui.md(run_id)} failed (e.g. NaN/Inf weights) — recorded, the job went on"):
             st.dataframe(df[["tensor", "stage", "error", "message"]], hide_index=True)
 
 
@@ -307,7 +382,7 @@ def _act(fn, job_id: str, start: bool = False) -> None:
         if start:
             jobs.ensure_worker(db)
     except OpdvizError as exc:
-        st.error(str(exc), icon=":material/error:")
+        st.error(_clean(str(exc)), icon=":material/error:")
         return
     st.rerun(scope="app")
 
@@ -318,7 +393,7 @@ def _jobs_panel(polling: bool) -> None:
         if any(j.state == "queued" for j in listed):
             jobs.ensure_worker(db)  # no-op while a worker runs; restarts one that went away
     except OpdvizError as exc:
-        st.error(str(exc), icon=":material/error:")
+        st.error(_clean(str(exc)), icon=":material/error:")
         return
     if not listed:
         st.caption("No analyses yet.")

@@ -29,7 +29,7 @@ def _q(name: str, db: str, stamp: tuple, *args):
 pairs = _q("pairs", view.db, view.stamp, view.sel)
 if pairs.empty:
     st.info("No overlap computed for these runs yet. Compute one for two runs that share a base:\n\n"
-            f"`opdviz overlap --db {view.db} --base BASE --a POST_A --b POST_B --run-a A --run-b B`\n\n"
+            f"{ui.code(f'opdviz overlap --db {view.db} --base BASE --a POST_A --b POST_B --run-a A --run-b B')}\n\n"
             "(add `--method-a LABEL --method-b LABEL` for runs not analysed with `opdviz compute`), then reload.",
             icon=":material/info:")
     st.stop()

@@ -46,16 +46,17 @@ for run_id in shown_runs["run_id"]:
     prov = ui.query("provenance", view.db, view.stamp, run_id)
     bad = ui.query("not_ok", view.db, view.stamp, run_id)
     n_skip, n_fail = int((bad["status"] == "skipped").sum()), int((bad["status"] == "failed").sum())
-    label = (f"{run_id} — {prov.get('method')}, {prov.get('status')}, {prov.get('n_done')}/{prov.get('n_tensors')} "
-             f"tensors, {n_skip} skipped, {n_fail} failed")
+    label = ui.md(f"{run_id} — {prov.get('method')}, {prov.get('status')}, {prov.get('n_done')}/"
+                  f"{prov.get('n_tensors')} tensors, {n_skip} skipped, {n_fail} failed")
     with st.expander(label, icon=":material/warning:" if n_fail else ":material/description:"):
         left, right = st.columns(2)
         left.markdown("**Inputs**")
-        left.table(ui.provenance_rows(prov, ("base_path", "base_fingerprint", "base_bytes", "post_path",
-                                             "post_fingerprint", "post_bytes", "kind", "dtype")))
+        left.table(ui.md_frame(ui.provenance_rows(prov, ("base_path", "base_fingerprint", "base_bytes", "post_path",
+                                                         "post_fingerprint", "post_bytes", "kind", "dtype"))))
         right.markdown("**Job**")
-        right.table(ui.provenance_rows(prov, ("device", "seed", "status", "error", "created_at", "finished_at",
-                                              "wall_s", "n_tensors", "n_done", "n_skipped", "n_failed")))
+        right.table(ui.md_frame(ui.provenance_rows(prov, ("device", "seed", "status", "error", "created_at",
+                                                          "finished_at", "wall_s", "n_tensors", "n_done", "n_skipped",
+                                                          "n_failed"))))
         c1, c2, c3 = st.columns(3)
         c1.markdown("**Options**")
         c1.json(prov.get("options") or {}, expanded=False)

@@ -25,7 +25,7 @@ def _q(name: str, db: str, stamp: tuple, *args):
 trajs = _q("trajectories", view.db, view.stamp)
 if trajs.empty:
     st.info("No trajectory in this database yet. Analyse the checkpoints of one run, step by step:\n\n"
-            f"`opdviz trajectory --db {view.db} BASE RUN_FOLDER --name NAME --method LABEL`\n\n"
+            f"{ui.code(f'opdviz trajectory --db {view.db} BASE RUN_FOLDER --name NAME --method LABEL')}\n\n"
             "(RUN_FOLDER holds `checkpoint-100/`, `checkpoint-200/`, …; or list checkpoints with `--steps`), "
             "then reload.", icon=":material/info:")
     st.stop()
@@ -43,7 +43,7 @@ for key, value in (("p_traj", name), ("p_tmetric", metric)):
     ui.remember(key, value)
 ui.sync_params({"traj": None if name == names[0] else name, "tmetric": None if metric == "sparsity" else metric})
 if not bool(trajs.set_index("trajectory").at[name, "has_metrics"]):
-    st.warning(f"Trajectory **{name}** has per-step runs but no trajectory metrics yet (is `opdviz trajectory` "
+    st.warning(f"Trajectory **{ui.md(name)}** has per-step runs but no trajectory metrics yet (is `opdviz trajectory` "
                "still running?). Per-step figures are shown; rerun the same command to finish.")
 ctx = VA.AcrossContext(criterion=view.ctx.criterion, trajectory=name, metric=metric)
 

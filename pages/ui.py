@@ -12,6 +12,11 @@ thread pool; then a background thread warms the other pages' default figures for
 (set ``OPDVIZ_PREWARM=0`` to switch that off, e.g. for benchmarks). No DuckDB connection is kept open here:
 ``Store.query`` opens an in-memory one per call (a kept connection would lock the job out).
 
+The *Database* is chosen from a list of the stores under the operator's store roots (``opdviz.roots``:
+``OPDVIZ_STORE_ROOTS``, default the folder of ``$OPDVIZ_DB`` and ``data/``); a ``db`` URL parameter naming
+anything else gets one message (``roots.REFUSED``) and the operator's store, and no file is looked up.
+Text from the store or the browser goes into Markdown only through ``md()`` / ``code()`` (shown literally).
+
 Query-param keys (a view can be bookmarked): ``db``, ``run`` (repeated), ``tower``, ``block``,
 ``module`` (repeated), ``layers`` (``LO-HI``), ``crit``, and per page ``tensor`` (Tensor),
 ``tensors`` (Spectra and Geometry, repeated), ``metric``, ``a``, ``b`` (Compare), ``pair`` (Overlap), ``traj``,
@@ -25,6 +30,7 @@ import json
 import os
 import re
 import threading
+import unicodedata
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,7 +40,7 @@ import pandas as pd
 import streamlit as st
 from streamlit.runtime.scriptrunner import add_script_run_ctx, get_script_run_ctx
 
-from opdviz import figexport, queries, views
+from opdviz import figexport, queries, roots, views
 from opdviz.errors import OpdvizError
 from opdviz.options import DEFAULT_CRITERIA
 from opdviz.queries import Selection
@@ -55,10 +61,11 @@ HOW_TO_GET_DATA = """\
 **How to get data**
 
 * try the dashboard on a small generated example: `opdviz demo`
-* analyse your own checkpoints: `opdviz compute BASE POST --method OPD --db {db}`
+* analyse your own checkpoints: {compute}
   (BASE and POST: a `.safetensors` file or a Hugging Face model folder)
 * or queue one from the browser on the **New analysis** page (below),
-* or point the sidebar's *Database* field at an existing `.duckdb` file.
+* or choose another store in the sidebar's *Database* list (the stores under the folders the operator
+  offers: `OPDVIZ_STORE_ROOTS`).
 
 Then reload this page.
 """
@@ -79,6 +86,42 @@ class View:
     @property
     def store(self) -> Store:
         return Store(self.db)
+
+
+# ----------------------------------------------------------------------------------- literal text
+_MD_PUNCT = re.compile(r"([!-/:-@\[-`{-~])")     # every ASCII punctuation character: all escapable in CommonMark
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def visible(text) -> str:
+    """``text`` with control and format characters (newlines, bidi overrides, NUL…) written as escapes."""
+    return "".join(_NAMED.get(c, f"\\u{ord(c):04x}") if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") else c
+                   for c in str(text))
+
+
+def md(text) -> str:
+    """Untrusted ``text`` (run names, method labels, metric keys, paths, messages) for any Streamlit call
+    that renders Markdown (``st.markdown``, ``caption``, ``info``/``error``…, expander and widget labels,
+    progress text, toasts): every ASCII punctuation character is backslash-escaped, so emphasis, links,
+    headings, HTML, ``$…$`` math, ``:emoji:`` / ``:material/…:`` and ``:color[…]`` stay literal text."""
+    return _MD_PUNCT.sub(r"\\\1", visible(text))
+
+
+def md_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """A copy of ``df`` for ``st.table`` (whose cells render Markdown): text cells and the index through ``md``."""
+    out = df.map(lambda v: md(v) if isinstance(v, str) else v)
+    out.index = [md(i) if isinstance(i, str) else i for i in out.index]
+    out.index.name = df.index.name
+    return out
+
+
+def code(text) -> str:
+    """Untrusted ``text`` as an inline code span (paths, tensor names): fenced by more backticks than it
+    contains, so nothing in it can close the span."""
+    text = visible(text)
+    fence = "`" * (max((len(r) for r in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 # ----------------------------------------------------------------------------------- caching
@@ -162,7 +205,7 @@ def query(name: str, db: str, stamp_: tuple, *args):
     try:
         return _cached(name, db, stamp_, args)
     except OpdvizError as exc:
-        st.error(str(exc))
+        st.error(md(exc))
         st.stop()
 
 
@@ -210,15 +253,47 @@ def run_label(runs: pd.DataFrame) -> Callable[[str], str]:
 
 
 # ----------------------------------------------------------------------------------- sidebar
+@st.cache_data(show_spinner=False, ttl=10, max_entries=16)
+def _stores(store_roots: tuple[str, ...], env_db: str) -> list[str]:
+    return roots.list_stores(list(store_roots))
+
+
+def store_choice() -> tuple[list[str], str, bool]:
+    """(stores the browser may choose, the one to open first, whether the URL named another).
+
+    The operator's ``$OPDVIZ_DB`` comes first; a ``db`` URL parameter must name one of the listed stores,
+    compared as text (``roots.choose_store``): nothing it names is created, opened or looked up."""
+    store_roots = roots.store_roots()
+    stores = _stores(tuple(map(str, store_roots)), roots.default_db())
+    want = st.query_params.get("db")
+    if not want:
+        return stores, stores[0], False
+    try:
+        return stores, roots.choose_store(want, stores), False
+    except roots.StoreRefused:
+        return stores, stores[0], True
+
+
 def sidebar(page_path: str) -> None:
     """Draw the shared filters in the sidebar and keep the URL in step; ``page_path`` is the current
     page's url path (its own query params are kept, other pages' are dropped)."""
     qp = st.query_params
-    env_db = os.environ.get("OPDVIZ_DB") or DEFAULT_DB
-    _init("f_db", qp.get("db") or env_db)
     sb = st.sidebar
-    db = sb.text_input("Database", key="f_db", help="The opdviz DuckDB file (its `.staging` folder is read "
-                       "too). Default: $OPDVIZ_DB, else data/opdviz.duckdb.").strip() or env_db
+    stores, first, refused = store_choice()
+    env_db = stores[0]
+    if "f_db" not in st.session_state:
+        st.session_state.f_db = first
+        if refused:
+            st.session_state["_db_refused"] = True
+    if st.session_state.f_db not in stores:
+        st.session_state.f_db = env_db
+    store_roots = roots.store_roots()
+    db = sb.selectbox("Database", stores, key="f_db", format_func=lambda s: roots.label(s, store_roots),
+                      help="The opdviz stores on this server: $OPDVIZ_DB first, then the `.duckdb` stores "
+                           "under the folders the operator offers (OPDVIZ_STORE_ROOTS).")
+    if st.session_state.pop("_db_refused", False):
+        sb.error(roots.REFUSED, icon=":material/block:")
+        sync_params({"db": None})
     st.session_state[_STATE] = {"db": db, "ready": False}
     store = Store(db)
     if not store.exists():
@@ -304,7 +379,7 @@ def sidebar(page_path: str) -> None:
                  "module": sel_modules, "layers": f"{layer_range[0]}-{layer_range[1]}" if layer_range else None,
                  "crit": None if crit == DEFAULT_CRITERION else crit,
                  **{k: None for keys in PAGE_PARAMS.values() for k in keys if k not in own}})
-    sb.caption(f"{len(run_ids)} run(s) in `{Path(db).name}`. The URL keeps this selection — bookmark or "
+    sb.caption(f"{len(run_ids)} run(s) in {code(Path(db).name)}. The URL keeps this selection — bookmark or "
                "share it.")
 
 
@@ -324,12 +399,13 @@ def begin(title: str, intro: str) -> View:
     st.markdown(intro)
     shared = st.session_state.get(_STATE) or {"db": DEFAULT_DB, "ready": False}
     if shared.get("error"):
-        st.error(shared["error"])
+        st.error(md(shared["error"]))
         st.stop()
     if not shared["ready"]:
         db = shared["db"]
         what = "has no runs yet" if Store(db).exists() else "does not exist"
-        st.info(f"The database `{db}` {what}.\n\n" + HOW_TO_GET_DATA.format(db=db), icon=":material/info:")
+        st.info(f"The database {code(db)} {what}.\n\n" + HOW_TO_GET_DATA.format(
+            compute=code(f"opdviz compute BASE POST --method OPD --db {db}")), icon=":material/info:")
         if Path(__file__).with_name("new_analysis.py").exists():
             st.page_link("pages/new_analysis.py", label="New analysis", icon=":material/add_circle:")
         st.stop()
@@ -361,14 +437,14 @@ def _run_notices(view: View, runs: pd.DataFrame) -> None:
             n_total = int(row.n_tensors or 0)
             n_done, current = _progress(view, row.run_id)
             frac = min(1.0, n_done / n_total) if n_total else 0.0
-            st.info(f"Run **{row.run_id}** is still computing: {n_done} of {n_total} tensors done. The figures "
+            st.info(f"Run **{md(row.run_id)}** is still computing: {n_done} of {n_total} tensors done. The figures "
                     "show the tensors finished so far; refresh to pick up new results."
-                    + (f" Now on `{current}`." if current else ""), icon=":material/hourglass_top:")
+                    + (f" Now on {code(current)}." if current else ""), icon=":material/hourglass_top:")
             bar, button = st.columns([5, 1], vertical_alignment="center")
-            bar.progress(frac, text=f"{row.run_id}: {n_done}/{n_total} tensors")
+            bar.progress(frac, text=f"{md(row.run_id)}: {n_done}/{n_total} tensors")
             button.button("Refresh", key=f"refresh_{row.run_id}", icon=":material/refresh:")
         elif row.status not in ("done", None):
-            st.warning(f"Run **{row.run_id}** is `{row.status}`" + (f": {row.error}" if row.error else "") +
+            st.warning(f"Run **{md(row.run_id)}** is {code(row.status)}" + (f": {md(row.error)}" if row.error else "") +
                        ". Its finished tensors are shown; rerun the same `opdviz compute` command (or Resume on "
                        "the New analysis page) to compute the rest.", icon=":material/warning:")
 
@@ -418,7 +494,7 @@ def figures(view: View, page: str) -> None:
         try:
             fig, df = future.result()
         except OpdvizError as exc:
-            st.error(str(exc))
+            st.error(md(exc))
             st.stop()
         built.append((spec.key, fig, df))
         if i:

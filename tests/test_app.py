@@ -93,7 +93,7 @@ def test_every_page_renders_its_figures(monkeypatch, db, page):
 @pytest.mark.parametrize("page", ("overlap", "trajectory", "new_analysis"))
 def test_the_other_routed_pages_open_with_the_sidebar(monkeypatch, db, page):
     at = _app(monkeypatch, db, page)
-    assert at.sidebar.text_input(key="f_db").value == db
+    assert at.sidebar.selectbox(key="f_db").value == db
 
 
 @pytest.mark.parametrize("widget, value, param, expected", [

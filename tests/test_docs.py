@@ -47,3 +47,22 @@ def test_readme_starts_with_the_two_commands():
     assert "pytest" in blocks[1]
     ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
     assert ".venv/bin/python -m pytest -q" in ci and ".venv/bin/python -m pytest -q" in blocks[1]
+
+
+SECURITY = (Path(__file__).resolve().parents[1] / "SECURITY.md").read_text()
+
+
+def _confining_settings() -> set[str]:
+    from opdviz import roots, uploads
+
+    return {v for mod in (roots, uploads) for k, v in vars(mod).items() if k.endswith("_ENV") and isinstance(v, str)}
+
+
+def test_every_confining_setting_is_documented():
+    settings = _confining_settings()
+    assert {"OPDVIZ_STORE_ROOTS", "OPDVIZ_CHECKPOINT_ROOTS", "OPDVIZ_UPLOAD_SESSION_MB",
+            "OPDVIZ_UPLOAD_TOTAL_MB", "OPDVIZ_UPLOAD_MAX_AGE_H"} <= settings
+    for name in sorted(settings):
+        assert f"| `{name}` |" in SECURITY, f"{name} missing from SECURITY.md's settings table"
+        assert f"`{name}`" in README, f"{name} missing from the README"
+    assert "](SECURITY.md)" in README

@@ -105,10 +105,10 @@ def open_page(browser, url):
     # Land on the root first: Streamlit runs a deep link of the first session after start-up as a bare
     # pages/ file (multipage v1), without app.py's navigation and sidebar, until app.py has run once.
     page.goto(url)
-    page.get_by_role("textbox", name="Database").wait_for(timeout=60_000)  # app.py's sidebar: it ran
+    page.get_by_role("combobox", name="Database").wait_for(timeout=60_000)  # app.py's sidebar: it ran
     page.goto(f"{url}/new_analysis")
     page.get_by_role("heading", name="New analysis").wait_for(timeout=60_000)
-    page.get_by_role("textbox", name="Database").wait_for(timeout=60_000)
+    page.get_by_role("combobox", name="Database").wait_for(timeout=60_000)
     settled(page)
     return page
 
@@ -146,7 +146,8 @@ def test_upload_start_watch_and_see_the_heatmap(server, browser):
     page.get_by_text("browser-run: finished").wait_for(timeout=300_000)
     settled(page)
     page.screenshot(path=str(tmp / "4-done.png"), full_page=True)
-    assert (tmp / "uploads").is_dir() and len([p for p in (tmp / "uploads").iterdir()]) == 2
+    sessions = list((tmp / "uploads").iterdir())      # uploads/<this session's id>/<content hash>/, two of them
+    assert len(sessions) == 1 and len(list(sessions[0].iterdir())) == 2
 
     page.get_by_role("link", name="Open the Sparsity page").first.click()
     page.get_by_role("heading", name="Sparsity").first.wait_for(timeout=60_000)

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import struct
+import time
 
 import pytest
 import torch
@@ -256,3 +257,147 @@ def test_missing_path_is_reported(tmp_path):
 def test_upload_folder_is_not_world_writable(tmp_path):
     folder = save_upload(tmp_path / "up", [("model.safetensors", b"abc")])
     assert not os.stat(folder).st_mode & 0o002
+
+
+# ------------------------------------------------------------------------ sessions, quotas, age
+
+from opdviz import uploads as U  # noqa: E402
+
+
+@pytest.fixture
+def up(tmp_path, monkeypatch):
+    """An upload folder in tmp_path and two browser sessions."""
+    monkeypatch.setenv("OPDVIZ_UPLOAD_DIR", str(tmp_path / "uploads"))
+    monkeypatch.setenv("OPDVIZ_CHECKPOINT_ROOTS", str(tmp_path / "server"))
+    (tmp_path / "server").mkdir()
+    for env in ("OPDVIZ_UPLOAD_SESSION_MB", "OPDVIZ_UPLOAD_TOTAL_MB", "OPDVIZ_UPLOAD_MAX_AGE_H", "OPDVIZ_MAX_UPLOAD_MB"):
+        monkeypatch.delenv(env, raising=False)
+    return U.new_session_id(), U.new_session_id()
+
+
+def test_each_session_sees_only_its_own_uploads(up, tmp_path):
+    a, b = up
+    folder = U.save_session_upload(a, [("model.safetensors", st_bytes(tmp_path))])
+    assert folder.parent == U.session_dir(a) and a != b and len(a) == 32
+    assert [u.folder for u in U.session_uploads(a)] == [folder]
+    assert U.session_uploads(b) == []
+    assert U.list_checkpoints() == []                                    # the server picker lists no upload
+    with pytest.raises(UploadError, match="outside the folders"):       # b cannot queue a's upload
+        resolve_under_roots(folder / "model.safetensors", [*U.checkpoint_roots(), U.session_dir(b)])
+    assert resolve_under_roots(folder, [*U.checkpoint_roots(), U.session_dir(a)]) == folder.resolve()
+
+
+@pytest.mark.parametrize("sid", ["", "../x", "0" * 31, "0" * 33, "A" * 32, "g" * 32, "0" * 31 + "/", None])
+def test_a_session_id_can_name_no_other_folder(up, sid):
+    with pytest.raises(UploadError, match="no valid upload id"):
+        U.session_dir(sid)
+
+
+def test_the_session_quota_is_checked_before_writing(up, monkeypatch):
+    a, b = up
+    monkeypatch.setenv("OPDVIZ_UPLOAD_SESSION_MB", "0.01")               # ~10 KB
+    U.save_session_upload(a, [("a.safetensors", b"\0" * 6000)])
+    before = sorted(p.name for p in U.session_dir(a).iterdir())
+
+    class NeverRead(io.BytesIO):                                        # size known up front, bytes never read
+        size = 6000
+
+        def read(self, *args):
+            raise AssertionError("read before the quota was checked")
+
+    with pytest.raises(UploadError, match=r"limit per browser session \(OPDVIZ_UPLOAD_SESSION_MB"):
+        U.save_session_upload(a, [("b.safetensors", NeverRead())])
+    assert sorted(p.name for p in U.session_dir(a).iterdir()) == before  # nothing written, no temp left
+    U.save_session_upload(b, [("b.safetensors", b"\0" * 6000)])         # another session has its own quota
+
+
+def test_the_total_quota_counts_every_session(up, monkeypatch):
+    a, b = up
+    monkeypatch.setenv("OPDVIZ_UPLOAD_TOTAL_MB", "0.01")
+    U.save_session_upload(a, [("a.safetensors", b"\0" * 6000)])
+    with pytest.raises(UploadError, match=r"upload space is full.*OPDVIZ_UPLOAD_TOTAL_MB"):
+        U.save_session_upload(b, [("b.safetensors", b"\0" * 6000)])
+    with pytest.raises(UploadError, match="upload space is full"):      # a stream of unknown size: while copying
+        U.save_session_upload(b, [("b.safetensors", _Unsized(b"\0" * 6000))])
+    assert not U.session_dir(b).exists() or not any(U.session_dir(b).iterdir())
+
+
+@pytest.mark.parametrize("env, value, words", [
+    ("OPDVIZ_UPLOAD_SESSION_MB", "lots", "not a number"),
+    ("OPDVIZ_UPLOAD_TOTAL_MB", "-1", "positive"),
+    ("OPDVIZ_UPLOAD_TOTAL_MB", "nan", "positive"),
+])
+def test_bad_quota_settings_are_clear_errors(up, monkeypatch, env, value, words):
+    monkeypatch.setenv(env, value)
+    with pytest.raises(UploadError, match=f"{env}.*{words}"):
+        U.save_session_upload(up[0], [("a.safetensors", b"x")])
+
+
+def test_a_user_deletes_their_own_upload_only(up, tmp_path):
+    a, b = up
+    mine = U.save_session_upload(a, [("model.safetensors", st_bytes(tmp_path))])
+    theirs = U.save_session_upload(b, [("model.safetensors", st_bytes(tmp_path, name="t.safetensors"))])
+    data = (theirs / "model.safetensors").read_bytes()
+    with pytest.raises(UploadError, match="not one of this session's"):
+        U.delete_upload(a, theirs)
+    assert (theirs / "model.safetensors").read_bytes() == data
+    with pytest.raises(UploadError, match="queued or running analysis still reads"):
+        U.delete_upload(a, mine, keep=(str(mine / "model.safetensors"),))
+    U.delete_upload(a, mine)
+    assert not mine.exists() and U.session_uploads(a) == [] and theirs.exists()
+
+
+def test_abandoned_uploads_are_swept_after_the_age(up, tmp_path, monkeypatch):
+    a, b = up
+    old = U.save_session_upload(a, [("model.safetensors", b"old")])
+    kept = U.save_session_upload(b, [("model.safetensors", b"in use")])
+    root = U.uploads_root()
+    (root / ".tmp-crashed").mkdir()                                     # an interrupted upload
+    (root / "operator-notes").mkdir()                                   # not opdviz's: never removed
+    day_ago = time.time() - 25 * 3600
+    for p in (U.session_dir(a), U.session_dir(b), root / ".tmp-crashed", root / "operator-notes"):
+        os.utime(p, (day_ago, day_ago))
+    fresh = U.new_session_id()
+    U.save_session_upload(fresh, [("model.safetensors", b"new")])
+    removed = U.sweep_uploads(keep=(str(kept / "model.safetensors"),))
+    assert set(removed) == {U.session_dir(a), root / ".tmp-crashed"}
+    assert not old.exists() and kept.exists() and U.session_uploads(fresh)
+    assert (root / "operator-notes").is_dir()
+    monkeypatch.setenv("OPDVIZ_UPLOAD_MAX_AGE_H", "0.5")
+    os.utime(U.session_dir(fresh), (time.time() - 3600, time.time() - 3600))
+    assert set(U.sweep_uploads()) == {U.session_dir(fresh), U.session_dir(b)}   # b: its job is over (no keep)
+    assert (root / "operator-notes").is_dir()
+
+
+def test_using_a_session_keeps_its_uploads(up):
+    a, _ = up
+    U.save_session_upload(a, [("model.safetensors", b"x")])
+    day_ago = time.time() - 25 * 3600
+    os.utime(U.session_dir(a), (day_ago, day_ago))
+    U.touch_session(a)                                                  # the page does this on every load
+    assert U.sweep_uploads() == [] and U.session_uploads(a)
+
+
+@pytest.mark.parametrize("length", [200, 255])
+def test_long_names_are_kept_whole(tmp_path, length):
+    name = "m" * (length - len(".safetensors")) + ".safetensors"
+    folder = save_upload(tmp_path / "up", [(name, b"x")])
+    assert [p.name for p in folder.iterdir()] == [name]
+
+
+def test_a_name_too_long_is_refused_not_cut(tmp_path):
+    name = "m" * 250 + ".safetensors"
+    with pytest.raises(UploadError, match=r"262 characters long, over the limit of 255.*rename the file"):
+        save_upload(tmp_path / "up", [(name, b"x")])
+    assert not (tmp_path / "up").exists() or not any((tmp_path / "up").iterdir())
+
+
+def test_a_starting_worker_sweeps_abandoned_uploads(up, tmp_path):
+    from opdviz import jobs
+
+    a, _ = up
+    U.save_session_upload(a, [("model.safetensors", b"x")])
+    day_ago = time.time() - 25 * 3600
+    os.utime(U.session_dir(a), (day_ago, day_ago))
+    assert jobs.work(tmp_path / "db" / "s.duckdb", idle_exit_s=0, poll_s=0) is True     # empty queue: starts, sweeps, exits
+    assert not U.session_dir(a).exists()
