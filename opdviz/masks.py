@@ -57,9 +57,9 @@ def parse_criterion(name: str) -> Criterion:
         value = float(val)
     except ValueError:
         value = float("nan")
-    if kind not in ("abs", "relrms", "bf16") or not value >= 0:
+    if kind not in ("abs", "relrms", "bf16") or not 0 < value < float("inf"):
         raise OptionsError(f"unknown criterion {name!r}: use exact, abs_<eps>, relrms_<tau> or bf16_<eta> "
-                           "(e.g. abs_1e-5)")
+                           "with a finite threshold > 0 (e.g. abs_1e-5)")
     return Criterion(name, kind, value)
 
 

@@ -69,11 +69,12 @@ def main(args: argparse.Namespace) -> int:
         raise OptionsError(f"--method got {len(methods)} labels for {len(posts)} post-trained checkpoints")
     if len(set(names)) != len(names):
         raise OptionsError("run names must differ: pass --name NAME1 NAME2 …")
+    # names, labels and options are checked here (JobSpec, AnalysisOptions), before anything starts
+    specs = [JobSpec(base=Path(args.base), post=post, run_id=name, method=method, db=Path(args.db), options=opts)
+             for post, name, method in zip(posts, names, methods)]
     executor = make_executor(args.executor, ray_address=args.ray_address,
                              ray_gpus_per_task=args.ray_gpus_per_task,
                              ray_cpus_per_task=args.ray_cpus_per_task)
-    specs = [JobSpec(base=Path(args.base), post=post, run_id=name, method=method, db=Path(args.db), options=opts)
-             for post, name, method in zip(posts, names, methods)]
     # local: one run after the other (each finishes before the next starts); ray: one pool for all runs
     groups = [specs] if args.executor == "ray" else [[s] for s in specs]
     for group in groups:

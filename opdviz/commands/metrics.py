@@ -44,6 +44,7 @@ def _store(db: str):
 
 
 def export_main(args: argparse.Namespace) -> int:
+    from ..csvsafe import to_csv
     from ..queries import export_rows
 
     store = _store(args.db)
@@ -57,10 +58,8 @@ def export_main(args: argparse.Namespace) -> int:
         if not args.output:
             raise OptionsError("--format parquet needs -o FILE")
         df.to_parquet(args.output, index=False)
-    elif args.output:
-        df.to_csv(args.output, index=False)
-    else:
-        df.to_csv(sys.stdout, index=False)
+    else:           # text cells that a spreadsheet would run as formulas get a leading ' (opdviz.csvsafe)
+        to_csv(df, args.output or sys.stdout)
     if args.output:
         print(f"wrote {len(df)} rows to {Path(args.output)}", file=sys.stderr)
     return 0
