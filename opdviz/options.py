@@ -163,14 +163,14 @@ def check_label(value, what: str = "run name", max_chars: int = MAX_LABEL_CHARS)
         raise OptionsError(f"{what} must be text, got {value!r}")
     if not value.strip():
         raise OptionsError(f"{what} {value!r} is empty or only whitespace; give a name")
-    if value != value.strip():
-        raise OptionsError(f"{what} {value!r} starts or ends with whitespace; remove it")
-    if len(value) > max_chars:
-        raise OptionsError(f"{what} is {len(value)} characters long; at most {max_chars} are allowed")
     bad = [c for c in value if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn")]
     if bad:
         raise OptionsError(f"{what} {value!r} contains control or invisible characters "
                            f"({', '.join(f'U+{ord(c):04X}' for c in dict.fromkeys(bad))}); use printable text")
+    if value != value.strip():
+        raise OptionsError(f"{what} {value!r} starts or ends with whitespace; remove it")
+    if len(value) > max_chars:
+        raise OptionsError(f"{what} is {len(value)} characters long; at most {max_chars} are allowed")
     return value
 
 

@@ -387,9 +387,10 @@ def _read_header(path: Path, limits: Limits, budget: int) -> dict[str, TensorInf
                                   "header length); re-download or re-save it")
         (n,) = struct.unpack("<Q", head)
         if n > min(MAX_HEADER_BYTES, limits.header_bytes):
-            raise CheckpointError(f"{path}: header length {n} bytes exceeds the cap of {limits.header_mb:g} MB "
-                                  f"(safetensors' own cap is 100 MB; OPDVIZ_MAX_HEADER_MB); the file is corrupt "
-                                  "or not safetensors")
+            cap = ("the safetensors cap of 100 MB" if limits.header_bytes >= MAX_HEADER_BYTES
+                   else f"the cap of {limits.header_mb:g} MB set by OPDVIZ_MAX_HEADER_MB")
+            raise CheckpointError(f"{path}: header length {n} bytes exceeds {cap}; the file is corrupt or not "
+                                  "safetensors")
         if 8 + n > size:
             raise CheckpointError(f"{path}: file is {size} bytes but its header needs {8 + n}; the file is "
                                   "truncated or not safetensors; re-download or re-save it")

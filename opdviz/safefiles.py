@@ -145,7 +145,8 @@ def open_checked(path: Path, buffering: int = -1) -> BinaryIO:
     symlink at the last step with ``O_NOFOLLOW`` and anything that is not a regular file."""
     real = _target(Path(path))
     try:
-        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # O_NONBLOCK: a FIFO swapped in after the check must not block the open (no effect on regular files)
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot open ({exc.strerror}); it may have been replaced by a symlink or "
                               "removed; check the checkpoint folder") from None
@@ -173,9 +174,9 @@ def _target(path: Path) -> Path:
     # huggingface_hub stores snapshots/<rev>/<file> as a link to ../../blobs/<sha>: that layout, exactly
     blobs = home.parent.parent / "blobs" if home.parent.name == "snapshots" else None
     if blobs is None or real.parent != blobs or not real.is_file():
-        place = "outside" if real.parent != home else "inside"
-        raise CheckpointError(f"{path}: is a symlink resolving to {real} ({place} {path.parent}); refusing to "
-                              "follow it (copy the file into the folder if it is intended)")
+        place = "outside" if real.parent != home else "inside"   # the target's name is not shown: not ours
+        raise CheckpointError(f"{path}: is a symlink (pointing {place} {path.parent}); refusing to follow it "
+                              "(copy the file into the folder if it is intended)")
     return real
 
 
@@ -201,7 +202,9 @@ def scan_json(raw: bytes, max_depth: int | None = None) -> JsonScan:
     quote parity tells which lie inside strings. Stops early once ``max_depth`` is exceeded. Exact for
     valid JSON; for invalid JSON the parser that follows reports the error.
     """
-    s = raw.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _DELETE)
+    if b"\\" in raw:
+        raw = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    s = raw.translate(None, _DELETE)
     depth = deepest = parity = members = commas = 0
     for start in range(0, len(s), _CHUNK):
         a = np.frombuffer(s, np.uint8, count=min(_CHUNK, len(s) - start), offset=start)

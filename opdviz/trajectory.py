@@ -83,6 +83,10 @@ def find_checkpoints(paths: list[Path], steps: list[int] | None = None) -> tuple
     paths = [Path(p) for p in paths]
     if len(paths) == 1 and paths[0].is_dir() and not steps:
         subs = [(int(m.group(1)), p) for p in paths[0].iterdir() if p.is_dir() and (m := STEP_RE.match(p.name))]
+        links = [p.name for _, p in subs if p.is_symlink()]
+        if links:          # the folder is untrusted: a step folder must not lead elsewhere
+            raise OptionsError(f"{paths[0]}: {', '.join(sorted(links))} is a symlink; refusing to follow it. "
+                               "Pass the checkpoints themselves with --steps if they are meant to be used")
         if subs:
             paths = [p for _, p in sorted(subs)]
             steps = [s for s, _ in sorted(subs)]

@@ -11,6 +11,7 @@ import pytest
 from opdviz.cli import COMMANDS, build_parser
 from opdviz.metrics.registry import all_families
 from opdviz.options import AnalysisOptions
+from opdviz.safefiles import SETTINGS
 from opdviz.store import SCHEMAS
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
@@ -47,3 +48,8 @@ def test_readme_starts_with_the_two_commands():
     assert "pytest" in blocks[1]
     ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
     assert ".venv/bin/python -m pytest -q" in ci and ".venv/bin/python -m pytest -q" in blocks[1]
+
+
+@pytest.mark.parametrize("setting", [s.env for s in SETTINGS])
+def test_every_checkpoint_limit_is_documented(setting):
+    assert f"`{setting}`" in README
