@@ -208,16 +208,16 @@ def scan_json(raw: bytes, max_depth: int | None = None) -> JsonScan:
     depth = deepest = parity = members = commas = 0
     for start in range(0, len(s), _CHUNK):
         a = np.frombuffer(s, np.uint8, count=min(_CHUNK, len(s) - start), offset=start)
-        quote = a == 0x22
-        inside = ((np.cumsum(quote, dtype=np.int64) + parity) & 1).astype(bool) | quote
-        parity = (parity + int(np.count_nonzero(quote))) & 1
-        out = a[~inside]
+        quote = (a == 0x22).view(np.uint8)
+        inside = np.bitwise_xor.accumulate(quote) ^ parity     # 1 between an opening and a closing quote
+        parity = int(inside[-1])
+        out = a[(inside | quote) == 0]
         comma = out == 0x2C
         commas += int(np.count_nonzero(comma))
         out = out[~comma]
         if not out.size:
             continue
-        d = np.cumsum(np.where((out == 0x5B) | (out == 0x7B), 1, -1).astype(np.int64)) + depth
+        d = np.cumsum(np.where((out == 0x5B) | (out == 0x7B), 1, -1).astype(np.int32), dtype=np.int64) + depth
         deepest, depth = max(deepest, int(d.max())), int(d[-1])
         members += int(np.count_nonzero((d == 2) & (out == 0x7B)))
         if max_depth is not None and deepest > max_depth:

@@ -339,6 +339,32 @@ def test_depth_scan_matches_a_reference(text):
     assert scan_json(text).depth == depth(json.loads(text))
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_depth_scan_matches_a_reference_on_random_documents(seed):
+    import random
+
+    rng = random.Random(seed)
+    alphabet = 'ab[]{}",\\\'/ \u00e9'
+
+    def value(level):
+        r = rng.random()
+        if level > 6 or r < 0.3:
+            return "".join(rng.choice(alphabet) for _ in range(rng.randrange(6))) if r < 0.2 else rng.randrange(-9, 9)
+        if r < 0.65:
+            return [value(level + 1) for _ in range(rng.randrange(4))]
+        return {"".join(rng.choice(alphabet) for _ in range(3)) + str(i): value(level + 1) for i in range(rng.randrange(4))}
+
+    def depth(v):
+        kids = list(v.values()) if isinstance(v, dict) else v if isinstance(v, list) else None
+        return 0 if kids is None else 1 + max(map(depth, kids), default=0)
+
+    doc = {f"t{i}": value(1) for i in range(50)}
+    text = json.dumps(doc, ensure_ascii=rng.random() < 0.5).encode()
+    scan = scan_json(text)
+    assert scan.depth == depth(doc)
+    assert scan.members == sum(isinstance(v, dict) for v in doc.values())
+
+
 # ------------------------------------------------------------------------ 8. options checked up front
 
 @pytest.mark.parametrize("flags, words", [
