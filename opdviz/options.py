@@ -174,6 +174,22 @@ def check_label(value, what: str = "run name", max_chars: int = MAX_LABEL_CHARS)
     return value
 
 
+def finite_number(minimum: float = 0.0):
+    """An argparse ``type``: a finite float ≥ ``minimum`` (NaN and infinities refused with a clear message)."""
+    import argparse
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be a finite number ≥ {minimum:g}, got {text!r}")
+        return value
+
+    return parse
+
+
 def fmt_num(x: float) -> str:
     """Short stable spelling of a threshold or fraction for metric names: 1e-05 -> '1e-5', 0.001 -> '1e-3'."""
     m, e = f"{x:.6e}".split("e")

@@ -438,6 +438,17 @@ def test_bad_overlap_options_fail_before_any_work(tmp_path, pair, capsys, args, 
     _no_store(db)
 
 
+@pytest.mark.parametrize("argv", [["fold", "--db", "X", "--wait", "nan"], ["fold", "--db", "X", "--wait", "-1"],
+                                  ["worker", "--db", "X", "--idle-exit", "inf"],
+                                  ["compute", "B", "P", "--db", "X", "--executor", "ray", "--ray-gpus-per-task", "nan"]])
+def test_other_numeric_flags_refuse_nan_and_infinities(tmp_path, capsys, argv):
+    argv = [str(tmp_path / "x.duckdb") if a == "X" else a for a in argv]
+    with pytest.raises(SystemExit) as e:                # argparse's own usage error
+        cli(argv)
+    assert e.value.code == 2 and "must be a finite number ≥ 0" in capsys.readouterr().err
+    _no_store(tmp_path / "x.duckdb")
+
+
 @pytest.mark.parametrize("criterion", ["abs_nan", "abs_inf", "abs_0", "relrms_-1e-3"])
 def test_bad_mask_criterion_writes_nothing(tmp_path, pair, capsys, criterion):
     out = tmp_path / "m.safetensors"

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from ..errors import OptionsError, StoreError
+from ..options import finite_number
 from .compute import DEFAULT_DB
 
 EXPORT_COLUMNS = ("run", "method", "tensor", "tower", "layer", "block", "module", "metric", "value")
@@ -30,7 +31,7 @@ def register(sub) -> None:
 
     f = sub.add_parser("fold", help="fold staged results into the .duckdb file (jobs do this themselves)")
     f.add_argument("--db", default=DEFAULT_DB, help=f"DuckDB store (default: {DEFAULT_DB})")
-    f.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the file lock")
+    f.add_argument("--wait", type=finite_number(0), default=30.0, help="seconds to wait for the file lock")
     f.set_defaults(func=fold_main)
 
 
