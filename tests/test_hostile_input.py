@@ -166,10 +166,11 @@ def test_shard_swapped_for_a_symlink_after_open_is_not_read(tmp_path, pair):
 
 def test_symlinked_metrics_json_is_ignored_with_a_warning_and_never_stored(tmp_path, pair, capsys):
     post = _copy(pair[1], tmp_path / "post")
-    (post / "metrics.json").symlink_to(_outside(tmp_path))
+    outside = _outside(tmp_path)
+    original = outside.read_bytes()
+    (post / "metrics.json").symlink_to(outside)
     db = tmp_path / "m.duckdb"
-    rc, _ = _run(_compute(pair[0], post, db, "--name", "r", "--method", "RL"), capsys)
-    assert rc == 0
+    assert cli([str(a) for a in _compute(pair[0], post, db, "--name", "r", "--method", "RL")]) == 0
     out = capsys.readouterr()
     Store(db).fold(wait=30)
     assert json.loads(Store(db).runs().set_index("run_id").loc["r", "extra"]) == {}
@@ -177,7 +178,8 @@ def test_symlinked_metrics_json_is_ignored_with_a_warning_and_never_stored(tmp_p
     export = tmp_path / "e.csv"
     assert cli(["metrics", "--db", str(db), "-o", str(export)]) == 0
     assert SECRET not in export.read_bytes()
-    del out
+    assert "ignoring the training metadata" in out.out and "metrics.json" in out.out
+    assert outside.read_bytes() == original                        # the foreign file is untouched
 
 
 def test_refused_metrics_json_warns(tmp_path, pair):
