@@ -27,13 +27,13 @@ tasks and the driver writes each run with its own ``RunWriter``. Trajectory metr
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import OpdvizError, OptionsError
 from .job import JobSpec, run_jobs
-from .options import AnalysisOptions
+from .options import MAX_LABEL_CHARS, AnalysisOptions, check_label
+from .safefiles import Limits, loads_json
 from .reader import Checkpoint
 from .trajectory import DEFAULT_HILL_FRAC, DEFAULT_K, TrajectorySpec
 
@@ -43,6 +43,7 @@ POST_KEYS = ("name", "path", "method")
 TRAJ_KEYS = ("name", "method", "checkpoints", "k", "hill_frac")
 CKPT_KEYS = ("step", "path")
 DEFAULT_METHOD = "post-trained"
+MAX_BATCH_BYTES = 16_000_000       # a batch file lists paths: far below this
 
 
 @dataclass(frozen=True)
@@ -85,15 +86,22 @@ def read_batch_file(path: str | Path) -> dict:
     """The raw mapping of a ``.yaml``/``.yml``/``.json`` batch file."""
     path = Path(path)
     try:
-        text = path.read_text()
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_BATCH_BYTES + 1)
     except OSError as exc:
         raise OptionsError(f"cannot read the batch file {path}: {exc}") from None
+    if len(raw) > MAX_BATCH_BYTES:
+        raise OptionsError(f"{path}: larger than {MAX_BATCH_BYTES // 1_000_000} MB; is this a batch file?")
+    if path.suffix.lower() == ".json":
+        return loads_json(raw, path, Limits.from_env(), error=OptionsError)
     import yaml
 
     try:
-        return json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError) as exc:
-        raise OptionsError(f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: {exc}") from None
+        return yaml.safe_load(raw.decode("utf-8"))
+    except RecursionError:
+        raise OptionsError(f"{path}: YAML nested too deeply to read; is this a batch file?") from None
+    except (UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise OptionsError(f"{path}: not valid YAML: {exc}") from None
 
 
 def options_from_mapping(data, where: str, problems: _Problems) -> AnalysisOptions:
@@ -166,6 +174,14 @@ def load_batch(path: str | Path, db: str | Path) -> Batch:
                 problems.add(where, str(exc))
         return p if opened[p] else None
 
+    def label(where: str, value, what: str, max_chars: int = MAX_LABEL_CHARS) -> bool:
+        try:
+            check_label(value, what, max_chars)
+            return True
+        except OptionsError as exc:
+            problems.add(where, str(exc))
+            return False
+
     bases = data.get("bases")
     if not isinstance(bases, list) or not bases:
         problems.add("bases", "expected a non-empty list of bases")
@@ -186,15 +202,23 @@ def load_batch(path: str | Path, db: str | Path) -> Batch:
             if not problems.keys(w, post, POST_KEYS, ("path",)):
                 continue
             post_path = checkpoint(f"{w}.path", post.get("path"))
-            name = post.get("name") or (post_path and (post_path.stem if post_path.is_file() else post_path.name))
-            if base_path and post_path:
-                specs.append(JobSpec(base=base_path, post=post_path, run_id=str(name),
-                                     method=str(post.get("method") or DEFAULT_METHOD), db=Path(db), options=opts))
+            name = post.get("name")
+            if name is None and post_path:
+                name = post_path.stem if post_path.is_file() else post_path.name
+            ok_name = label(f"{w}.name", name, "run name")
+            method = DEFAULT_METHOD if post.get("method") is None else post.get("method")
+            ok_method = label(f"{w}.method", method, "method label")
+            if base_path and post_path and ok_name and ok_method:
+                specs.append(JobSpec(base=base_path, post=post_path, run_id=name,
+                                     method=method, db=Path(db), options=opts))
         for t, traj in enumerate(trajs):
             w = f"{where}.trajectories[{t}]"
             if not problems.keys(w, traj, TRAJ_KEYS, ("name", "checkpoints")):
                 continue
-            name, method = str(traj.get("name")), str(traj.get("method") or DEFAULT_METHOD)
+            name = traj.get("name")
+            method = DEFAULT_METHOD if traj.get("method") is None else traj.get("method")
+            good = label(f"{w}.name", name, "trajectory name", MAX_LABEL_CHARS - 24)
+            good = label(f"{w}.method", method, "method label") and good
             ckpts = traj.get("checkpoints")
             if not isinstance(ckpts, list) or not ckpts:
                 problems.add(f"{w}.checkpoints", "expected a non-empty list of {step, path}")
@@ -217,9 +241,11 @@ def load_batch(path: str | Path, db: str | Path) -> Batch:
             k, hill = traj.get("k", DEFAULT_K), traj.get("hill_frac", DEFAULT_HILL_FRAC)
             if isinstance(k, bool) or not isinstance(k, int) or k < 1:
                 problems.add(f"{w}.k", f"expected an integer ≥ 1, got {k!r}")
+                good = False
             if isinstance(hill, bool) or not isinstance(hill, (int, float)) or not 0 < hill < 1:
                 problems.add(f"{w}.hill_frac", f"expected a number in (0, 1), got {hill!r}")
-            if not base_path or len(steps) != len(ckpts):
+                good = False
+            if not base_path or len(steps) != len(ckpts) or not good:
                 continue
             steps.sort()
             extra = {"trajectory_k": k, "hill_frac": hill, "steps": [s for s, _ in steps]}

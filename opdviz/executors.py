@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .errors import OpdvizError, OptionsError
-from .options import AnalysisOptions
+from .options import AnalysisOptions, finite_number
 from .reader import Checkpoint, PairItem, iter_pairs, plan_pairs
 
 EXECUTORS = ("local", "ray")
@@ -358,7 +358,7 @@ def add_executor_flags(parser) -> None:
     g.add_argument("--ray-address", default=None, metavar="ADDRESS",
                    help="Ray cluster to join (auto, HOST:6379, ray://HOST:10001); default: start a local Ray "
                         "or use $RAY_ADDRESS")
-    g.add_argument("--ray-gpus-per-task", type=float, default=1.0, metavar="N",
+    g.add_argument("--ray-gpus-per-task", type=finite_number(0), default=1.0, metavar="N",
                    help="GPUs per Ray task when the cluster has GPUs (default: 1; 0.5 puts two tasks on a GPU)")
     g.add_argument("--ray-cpus-per-task", type=int, default=None, metavar="N",
                    help="CPUs (and torch threads) per Ray task on CPU workers (default: this machine's torch "

@@ -18,6 +18,7 @@ from typing import Callable, Iterable
 import pandas as pd
 import plotly.graph_objects as go
 
+from .csvsafe import to_csv
 from .errors import OpdvizError
 from .figures import paper_style
 
@@ -76,10 +77,11 @@ def figure_bytes(fig: go.Figure, fmt: str, scale: float | None = None) -> bytes:
 
 
 def data_bytes(df: pd.DataFrame, fmt: str) -> bytes:
-    """``df`` as csv (UTF-8, no index) or parquet."""
+    """``df`` as csv (UTF-8, no index; text cells that would run as spreadsheet formulas are quoted by
+    ``opdviz.csvsafe``) or parquet."""
     fmt = fmt.lower()
     if fmt == "csv":
-        return df.to_csv(index=False).encode()
+        return to_csv(df).encode()
     if fmt == "parquet":
         buf = io.BytesIO()
         df.to_parquet(buf, index=False)

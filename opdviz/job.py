@@ -29,12 +29,13 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .errors import OpdvizError, OptionsError, StoreError
+from .errors import CheckpointError, OpdvizError, OptionsError, StoreError
 from .executors import LocalExecutor, Work
 from .metrics import analyse_pair
 from .naming import fused_parts, matrix_view, parse_name, split_part
-from .options import AnalysisOptions
+from .options import AnalysisOptions, check_label
 from .reader import Checkpoint, PairItem, plan_pairs
+from .safefiles import Limits, read_json
 from .store import RunWriter, Store, _slug, dumps, lock_path, now
 
 FOLD_EVERY_S = 60.0        # try to fold staged fragments into the .duckdb file this often
@@ -58,6 +59,12 @@ class JobSpec:
     trajectory: str | None = None
     step: int | None = None
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_label(self.run_id, "run name")           # before any store or staging folder is touched
+        check_label(self.method, "method label")
+        if not isinstance(self.options, AnalysisOptions):
+            raise OptionsError(f"options must be AnalysisOptions, got {type(self.options).__name__}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -225,13 +232,19 @@ def analyse_item(item: PairItem, wb: torch.Tensor, wp: torch.Tensor, opts: Analy
     return tensors, metrics, arrays, failures
 
 
-def training_metadata(post: Path) -> dict:
+def training_metadata(post: Path, log=None) -> dict:
     """``metrics.json`` written by the trainer next to the post-trained weights (accuracy, loss, steps…),
-    kept in ``runs.extra`` so the dashboard can show it beside the update metrics. Absent or invalid → {}."""
+    kept in ``runs.extra`` so the dashboard can show it beside the update metrics. Absent or invalid → {}.
+    It is optional, so one that is refused (a symlink, over the size or depth caps of ``opdviz.safefiles``)
+    is ignored with a warning to ``log`` instead of failing the run; none of its bytes are kept."""
     folder = Path(post) if Path(post).is_dir() else Path(post).parent
     try:
-        data = json.loads((folder / "metrics.json").read_text())
-    except (OSError, ValueError):
+        data = read_json(folder, "metrics.json", Limits.from_env(), lenient=True)
+    except CheckpointError as exc:
+        if log:
+            log(f"warning: ignoring the training metadata: {exc}")
+        return {}
+    except OSError:
         return {}
     if not isinstance(data, dict):
         return {}
@@ -375,7 +388,7 @@ def _open_run(spec: JobSpec, key: int, stack: contextlib.ExitStack, executor, ov
         "created_at": created, "finished_at": None, "wall_s": prior_wall, "n_tensors": len(items),
         "n_done": len(items) - len(todo), "n_skipped": None, "n_failed": None,
         "bytes_total": bytes_total, "bytes_done": bytes_done,
-        "extra": dumps({**training_metadata(spec.post), **spec.extra}),
+        "extra": dumps({**training_metadata(spec.post, log), **spec.extra}),
     }
     writer.write_run(row)
     if todo and done:

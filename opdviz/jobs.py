@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import OpdvizError, OptionsError, StoreError
-from .options import AnalysisOptions
+from .options import AnalysisOptions, check_label
 from .store import Store, _slug
 
 IDLE_EXIT_S = 30.0        # the worker exits after this long with nothing queued
@@ -201,6 +201,9 @@ def submit(db: str | Path, request: JobRequest) -> str:
         raise OptionsError(f"run names must differ within a job: {names}")
     posts = [[str(Path(p).expanduser().resolve()), name.strip(), (method or "post-trained").strip()]
              for p, name, method in request.posts]
+    for _, name, method in posts:          # the browser's text: no control or invisible characters
+        check_label(name, "run name")
+        check_label(method, "method label")
     with _queue_lock(db):
         busy = {r[1]: j["id"] for j in _jobs_raw(db) if j["state"] in ACTIVE for r in j["posts"]}
         for n in names:

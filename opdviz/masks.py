@@ -30,6 +30,7 @@ from .masked_training import MaskedTrainer, MaskHandle, apply_masks
 from .metrics.elementwise import _floor32
 from .options import AnalysisOptions
 from .reader import Checkpoint, iter_pairs, plan_pairs
+from .safefiles import Limits, loads_json
 
 __all__ = ["Criterion", "parse_criterion", "changed_chunks", "changed_mask", "write_masks", "load_masks",
            "train_only_masked", "apply_masks", "MaskHandle", "MaskedTrainer"]
@@ -57,9 +58,9 @@ def parse_criterion(name: str) -> Criterion:
         value = float(val)
     except ValueError:
         value = float("nan")
-    if kind not in ("abs", "relrms", "bf16") or not value >= 0:
+    if kind not in ("abs", "relrms", "bf16") or not 0 < value < float("inf"):
         raise OptionsError(f"unknown criterion {name!r}: use exact, abs_<eps>, relrms_<tau> or bf16_<eta> "
-                           "(e.g. abs_1e-5)")
+                           "with a finite threshold > 0 (e.g. abs_1e-5)")
     return Criterion(name, kind, value)
 
 
@@ -179,7 +180,10 @@ def load_masks(path: str | Path, device: str | torch.device = "cpu") -> dict[str
     except Exception as exc:  # safetensors raises its own error types for unreadable files
         raise StoreError(f"{path}: cannot read as a safetensors mask file ({exc}); write it with `opdviz masks`") from exc
     packed = meta.get("opdviz.format") == PACKED_FORMAT
-    shapes = json.loads(meta.get("opdviz.shapes", "{}"))
+    shapes = loads_json(meta.get("opdviz.shapes", "{}").encode(), f"{path}: metadata opdviz.shapes", Limits.from_env(),
+                        error=StoreError)
+    if not isinstance(shapes, dict):
+        raise StoreError(f"{path}: metadata opdviz.shapes is not a mapping; the file is damaged")
     out = {}
     for name, t in raw.items():
         if packed:

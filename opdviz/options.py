@@ -8,9 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
+import unicodedata
 from dataclasses import dataclass, field
 
 from .errors import OptionsError
+
+MAX_PATTERN_CHARS = 1000      # --include/--exclude: longer patterns are refused
+MAX_LABEL_CHARS = 200         # run names and method labels
+MAX_MAP_SIZE = 4096           # --map-size: a map is stored per tensor, map_size² values at most
 
 
 def _opt(default, help: str, **kw):
@@ -50,20 +57,40 @@ class AnalysisOptions:
     seed: int = _opt(0, "Seed for randomized solvers, so reruns give identical results.")
 
     def __post_init__(self) -> None:
+        """Every value is checked here, before any work: numbers (NaN, infinities, ranges), patterns."""
         for name in ("abs_eps", "relrms_tau", "bf16_eta", "proj_fracs", "coverage_alphas", "angle_ks"):
             value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+                value = (value,)        # a single value where a list is expected: checked below
             if not isinstance(value, tuple):
-                object.__setattr__(self, name, tuple(value))
+                value = tuple(value)
+            object.__setattr__(self, name, value)
         if self.device not in ("auto", "cpu", "cuda"):
             raise OptionsError(f"device must be auto, cpu or cuda, not {self.device!r}")
         if self.spectrum not in ("auto", "exact", "approx"):
             raise OptionsError(f"spectrum must be auto, exact or approx, not {self.spectrum!r}")
-        for a in self.coverage_alphas + self.proj_fracs:
-            if not 0 < a <= 1:
-                raise OptionsError(f"fractions must lie in (0, 1], got {a}")
-        if any(k < 1 for k in self.angle_ks) or self.approx_rank < 1 or self.map_size < 1:
-            raise OptionsError("angle_ks, approx_rank and map_size must be positive")
-        if self.criterion not in self.criteria():
+        for name in ("abs_eps", "relrms_tau", "bf16_eta"):
+            _check_numbers(name, getattr(self, name), "a finite number > 0", lambda x: x > 0)
+        for name in ("coverage_alphas", "proj_fracs"):
+            _check_numbers(name, getattr(self, name), "a fraction in (0, 1]", lambda x: 0 < x <= 1)
+        _check_numbers("angle_ks", self.angle_ks, "an integer ≥ 1", lambda x: x >= 1, integer=True)
+        for name, low, high in (("exact_max_dim", 0, None), ("approx_rank", 1, None), ("coverage_fixed_rank", 1, None),
+                                ("map_size", 1, MAX_MAP_SIZE), ("chunk_elems", 1, None), ("seed", 0, 2**63 - 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low or (high is not None and v > high):
+                span = f"between {low} and {high}" if high is not None else f"≥ {low}"
+                raise OptionsError(f"--{_flag(name)} must be an integer {span}, got {v!r}")
+        for name in ("split_fused", "allow_pickle"):
+            if not isinstance(getattr(self, name), bool):
+                raise OptionsError(f"--{_flag(name)} must be true or false, got {getattr(self, name)!r}")
+        for name in ("include", "exclude"):
+            check_pattern(getattr(self, name), f"--{name}")
+        for name in ("abs_eps", "relrms_tau", "bf16_eta", "proj_fracs", "coverage_alphas", "angle_ks"):
+            spelled = [fmt_num(x) for x in getattr(self, name)]
+            dup = next((x for x, sx in zip(getattr(self, name), spelled) if spelled.count(sx) > 1), None)
+            if dup is not None:     # equal names would collide in the store (abs_1e-5 twice)
+                raise OptionsError(f"--{_flag(name)} lists {dup} twice (values must differ)")
+        if not isinstance(self.criterion, str) or self.criterion not in self.criteria():
             raise OptionsError(f"criterion {self.criterion!r} is not one of the computed criteria: "
                                f"{', '.join(self.criteria())}")
 
@@ -88,6 +115,79 @@ class AnalysisOptions:
         for k in ("device", "chunk_elems"):
             d.pop(k)
         return json.dumps(d, sort_keys=True)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _check_numbers(name: str, values: tuple, what: str, ok, integer: bool = False) -> None:
+    for x in values:
+        number = isinstance(x, int) if integer else isinstance(x, (int, float))
+        if isinstance(x, bool) or not number or not math.isfinite(x) or not ok(x):
+            raise OptionsError(f"--{_flag(name)}: each value must be {what}, got {x!r}")
+
+
+def check_pattern(pattern, what: str = "pattern") -> re.Pattern | None:
+    """Compile a user's regular expression up front (None for ""), refusing long or broken ones.
+
+    Raises:
+        OptionsError: not a string, over ``MAX_PATTERN_CHARS``, control characters, or not a valid regex.
+    """
+    if not isinstance(pattern, str):
+        raise OptionsError(f"{what} must be a regular expression (text), got {pattern!r}")
+    if not pattern:
+        return None
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise OptionsError(f"{what} is {len(pattern)} characters long; at most {MAX_PATTERN_CHARS} are allowed")
+    if any(unicodedata.category(c) == "Cc" for c in pattern):
+        raise OptionsError(f"{what} {pattern!r} contains control characters; write them as escapes (\\t, \\n)")
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise OptionsError(f"{what} {pattern!r} is not a valid regular expression: {exc}; "
+                           "e.g. 'mlp|self_attn' or '^model\\.layers\\.(0|1)\\.'") from None
+
+
+def check_label(value, what: str = "run name", max_chars: int = MAX_LABEL_CHARS) -> str:
+    """A run name or method label as given, once known to be safe to store and show.
+
+    Refused: not a string, empty or only whitespace, leading/trailing whitespace, longer than
+    ``MAX_LABEL_CHARS``, control characters, line/paragraph separators and bidirectional overrides
+    (which would make a name display as something else).
+
+    Raises:
+        OptionsError: saying what is wrong with the value.
+    """
+    if not isinstance(value, str):
+        raise OptionsError(f"{what} must be text, got {value!r}")
+    if not value.strip():
+        raise OptionsError(f"{what} {value!r} is empty or only whitespace; give a name")
+    bad = [c for c in value if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn")]
+    if bad:
+        raise OptionsError(f"{what} {value!r} contains control or invisible characters "
+                           f"({', '.join(f'U+{ord(c):04X}' for c in dict.fromkeys(bad))}); use printable text")
+    if value != value.strip():
+        raise OptionsError(f"{what} {value!r} starts or ends with whitespace; remove it")
+    if len(value) > max_chars:
+        raise OptionsError(f"{what} is {len(value)} characters long; at most {max_chars} are allowed")
+    return value
+
+
+def finite_number(minimum: float = 0.0):
+    """An argparse ``type``: a finite float ≥ ``minimum`` (NaN and infinities refused with a clear message)."""
+    import argparse
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be a finite number ≥ {minimum:g}, got {text!r}")
+        return value
+
+    return parse
 
 
 def fmt_num(x: float) -> str:

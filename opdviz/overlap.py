@@ -28,7 +28,7 @@ from .errors import CheckpointError, OptionsError
 from .job import Progress, package_versions, run_lock
 from .masks import changed_chunks
 from .naming import parse_name
-from .options import AnalysisOptions
+from .options import AnalysisOptions, check_label
 from .reader import Checkpoint, PairItem, plan_pairs
 from .store import RunWriter, Store, dumps, now
 
@@ -47,6 +47,13 @@ class OverlapSpec:
     base_b: Path | None = None          # the base B was trained from, when stored separately
     method_a: str | None = None         # needed when run_a is not in the store yet
     method_b: str | None = None
+
+    def __post_init__(self) -> None:
+        check_label(self.run_a, "--run-a")
+        check_label(self.run_b, "--run-b")
+        for value, what in ((self.method_a, "--method-a"), (self.method_b, "--method-b")):
+            if value is not None:
+                check_label(value, what)
 
     @property
     def pair_id(self) -> str:

@@ -3,7 +3,10 @@
 ``Checkpoint.open(path)`` accepts a ``.safetensors`` file, a folder with ``model.safetensors``, or a
 sharded Hugging Face folder with ``model.safetensors.index.json``. Every safetensors header is parsed
 and checked here (length, JSON, dtypes, offsets, file size) before any tensor is read, so a broken
-download fails at once with a message naming the file instead of halfway through a long job.
+download fails at once with a message naming the file instead of halfway through a long job. Every
+file is read through ``opdviz.safefiles``: shards and side files must be regular files of the folder itself
+(no symlinks, except the Hugging Face cache's links into its blobs), and JSON and headers are parsed under
+size, depth and tensor-count caps (``Limits``, set by the operator's environment).
 Pickled PyTorch checkpoints (``.bin``/``.pt``) run code when unpickled; they are refused unless
 ``allow_pickle=True``, and even then are loaded with ``torch.load(weights_only=True, mmap=True)``.
 
@@ -19,8 +22,8 @@ which pairs can be compared and why the others are skipped; ``iter_pairs`` then 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +33,10 @@ import torch
 from safetensors import safe_open
 
 from opdviz.errors import CheckpointError
+from opdviz.safefiles import Limits, checked_file, loads_json, open_checked, read_json
 
-# The safetensors library refuses headers above this size (MAX_HEADER_SIZE in its Rust code).
+# The safetensors library refuses headers above this size (MAX_HEADER_SIZE in its Rust code); an operator
+# may lower opdviz's cap with OPDVIZ_MAX_HEADER_MB (opdviz.safefiles).
 MAX_HEADER_BYTES = 100_000_000
 
 # Bits per element of every dtype the safetensors format defines (F4/F6 are packed sub-byte types).
@@ -117,7 +122,7 @@ class Checkpoint:
         self._handle = None                   # (file, device, safe_open handle or state dict)
 
     @classmethod
-    def open(cls, path: str | Path, *, allow_pickle: bool = False) -> "Checkpoint":
+    def open(cls, path: str | Path, *, allow_pickle: bool = False, limits: Limits | None = None) -> "Checkpoint":
         """Open and validate a checkpoint.
 
         Args:
@@ -125,56 +130,65 @@ class Checkpoint:
                 ``model.safetensors.index.json`` (shards), or, only with ``allow_pickle``, a
                 ``.bin``/``.pt`` file or a folder with ``pytorch_model.bin`` (+ its index).
             allow_pickle: load pickled checkpoints with ``torch.load(weights_only=True, mmap=True)``.
+            limits: caps on file sizes, JSON depth and tensor count (default: ``Limits.from_env()``).
         Raises:
             CheckpointError: anything unreadable, with the file and what to do.
         """
+        limits = limits or Limits.from_env()
         path = Path(path).expanduser()
         if not path.exists():
             raise CheckpointError(f"{path}: no such file or folder; check the checkpoint path")
         if path.is_dir():
-            return cls._open_folder(path, allow_pickle)
-        config = _read_config(path.parent)
+            return cls._open_folder(path, allow_pickle, limits)
+        config = _read_config(path.parent, limits)
+        # the file itself was named by the user: a symlink to it is theirs to make; read what it points at
+        path = path.resolve()
         if _looks_pickled(path):
-            return cls._open_pickle(path, [path], None, config, allow_pickle)
-        return cls(path, (path,), _stored_order(_read_header(path)), config, "safetensors")
+            return cls._open_pickle(path, [path], None, config, allow_pickle, limits)
+        return cls(path, (path,), _stored_order(_read_header(path, limits, limits.tensors)), config, "safetensors")
 
     @classmethod
-    def _open_folder(cls, folder: Path, allow_pickle: bool) -> "Checkpoint":
-        config = _read_config(folder)
-        if (folder / _SAFETENSORS_INDEX).is_file():
+    def _open_folder(cls, folder: Path, allow_pickle: bool, limits: Limits) -> "Checkpoint":
+        config = _read_config(folder, limits)
+        if os.path.lexists(folder / _SAFETENSORS_INDEX):
             index_path = folder / _SAFETENSORS_INDEX
-            weight_map = _read_index(index_path)
+            weight_map = _read_index(index_path, limits)
             files = sorted(set(weight_map.values()), key=lambda f: f.name)
-            headers = {}
+            headers, budget = {}, limits.tensors
             for f in files:
                 if _looks_pickled(f):
                     raise CheckpointError(f"{f}: listed in {index_path.name} as safetensors but looks like a "
                                           "pickled PyTorch checkpoint; re-save it with safetensors")
-                headers[f] = _read_header(f)
+                headers[f] = _read_header(f, limits, budget)
+                budget -= len(headers[f])
             return cls(folder, tuple(files), _indexed_infos(index_path, weight_map, headers), config,
                        "safetensors")
-        single = folder / "model.safetensors"
-        if single.is_file():
+        if os.path.lexists(folder / "model.safetensors"):
             f = _shard_path(folder, "model.safetensors", folder)
-            return cls(folder, (f,), _stored_order(_read_header(f)), config, "safetensors")
-        if (folder / _PICKLE_INDEX).is_file():
-            weight_map = _read_index(folder / _PICKLE_INDEX)
+            return cls(folder, (f,), _stored_order(_read_header(f, limits, limits.tensors)), config, "safetensors")
+        if os.path.lexists(folder / _PICKLE_INDEX):
+            weight_map = _read_index(folder / _PICKLE_INDEX, limits)
             files = sorted(set(weight_map.values()), key=lambda f: f.name)
-            return cls._open_pickle(folder, files, (folder / _PICKLE_INDEX, weight_map), config, allow_pickle)
-        if (folder / "pytorch_model.bin").is_file():
+            return cls._open_pickle(folder, files, (folder / _PICKLE_INDEX, weight_map), config, allow_pickle,
+                                    limits)
+        if os.path.lexists(folder / "pytorch_model.bin"):
             f = _shard_path(folder, "pytorch_model.bin", folder)
-            return cls._open_pickle(folder, [f], None, config, allow_pickle)
+            return cls._open_pickle(folder, [f], None, config, allow_pickle, limits)
         found = sorted(p.name for p in folder.iterdir())[:8]
         raise CheckpointError(
             f"{folder}: no model weights found (expected model.safetensors or {_SAFETENSORS_INDEX}; "
             f"found {found or 'an empty folder'}); point at the folder or file holding the weights")
 
     @classmethod
-    def _open_pickle(cls, path: Path, files: list[Path], index, config, allow_pickle: bool) -> "Checkpoint":
+    def _open_pickle(cls, path: Path, files: list[Path], index, config, allow_pickle: bool,
+                     limits: Limits) -> "Checkpoint":
         if not allow_pickle:
             raise CheckpointError(f"{files[0]}: looks like a pickled PyTorch checkpoint, which can run code when "
                                   f"loaded; it is refused by default; {_PICKLE_HINT}, or convert it to safetensors")
         headers = {f: _pickle_infos(f) for f in files}
+        if sum(map(len, headers.values())) > limits.tensors:
+            raise CheckpointError(f"{path}: holds more than {limits.tensors} tensors (OPDVIZ_MAX_TENSORS); "
+                                  "refusing to open it")
         infos = _indexed_infos(index[0], index[1], headers) if index else _stored_order(headers[files[0]])
         return cls(path, tuple(files), infos, config, "pickle")
 
@@ -191,9 +205,9 @@ class Checkpoint:
             i = self.infos[name]
             h.update(f"{name}\t{list(i.shape)}\t{i.dtype}\n".encode())
         for f in self.files:
-            size = f.stat().st_size
-            h.update(f"file\t{size}\n".encode())
-            with open(f, "rb") as fh:
+            with open_checked(f) as fh:
+                size = os.fstat(fh.fileno()).st_size
+                h.update(f"file\t{size}\n".encode())
                 for start in (0, max(0, size // 2 - _MIB // 2), max(0, size - _MIB)):
                     fh.seek(start)
                     h.update(fh.read(_MIB))
@@ -211,6 +225,7 @@ class Checkpoint:
         try:
             if self._handle is None or self._handle[:2] != (info.file, device):
                 self.close()
+                open_checked(info.file).close()    # still the regular file checked at open()
                 if self.format == "pickle":
                     handle = _torch_load(info.file)
                 else:
@@ -236,7 +251,7 @@ class Checkpoint:
         out = torch.empty(info.shape, dtype=_TORCH_DTYPES[info.dtype])
         buf = out.view(-1).view(torch.uint8).numpy() if out.numel() else None
         try:
-            with open(info.file, "rb", buffering=0) as fh:
+            with open_checked(info.file, buffering=0) as fh:
                 fh.seek(info.offset)
                 got = fh.readinto(buf) if buf is not None else 0
         except OSError as e:
@@ -356,35 +371,38 @@ def iter_pairs(base: Checkpoint, post: Checkpoint, items: Iterable[PairItem],
 
 def _looks_pickled(path: Path) -> bool:
     """torch.save writes a zip archive (since 1.6) or a bare pickle (protocol 2+ starts with 0x80)."""
-    with open(path, "rb") as f:
+    with open_checked(path) as f:
         head = f.read(4)
     return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
-def _read_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse and check one safetensors header; return its tensors keyed by name (unordered)."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+def _read_header(path: Path, limits: Limits, budget: int) -> dict[str, TensorInfo]:
+    """Parse and check one safetensors header holding at most ``budget`` tensors; return its tensors keyed by
+    name (unordered). The header's size, nesting and entry count are checked before it is parsed."""
+    with open_checked(path) as f:
+        size = os.fstat(f.fileno()).st_size
         head = f.read(8)
         if len(head) < 8:
             raise CheckpointError(f"{path}: file is {size} bytes, too small to be safetensors (needs an 8-byte "
                                   "header length); re-download or re-save it")
         (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER_BYTES:
-            raise CheckpointError(f"{path}: header length {n} bytes exceeds the safetensors cap of "
-                                  f"{MAX_HEADER_BYTES} (100 MB); the file is corrupt or not safetensors")
+        if n > min(MAX_HEADER_BYTES, limits.header_bytes):
+            cap = ("the safetensors cap of 100 MB" if limits.header_bytes >= MAX_HEADER_BYTES
+                   else f"the cap of {limits.header_mb:g} MB set by OPDVIZ_MAX_HEADER_MB")
+            raise CheckpointError(f"{path}: header length {n} bytes exceeds {cap}; the file is corrupt or not "
+                                  "safetensors")
         if 8 + n > size:
             raise CheckpointError(f"{path}: file is {size} bytes but its header needs {8 + n}; the file is "
                                   "truncated or not safetensors; re-download or re-save it")
         raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header (not valid JSON: {e}); re-download or "
-                              "re-save the file") from None
+    header = loads_json(raw, f"{path}: corrupt safetensors header", limits, max_members=max(budget, 0) + 1,
+                        object_pairs_hook=_no_duplicate_keys)          # + 1: the __metadata__ entry
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (JSON is not an object)")
     header.pop("__metadata__", None)
+    if len(header) > budget:
+        raise CheckpointError(f"{path}: the header lists more tensors than the {limits.tensors} allowed per "
+                              "checkpoint (OPDVIZ_MAX_TENSORS); refusing to open it")
 
     infos = {}
     for name, entry in header.items():
@@ -409,11 +427,12 @@ def _read_header(path: Path) -> dict[str, TensorInfo]:
 
 
 def _no_duplicate_keys(pairs):
-    keys = [k for k, _ in pairs]
-    if len(set(keys)) != len(keys):
-        dup = next(k for k in keys if keys.count(k) > 1)
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))   # linear: headers can be huge
         raise ValueError(f"duplicate key {dup!r}")
-    return dict(pairs)
+    return out
 
 
 def _entry_info(path: Path, name: str, entry, data_start: int) -> TensorInfo:
@@ -441,17 +460,17 @@ def _stored_order(infos: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
     return dict(sorted(infos.items(), key=lambda kv: (kv[1].offset, kv[0])))
 
 
-def _read_index(index_path: Path) -> dict[str, Path]:
+def _read_index(index_path: Path, limits: Limits) -> dict[str, Path]:
     """Read an HF shard index; return tensor name → shard path, each shard checked to be inside the folder."""
     folder = index_path.parent
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{index_path}: not valid JSON ({e}); re-download the index file") from None
+    index = read_json(folder, index_path.name, limits)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index_path}: missing or empty 'weight_map' (tensor name → shard file); "
                               "re-download the index file")
+    if len(weight_map) > limits.tensors:
+        raise CheckpointError(f"{index_path}: lists {len(weight_map)} tensors, more than the {limits.tensors} "
+                              "allowed per checkpoint (OPDVIZ_MAX_TENSORS)")
     shards: dict[str, Path] = {}
     out = {}
     for name, shard in weight_map.items():
@@ -462,24 +481,9 @@ def _read_index(index_path: Path) -> dict[str, Path]:
 
 
 def _shard_path(folder: Path, shard, source: Path) -> Path:
-    """Refuse shard names that could read outside the checkpoint folder (the index is untrusted input)."""
-    if (not isinstance(shard, str) or shard in ("", ".", "..") or "/" in shard or "\\" in shard
-            or "\0" in shard or Path(shard).is_absolute()):
-        raise CheckpointError(f"{source}: shard name {shard!r} is not a plain file name inside {folder}; "
-                              "refusing to read it (fix the index)")
-    path = folder / shard
-    if not path.exists():
-        raise CheckpointError(f"{source}: lists shard {shard!r} but {path} does not exist; "
-                              "the download is incomplete; fetch the missing shard")
-    real, home = path.resolve(), folder.resolve()
-    # The Hugging Face cache stores snapshots/<rev>/<file> as symlinks into ../../blobs: allow exactly that.
-    hf_blobs = home.parent.parent / "blobs" if home.parent.name == "snapshots" else None
-    if real.parent != home and (hf_blobs is None or real.parent != hf_blobs):
-        raise CheckpointError(f"{path}: is a symlink resolving to {real}, outside {folder}; refusing to follow "
-                              "it (copy the shard into the folder if it is intended)")
-    if not real.is_file():
-        raise CheckpointError(f"{path}: is not a regular file")
-    return path
+    """Refuse shard names that could read outside the checkpoint folder (the index is untrusted input), and
+    shards that are symlinks (but the HF cache's) or not regular files (``opdviz.safefiles.checked_file``)."""
+    return checked_file(folder, shard, source)
 
 
 def _indexed_infos(index_path: Path, weight_map: dict[str, Path],
@@ -500,11 +504,10 @@ def _indexed_infos(index_path: Path, weight_map: dict[str, Path],
     return dict(sorted(infos.items(), key=lambda kv: (rank[kv[1].file], kv[1].offset, kv[0])))
 
 
-def _read_config(folder: Path) -> dict | None:
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None  # optional: a missing or broken config only loses architecture hints
+def _read_config(folder: Path, limits: Limits) -> dict | None:
+    """``config.json`` next to the weights, or None. Optional: a missing file or bad JSON syntax only loses
+    architecture hints, but a symlink, an oversized or too deeply nested file is refused."""
+    config = read_json(folder, "config.json", limits, lenient=True)
     return config if isinstance(config, dict) else None
 
 

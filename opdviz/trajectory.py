@@ -43,7 +43,7 @@ from .job import JobSpec, Progress, resolve_device, run_job, run_lock
 from .masks import changed_chunks
 from .metrics.linalg import VALID_REL, chunk_rows, eigh_desc, lowrank
 from .naming import matrix_view
-from .options import AnalysisOptions, fmt_pct
+from .options import MAX_LABEL_CHARS, AnalysisOptions, check_label, fmt_pct
 from .reader import Checkpoint, plan_pairs
 from .store import RunWriter, Store
 
@@ -63,6 +63,18 @@ class TrajectorySpec:
     k: int = DEFAULT_K
     hill_frac: float = DEFAULT_HILL_FRAC
 
+    def __post_init__(self) -> None:
+        check_label(self.name, "trajectory name", MAX_LABEL_CHARS - 24)   # its runs are NAME@STEP
+        check_label(self.method, "method label")
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise OptionsError(f"--k must be an integer ≥ 1, got {self.k!r}")
+        if isinstance(self.hill_frac, bool) or not isinstance(self.hill_frac, (int, float)) \
+                or not 0 < self.hill_frac < 1:
+            raise OptionsError(f"--hill-frac must be a number in (0, 1), got {self.hill_frac!r}")
+        for step, _ in self.checkpoints:
+            if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+                raise OptionsError(f"steps must be non-negative integers, got {step!r}")
+
 
 # ------------------------------------------------------------------------------------ finding checkpoints
 def find_checkpoints(paths: list[Path], steps: list[int] | None = None) -> tuple[tuple[int, Path], ...]:
@@ -71,6 +83,10 @@ def find_checkpoints(paths: list[Path], steps: list[int] | None = None) -> tuple
     paths = [Path(p) for p in paths]
     if len(paths) == 1 and paths[0].is_dir() and not steps:
         subs = [(int(m.group(1)), p) for p in paths[0].iterdir() if p.is_dir() and (m := STEP_RE.match(p.name))]
+        links = [p.name for _, p in subs if p.is_symlink()]
+        if links:          # the folder is untrusted: a step folder must not lead elsewhere
+            raise OptionsError(f"{paths[0]}: {', '.join(sorted(links))} is a symlink; refusing to follow it. "
+                               "Pass the checkpoints themselves with --steps if they are meant to be used")
         if subs:
             paths = [p for _, p in sorted(subs)]
             steps = [s for s, _ in sorted(subs)]

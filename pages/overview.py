@@ -2,6 +2,7 @@
 
 import streamlit as st
 
+from opdviz import figexport
 from pages import ui
 
 PERCENT = ("sparsity_", "top16_energy", "principal_coverage", "lowmag_coverage", "random_baseline")
@@ -33,7 +34,7 @@ st.dataframe(ui.percent(table, PERCENT), hide_index=True, width="stretch", colum
     "accuracy_gain": st.column_config.NumberColumn("acc. gain", format="%+.3f")})
 st.caption("Shares in %; enrichment = coverage / α (1× = random). Accuracy comes from the run's training metadata "
            "when it was recorded.")
-st.download_button("Table as CSV", data=lambda: table.to_csv(index=False).encode(), file_name="opdviz_overview.csv",
+st.download_button("Table as CSV", data=lambda: figexport.data_bytes(table, "csv"), file_name="opdviz_overview.csv",
                    mime="text/csv", on_click="ignore", key="dl_overview_table")
 
 ui.figures(view, "overview")

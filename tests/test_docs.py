@@ -11,6 +11,7 @@ import pytest
 from opdviz.cli import COMMANDS, build_parser
 from opdviz.metrics.registry import all_families
 from opdviz.options import AnalysisOptions
+from opdviz.safefiles import SETTINGS
 from opdviz.store import SCHEMAS
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
@@ -66,3 +67,8 @@ def test_every_confining_setting_is_documented():
         assert f"| `{name}` |" in SECURITY, f"{name} missing from SECURITY.md's settings table"
         assert f"`{name}`" in README, f"{name} missing from the README"
     assert "](SECURITY.md)" in README
+
+
+@pytest.mark.parametrize("setting", [s.env for s in SETTINGS])
+def test_every_checkpoint_limit_is_documented(setting):
+    assert f"`{setting}`" in README

@@ -10,7 +10,6 @@ runs find the results in the store and go straight to the dashboard.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -41,10 +40,7 @@ def demo_runs(demo_dir: Path) -> list[tuple[str, str, Path]]:
         folder = demo_dir / sub
         if not (folder / "model.safetensors").exists() and not (folder / "model.safetensors.index.json").exists():
             continue
-        try:
-            label = json.loads((folder / "metrics.json").read_text()).get("method", label)
-        except (OSError, ValueError):
-            pass
+        label = _metrics(folder).get("method", label)
         runs.append((f"demo-{sub}", label, folder))
     return runs
 
@@ -96,6 +92,17 @@ def compute_across(store, db: Path, demo_dir: Path, runs: list[tuple[str, str, P
                    "--a", str(pa), "--b", str(pb), "--run-a", a, "--run-b", b], f"overlap {a} {b}")
 
 
+def _metrics(folder: Path) -> dict:
+    """The trainer's ``metrics.json`` in ``folder`` (confined and capped like every checkpoint file), or {}."""
+    from ..safefiles import Limits, read_json
+
+    try:
+        data = read_json(folder, "metrics.json", Limits.from_env(), lenient=True)
+    except (OpdvizError, OSError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def _checkpoints(post: Path) -> list[tuple[int, Path]]:
     """(step, folder) of ``checkpoint-N`` folders, then the final checkpoint at its recorded step."""
     steps = []
@@ -105,8 +112,8 @@ def _checkpoints(post: Path) -> list[tuple[int, Path]]:
             steps.append((int(tail), folder))
     steps.sort()
     try:
-        final = int(json.loads((post / "metrics.json").read_text())["steps"])
-    except (OSError, ValueError, KeyError, TypeError):
+        final = int(_metrics(post)["steps"])
+    except (ValueError, KeyError, TypeError):
         final = None
     if final is not None and (not steps or final > steps[-1][0]):
         steps.append((final, post))

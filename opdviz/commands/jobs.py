@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from ..options import finite_number
 from .compute import DEFAULT_DB
 
 
@@ -18,7 +19,7 @@ def register(sub) -> None:
     w = sub.add_parser("worker", help="run queued analyses one at a time (the dashboard starts this itself)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     w.add_argument("--db", default=DEFAULT_DB, help=f"DuckDB store (default: {DEFAULT_DB})")
-    w.add_argument("--idle-exit", type=float, default=None, metavar="SECONDS",
+    w.add_argument("--idle-exit", type=finite_number(0), default=None, metavar="SECONDS",
                    help="exit after the queue has been empty this long (default: 30)")
     w.set_defaults(func=worker_main)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..errors import OptionsError, StoreError
 from ..queries import EXPORT_COLUMNS  # noqa: F401  (the export's columns, re-exported)
+from ..options import finite_number
 from .compute import DEFAULT_DB
 
 
@@ -45,7 +46,7 @@ def register(sub) -> None:
 
     f = sub.add_parser("fold", help="fold staged results into the .duckdb file (jobs do this themselves)")
     f.add_argument("--db", default=DEFAULT_DB, help=f"DuckDB store (default: {DEFAULT_DB})")
-    f.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the file lock")
+    f.add_argument("--wait", type=finite_number(0), default=30.0, help="seconds to wait for the file lock")
     f.set_defaults(func=fold_main)
 
 
@@ -68,6 +69,8 @@ def _open(db: str):
 
 
 def export_main(args: argparse.Namespace) -> int:
+    from ..csvsafe import to_csv
+
     if args.format == "parquet" and not args.output:
         raise OptionsError("--format parquet needs -o FILE")
     layers = sorted({n for group in args.layer or () for n in group}) or None
@@ -75,10 +78,8 @@ def export_main(args: argparse.Namespace) -> int:
                                 blocks=args.block, metrics=args.metric, towers=args.tower)
     if args.format == "parquet":
         df.to_parquet(args.output, index=False)
-    elif args.output:
-        df.to_csv(args.output, index=False)
-    else:
-        df.to_csv(sys.stdout, index=False)
+    else:           # text cells that a spreadsheet would run as formulas get a leading ' (opdviz.csvsafe)
+        to_csv(df, args.output or sys.stdout)
     if args.output:
         print(f"wrote {len(df)} rows to {Path(args.output)}", file=sys.stderr)
     return 0

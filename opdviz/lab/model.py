@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import CheckpointError
+from ..safefiles import Limits, read_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,7 +230,7 @@ def load_hf(folder: Path, dtype=torch.float32) -> Llama:
     for name in ("config.json", "model.safetensors"):
         if not (folder / name).is_file():
             raise CheckpointError(f"{folder / name} is missing; regenerate the lab with `opdviz lab --out DIR`")
-    cfg = LlamaConfig.from_hf(json.loads((folder / "config.json").read_text()))
+    cfg = LlamaConfig.from_hf(read_json(folder, "config.json", Limits.from_env()))
     model = Llama(cfg)
     sd = load_file(str(folder / "model.safetensors"))
     missing = set(model.state_dict()) ^ set(sd)
