@@ -67,10 +67,16 @@ def export_main(args: argparse.Namespace) -> int:
 
 
 def runs_main(args: argparse.Namespace) -> int:
-    df = _store(args.db).runs()
+    from ..queries import runs
+
+    # a run left 'running' by a process that is gone reads 'interrupted'; n_done is what is stored
+    df = runs(_store(args.db))
     cols = ["run_id", "method", "status", "n_done", "n_tensors", "n_skipped", "n_failed", "device", "wall_s",
             "post_path"]
     print(df[cols].to_string(index=False) if not df.empty else "no runs")
+    for run_id, status, error in zip(df["run_id"], df["status"], df["error"]):
+        if status != "done" and isinstance(error, str) and error:
+            print(f"{run_id}: {status}: {error}")
     return 0
 
 
