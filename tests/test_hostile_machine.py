@@ -196,7 +196,7 @@ sys.stdin.readline()
 
 # -------------------------------------------------------------------------------- no orphans, honest status
 
-def test_kill_9_of_the_worker_stops_its_compute(long_pair, tmp_path, stop_workers):
+def test_kill_9_of_the_worker_stops_its_compute(long_pair, tmp_path, stop_workers, capsys):
     db = tmp_path / "q.duckdb"
     job_id = jobs.submit(db, JobRequest(str(long_pair[0]), ((str(long_pair[1]), "long", "OPD"),)))
     worker = subprocess.Popen([sys.executable, "-m", "opdviz.jobs", "worker", "--db", str(db), "--idle-exit", "0"],
@@ -219,6 +219,9 @@ def test_kill_9_of_the_worker_stops_its_compute(long_pair, tmp_path, stop_worker
     assert run.status == "interrupted" and run.n_done == stored and 2 <= stored < run.n_total
     text = runs_text(db)
     assert " running " not in text and f"interrupted after {stored} of {run.n_total}" in text
+    capsys.readouterr()
+    assert cli(["jobs", "--db", str(db)]) == 0
+    assert f"long (OPD): interrupted after {stored} of {run.n_total} tensors" in capsys.readouterr().out
     # resume continues from there to what an uninterrupted run stores
     jobs.resume(db, job_id)
     assert jobs.work(db, idle_exit_s=0)

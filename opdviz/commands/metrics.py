@@ -81,6 +81,8 @@ def runs_main(args: argparse.Namespace) -> int:
 
 
 def fold_main(args: argparse.Namespace) -> int:
-    ok = _store(args.db).fold(wait=args.wait)
+    store = _store(args.db)
+    store.check()          # never fold into a folder, an empty or a foreign file
+    ok = store.fold(wait=args.wait)
     print("folded" if ok else f"{args.db} stayed locked for {args.wait:.0f} s; try again later")
     return 0 if ok else 1
