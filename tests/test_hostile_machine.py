@@ -296,6 +296,7 @@ def _commands(pair, db: Path, tmp: Path) -> dict:
                        "--no-progress"],
         "worker": ["worker", "--db", str(db), "--idle-exit", "0"],
         "demo": ["demo", "--db", str(db), "--no-serve"],
+        "fold": ["fold", "--db", str(db), "--wait", "0"],
     }
 
 
@@ -306,7 +307,7 @@ def _snapshot(path: Path):
 
 
 @pytest.mark.parametrize("kind", list(BAD_STORES))
-@pytest.mark.parametrize("command", ["compute", "batch", "overlap", "trajectory", "worker", "demo"])
+@pytest.mark.parametrize("command", ["compute", "batch", "overlap", "trajectory", "worker", "demo", "fold"])
 def test_a_store_is_checked_before_any_work(pair, tmp_path, capsys, kind, command):
     make, words = BAD_STORES[kind]
     db = make(tmp_path / "store.duckdb")
