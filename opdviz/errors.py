@@ -19,3 +19,7 @@ class StoreError(OpdvizError):
 
 class OptionsError(OpdvizError):
     """Options given by the user are inconsistent or out of range."""
+
+
+class DiskFullError(StoreError):
+    """The disk (or quota) holding the store ran out of space; what was stored is kept and resumable."""

@@ -14,6 +14,7 @@ only writer of the store.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -29,20 +30,22 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .errors import CheckpointError, OpdvizError, OptionsError, StoreError
+from .errors import CheckpointError, DiskFullError, OpdvizError, OptionsError, StoreError
 from .executors import LocalExecutor, Work
 from .metrics import analyse_pair
 from .naming import fused_parts, matrix_view, parse_name, split_part
 from .options import AnalysisOptions, check_label
 from .reader import Checkpoint, PairItem, plan_pairs
 from .safefiles import Limits, read_json
-from .store import RunWriter, Store, _slug, dumps, lock_path, now
+from .store import RunWriter, Store, _slug, disk_full, dumps, is_disk_full, lock_path, now
 
 FOLD_EVERY_S = 60.0        # try to fold staged fragments into the .duckdb file this often
+FOLD_WAIT_S = 30.0         # at the end, wait this long for a reader or another fold to let go of the file
 # Fault injection for the crash tests (kill -9 at a chosen point): "after:N" kills the job with SIGKILL
 # once N tensors are stored; "torn:N" kills it while writing the N-th tensor, after its metrics
-# fragment and before its tensors marker; "worker-once:PATH" kills one Ray worker (opdviz.executors).
-# Unset in normal use.
+# fragment and before its tensors marker; "enospc:N" makes writing the N-th tensor's metrics fragment fail
+# with ENOSPC (a full disk, through the real error path); "worker-once:PATH" kills one Ray worker
+# (opdviz.executors). Unset in normal use.
 FAULT_ENV = "OPDVIZ_FAULT"
 
 
@@ -103,10 +106,16 @@ def run_lock(store: Store, run_id: str):
         fh.close()
         raise StoreError(f"run {run_id!r} is being computed right now by {holder}; wait for it to finish "
                          "or stop it before starting it again.") from None
-    fh.seek(0)
-    fh.truncate()
-    fh.write(f"pid {os.getpid()} on {socket.gethostname()}")
-    fh.flush()
+    try:
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        fh.flush()
+    except OSError as exc:
+        fh.close()
+        if is_disk_full(exc):
+            raise disk_full(exc, path.parent, f"starting run {run_id!r}") from None
+        raise StoreError(f"cannot write {path} ({exc}); choose a writable --db location.") from None
     try:
         yield
     finally:
@@ -135,8 +144,14 @@ class Progress:
 
     def _write(self) -> None:
         tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.state))
-        os.replace(tmp, self.path)
+        try:
+            tmp.write_text(json.dumps(self.state))
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if is_disk_full(exc):
+                raise disk_full(exc, self.path.parent, f"writing the progress of run {self.state['run_id']!r}") from None
+            raise StoreError(f"cannot write {self.path}: {exc}; check the folder is writable.") from None
 
     def start(self, name: str) -> None:
         self.state["current"] = name
@@ -167,9 +182,11 @@ class Progress:
 
     def finish(self, status: str, error: str = "") -> None:
         self.state.update(status=status, current="", error=error, eta_s=0 if status == "done" else None)
-        self._write()
-        if self.bar:
-            self.bar.close()
+        try:
+            self._write()
+        finally:
+            if self.bar:
+                self.bar.close()
 
 
 def _tensor_row(name: str, parent: str, part: str, parsed, shape, dtype: str, status: str, reason: str,
@@ -277,6 +294,17 @@ class _Run:
     work: Work
     prior_wall: float
     status: str = "running"
+    counts: dict = field(default_factory=dict)   # top-level tensors stored, by status (ok/skipped/failed)
+
+    @property
+    def n_stored(self) -> int:
+        return sum(self.counts.values())
+
+    def count(self, tensor_rows: list[dict]) -> None:
+        """Count a tensor just written (its top-level row), so the end needs no query of the file."""
+        for r in tensor_rows:
+            if not r.get("parent"):
+                self.counts[r["status"]] = self.counts.get(r["status"], 0) + 1
 
 
 def run_jobs(specs: list[JobSpec], *, progress: bool = True, overwrite: bool = False, log=print,
@@ -292,7 +320,10 @@ def run_jobs(specs: list[JobSpec], *, progress: bool = True, overwrite: bool = F
     if len(set(names)) != len(names):
         raise OptionsError(f"run names must differ within one job: {sorted(n for n in set(names) if names.count(n) > 1)}")
     executor = executor or LocalExecutor()
-    t_start, status, error = time.time(), "running", None
+    for db in dict.fromkeys(Path(s.db) for s in specs):
+        Store(db).check()      # before any work: a foreign or broken --db is refused untouched
+    t_start, status, error, full = time.time(), "running", None, False
+    pending: list[StoreError] = []      # errors of the wrap-up, raised once it is complete
     with contextlib.ExitStack() as stack:
         runs: list[_Run] = []
         for n, spec in enumerate(specs):
@@ -312,11 +343,15 @@ def run_jobs(specs: list[JobSpec], *, progress: bool = True, overwrite: bool = F
             run.bar.start(name)
             _maybe_fault(run.writer, name, rows, run.bar.state["n_done"] + 1)
             run.writer.write_tensor(name, *rows)
+            run.count(rows[0])
             run.bar.advance(nbytes)
             total.advance(nbytes)
             if time.time() - last_fold > FOLD_EVERY_S:
                 for store in stores.values():
-                    store.fold(wait=0)
+                    try:
+                        store.fold(wait=0)
+                    except StoreError as exc:   # the fragments stay staged and readable; folded later
+                        log(f"note: folding into {store.db_path} failed ({exc}); results stay in {store.staging}.")
                 last_fold = time.time()
 
         def on_tasks(counts: dict) -> None:
@@ -328,8 +363,13 @@ def run_jobs(specs: list[JobSpec], *, progress: bool = True, overwrite: bool = F
             executor.run([r.work for r in runs], on_result, on_tasks)
             status = "done"
         except KeyboardInterrupt:
-            status, error = "interrupted", "interrupted by the user; rerun the same command to resume"
+            status, error = "interrupted", "stopped by a signal or the user"
             raise
+        except DiskFullError as exc:
+            status, error, full = "interrupted", f"the disk holding {runs[0].store.staging} is full", True
+            kept = "; ".join(f"run {r.spec.run_id!r}: {r.n_stored} of {r.bar.state['n_total']} tensors stored"
+                             for r in runs)
+            raise DiskFullError(f"{exc} Kept: {kept}; other runs in the store are unchanged.") from None
         except Exception as exc:
             status, error = "failed", f"{type(exc).__name__}: {exc}"
             raise
@@ -338,12 +378,28 @@ def run_jobs(specs: list[JobSpec], *, progress: bool = True, overwrite: bool = F
             for run in runs:
                 # a run whose every tensor was written is done even when another run of the job failed
                 finished = run.bar.state["n_done"] >= run.bar.state["n_total"]
-                _finish_run(run, "done" if finished else status, None if finished else error,
-                            time.time() - t_start)
+                try:
+                    _finish_run(run, "done" if finished else status, None if finished else error,
+                                time.time() - t_start)
+                except StoreError as exc:   # e.g. a full disk: the run's dead lock holder then reads interrupted
+                    pending.append(exc)
             for store in stores.values():
-                if not store.fold(wait=30):
+                if full or pending or status == "interrupted":
+                    break   # stop promptly; a full disk: folding needs space too. The fragments stay readable
+                try:
+                    ok = store.fold(wait=FOLD_WAIT_S)
+                except DiskFullError as exc:
+                    pending.append(exc)
+                    continue
+                except StoreError as exc:   # everything is computed and staged: never fail the job for this
+                    log(f"note: folding into {store.db_path} failed ({exc}); results stay readable in "
+                        f"{store.staging} and are folded by the next job or `opdviz fold`.")
+                    continue
+                if not ok:
                     log(f"note: {store.db_path} was busy; results stay readable in {store.staging} and are "
                         "folded into the database by the next job or `opdviz fold`.")
+    if pending:
+        raise pending[0]
     return [r.row for r in runs]
 
 
@@ -368,7 +424,9 @@ def _open_run(spec: JobSpec, key: int, stack: contextlib.ExitStack, executor, ov
             raise OptionsError(
                 f"a run named {spec.run_id!r} already exists in {spec.db} with other checkpoints or "
                 "options; choose another --name, or pass --overwrite to replace it.")
-    done = store.done_tensors(spec.run_id)
+    stored = store.query("SELECT tensor, parent, status FROM tensors WHERE run_id = ?", [spec.run_id])
+    done = set(stored["tensor"])
+    counts = stored[stored["parent"] == ""]["status"].value_counts().to_dict()
     todo = [i for i in items if i.name not in done]
     ok_items = [i for i in items if i.status == "ok"]
     bytes_total = sum(i.base.nbytes + i.post.nbytes for i in ok_items)
@@ -400,22 +458,36 @@ def _open_run(spec: JobSpec, key: int, stack: contextlib.ExitStack, executor, ov
         info = item.base or item.post
         writer.write_tensor(item.name, [_tensor_row(item.name, "", "", parsed, info.shape, info.dtype,
                                                     "skipped", item.reason, seq_of[item.name])], [], [], [])
+        counts["skipped"] = counts.get("skipped", 0) + 1
         bar.advance(0)
     work = Work(key=key, base=Path(spec.base), post=Path(spec.post), options=opts,
                 items=[i for i in todo if i.status == "ok"], seq=seq_of, checkpoints=(base, post))
-    return _Run(spec, store, writer, row, bar, work, prior_wall)
+    return _Run(spec, store, writer, row, bar, work, prior_wall, counts={k: int(v) for k, v in counts.items()})
 
 
 def _finish_run(run: _Run, status: str, error: str | None, wall: float) -> None:
-    run.bar.finish(status, error or "")
-    counts = run.store.query("SELECT status, count(*) AS n FROM tensors WHERE run_id = ? AND parent = '' "
-                             "GROUP BY status", [run.spec.run_id])
-    n = dict(zip(counts["status"], counts["n"]))
+    """Record the end of a run: its progress file and a last run row, with the counts of what is stored
+    (the driver's own while a reader holds the file: that must not fail the end of a job)."""
+    with contextlib.suppress(StoreError):   # the store's count; the driver's own while a reader holds the file
+        df = run.store.query("SELECT status, count(*) AS n FROM tensors WHERE run_id = ? AND parent = '' "
+                             "GROUP BY status", [run.spec.run_id], timeout=2.0)
+        run.counts = {s: int(c) for s, c in zip(df["status"], df["n"])}
+    n = run.counts
+    if status == "interrupted":
+        error = (f"interrupted after {run.n_stored} of {run.bar.state['n_total']} tensors ({error}); rerun the same "
+                 "command, or Resume, to continue from the stored tensors")
     run.row.update(status=status, error=error, wall_s=run.prior_wall + wall,
                    finished_at=now() if status == "done" else None,
-                   n_done=int(sum(n.values())), n_skipped=int(n.get("skipped", 0)),
+                   n_done=run.n_stored, n_skipped=int(n.get("skipped", 0)),
                    n_failed=int(n.get("failed", 0)), bytes_done=run.bar.state["bytes_done"], updated_at=now())
-    run.writer.write_run(run.row)
+    errors = []
+    for step in (lambda: run.bar.finish(status, error or ""), lambda: run.writer.write_run(run.row)):
+        try:
+            step()
+        except StoreError as exc:
+            errors.append(exc)
+    if errors:
+        raise errors[0]
 
 
 class _TotalBar:
@@ -464,7 +536,13 @@ def _maybe_fault(writer: RunWriter, key: str, rows, n: int) -> None:
     if not spec:
         return
     kind, _, at = spec.partition(":")
-    if kind not in ("after", "torn") or n != int(at or 0) + (kind == "after"):
+    if kind not in ("after", "torn", "enospc") or n != int(at or 0) + (kind == "after"):
+        return
+    if kind == "enospc":
+        def full(table: str, tmp: Path) -> None:
+            if table == "metrics":
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
+        writer.inject = full
         return
     import signal
 

@@ -40,10 +40,12 @@ from pathlib import Path
 
 from .errors import OpdvizError, OptionsError, StoreError
 from .options import AnalysisOptions, check_label
-from .store import Store, _slug
+from .store import Store, _slug, computing
 
 IDLE_EXIT_S = 30.0        # the worker exits after this long with nothing queued
 POLL_S = 0.5              # how often an idle worker looks at the queue
+STOP_GRACE_S = 10.0       # a compute process asked to stop (cancel, worker exit) is killed after this long
+PARENT_ENV = "OPDVIZ_WORKER_PID"   # set for the compute child: the worker it must not outlive
 STATES = ("queued", "running", "done", "failed", "cancelled")
 ACTIVE = ("queued", "running")
 
@@ -204,6 +206,7 @@ def submit(db: str | Path, request: JobRequest) -> str:
     for _, name, method in posts:          # the browser's text: no control or invisible characters
         check_label(name, "run name")
         check_label(method, "method label")
+    Store(db).check()      # a folder, an empty or a foreign file is refused before anything is written
     with _queue_lock(db):
         busy = {r[1]: j["id"] for j in _jobs_raw(db) if j["state"] in ACTIVE for r in j["posts"]}
         for n in names:
@@ -304,6 +307,7 @@ def ensure_worker(db: str | Path, *, idle_exit_s: float = IDLE_EXIT_S) -> bool:
 
     Checked under the queue lock, which an exiting worker also holds while it gives up its own lock,
     so a job submitted just as the worker leaves is never stranded."""
+    Store(db).check()
     folder = _ensure_queue(db)
     with _queue_lock(db):
         if worker_alive(db) or _spawned_worker_starting(folder):
@@ -338,7 +342,11 @@ _INTERRUPTED_WORKER = ("interrupted: the worker stopped while this job ran (kill
 def work(db: str | Path, *, idle_exit_s: float = IDLE_EXIT_S, poll_s: float = POLL_S,
          lock_wait_s: float = 2.0) -> bool:
     """The worker loop: run queued jobs one at a time until the queue stays empty for ``idle_exit_s``.
-    Returns False at once if another worker holds ``db``'s worker lock."""
+    Returns False at once if another worker holds ``db``'s worker lock.
+
+    The compute processes run in their own process group, which is stopped when the worker leaves; a
+    worker killed outright takes them along too (see ``_die_with_parent``)."""
+    Store(db).check()
     folder = _ensure_queue(db)
     fh = open(folder / "worker.lock", "a+")
     deadline = time.monotonic() + lock_wait_s
@@ -360,10 +368,9 @@ def work(db: str | Path, *, idle_exit_s: float = IDLE_EXIT_S, poll_s: float = PO
     _forget_spawned(folder)  # started: the lock now says it is alive
     child: list[subprocess.Popen] = []
 
-    def on_term(signum, frame):  # stop the job in flight cleanly, then leave
+    def on_term(signum, frame):  # stop the job in flight cleanly, then leave (the finally below waits)
         for p in child:
-            with contextlib.suppress(ProcessLookupError):
-                p.send_signal(signal.SIGTERM)
+            _signal_group(p, signal.SIGTERM)
         raise SystemExit(128 + signum)
 
     old = signal.signal(signal.SIGTERM, on_term)
@@ -384,6 +391,8 @@ def work(db: str | Path, *, idle_exit_s: float = IDLE_EXIT_S, poll_s: float = PO
             idle_since = time.monotonic()
     finally:
         signal.signal(signal.SIGTERM, old)
+        for p in list(child):         # leaving with a job in flight (SIGTERM, Ctrl+C, a bug): stop it
+            _stop(p)
         fh.close()
 
 
@@ -394,6 +403,25 @@ def _sweep_uploads(db) -> None:
     keep = tuple(p for j in list_jobs(db) if j.active for p in (j.base, *(r.post for r in j.runs)))
     with contextlib.suppress(OpdvizError):   # a bad upload setting is the page's to report, not the worker's
         sweep_uploads(keep=keep)
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """Send ``sig`` to the compute process and everything it started (its own process group)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+
+
+def _stop(proc: subprocess.Popen, grace: float = STOP_GRACE_S) -> None:
+    """SIGTERM (the job records the interruption), then SIGKILL if it is still there after ``grace``."""
+    if proc.poll() is not None:
+        return
+    _signal_group(proc, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        _signal_group(proc, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace)
 
 
 def _forget_spawned(folder: Path) -> None:
@@ -431,16 +459,18 @@ def _run(db, job: dict, child: list) -> None:
     with open(_log_path(db, job_id), "ab") as log:
         log.write(f"--- attempt {job['attempts']} at {time.ctime()}\n".encode())
         log.flush()
+        # its own process group (stopped as a whole), and it must not outlive this worker
         proc = subprocess.Popen([sys.executable, "-m", "opdviz.jobs", "run", "--db", str(db), job_id],
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=_child_env())
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                                env={**_child_env(), PARENT_ENV: str(os.getpid())})
         child.append(proc)
         with _queue_lock(db):
             current = _read_json(_job_path(db, job_id)) or job
             current["child_pid"] = proc.pid
             _write_json(_job_path(db, job_id), current)
             if current.get("cancel_requested"):
-                proc.send_signal(signal.SIGTERM)
-        rc = proc.wait()
+                _signal_group(proc, signal.SIGTERM)
+        rc = _wait(db, job_id, proc)
         child.remove(proc)
     result = _read_json(result_path) or {}
     with _queue_lock(db):
@@ -462,6 +492,43 @@ def _run(db, job: dict, child: list) -> None:
         _write_json(_job_path(db, job_id), current)
 
 
+def _wait(db, job_id: str, proc: subprocess.Popen) -> int:
+    """Wait for the compute process; once a cancel was asked for, kill it if it has not stopped within
+    ``STOP_GRACE_S`` (a tensor in flight can take long; a killed job loses only that tensor)."""
+    asked = None
+    while True:
+        try:
+            return proc.wait(timeout=POLL_S)
+        except subprocess.TimeoutExpired:
+            pass
+        if asked is None:
+            if (_read_json(_job_path(db, job_id)) or {}).get("cancel_requested"):
+                asked = time.monotonic()
+                _signal_group(proc, signal.SIGTERM)
+        elif time.monotonic() - asked > STOP_GRACE_S:
+            _signal_group(proc, signal.SIGKILL)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Make this compute process stop when the worker ``parent`` dies, ``kill -9`` included: the kernel sends
+    SIGTERM on the parent's death (Linux PR_SET_PDEATHSIG), and a watchdog thread that sees the parent gone
+    sends SIGTERM itself (other systems) and SIGKILL if the job has not stopped ``STOP_GRACE_S`` later."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # 1 = PR_SET_PDEATHSIG
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(POLL_S)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(STOP_GRACE_S)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="watch-worker", daemon=True).start()
+
+
 def _child_env() -> dict:
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parent.parent)
@@ -477,6 +544,9 @@ def run_child(db: str | Path, job_id: str) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    parent = os.environ.pop(PARENT_ENV, "")
+    if parent.isdigit():
+        _die_with_parent(int(parent))
     result_path = _result_path(db, job_id)
     job = _read_json(_job_path(db, job_id))
     if job is None:
@@ -539,9 +609,14 @@ def _run_progress(db, job: dict, post: str, name: str, method: str, result: dict
                                n_done=result.get("n_done") or 0, n_total=result.get("n_done"))
         return base
     status = prog.get("status", "running")
-    if status == "running" and job["state"] != "running":
+    if status == "running" and (job["state"] != "running" or computing(Store(db), name) is False):
         status = "interrupted"  # the process died without writing its end
-    return RunProgress(run_id=name, post=post, method=method, status=status, n_done=int(prog.get("n_done", 0)),
+    n_done = int(prog.get("n_done", 0))
+    if status == "interrupted":
+        # what a resume will not recompute: the store's count (the progress file may lag a killed job)
+        with contextlib.suppress(OpdvizError):
+            n_done = Store(db).stored_counts().get(name, n_done)
+    return RunProgress(run_id=name, post=post, method=method, status=status, n_done=n_done,
                        n_total=prog.get("n_total"), bytes_done=int(prog.get("bytes_done", 0)),
                        bytes_total=prog.get("bytes_total"), eta_s=prog.get("eta_s"),
                        current=prog.get("current", "") if status == "running" else "",

@@ -119,6 +119,7 @@ def run_overlap(spec: OverlapSpec, *, progress: bool = True, overwrite: bool = F
         raise OptionsError("--run-a and --run-b must name two different runs")
     criteria = opts.criteria()
     store = Store(spec.db)
+    store.check()          # before any work: a foreign or broken --db is refused untouched
     with contextlib.ExitStack() as stack:
         base = stack.enter_context(Checkpoint.open(spec.base, allow_pickle=opts.allow_pickle))
         ca = stack.enter_context(Checkpoint.open(spec.a, allow_pickle=opts.allow_pickle))

@@ -65,11 +65,17 @@ def runs(store: Store) -> pd.DataFrame:
     """One row per run, newest status, ordered by creation. A run stored as ``running`` whose process is
     gone (killed, machine restarted: see ``store.computing``) reads as ``interrupted``, with why."""
     df = store.query("SELECT * FROM runs ORDER BY created_at, run_id")
+    unfinished = df.index[df["status"].isin(["running", "interrupted", "failed"])]
+    # the run row of a killed job still holds the count it started with: count what is really stored
+    stored = store.stored_counts() if len(unfinished) else {}
+    for i in unfinished:
+        df.loc[i, "n_done"] = stored.get(df.at[i, "run_id"], 0)
     for i in df.index[df["status"] == "running"]:
         if computing(store, df.at[i, "run_id"]) is False:
             df.loc[i, "status"] = "interrupted"
-            df.loc[i, "error"] = ("its process is gone (killed, or the machine restarted) after "
-                                  f"{int(df.at[i, 'n_done'] or 0)} of {int(df.at[i, 'n_tensors'] or 0)} tensors")
+            df.loc[i, "error"] = (f"interrupted after {int(df.at[i, 'n_done'] or 0)} of "
+                                  f"{int(df.at[i, 'n_tensors'] or 0)} tensors: its process is gone (killed, or the "
+                                  "machine restarted); rerun the same command, or Resume, to continue")
     return df
 
 

@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -55,7 +57,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import StoreError
+from .errors import DiskFullError, StoreError
 
 _i64, _f64, _str = pa.int64(), pa.float64(), pa.string()
 _ts = pa.timestamp("us", tz="UTC")
@@ -93,6 +95,8 @@ TENSOR_TABLES = ("tensors", "metrics", "arrays", "failures")
 SMALL_ARRAY = 64
 # fragments of a tensor are written in this order; "tensors" last marks the tensor complete
 WRITE_ORDER = ("arrays", "metrics", "failures", "tensors")
+# the tables every opdviz store file has (older stores may lack small_arrays and the keyed tables)
+CORE_TABLES = frozenset(("runs", "tensors", "metrics", "arrays", "failures"))
 
 _SQL_TYPES = {pa.int64(): "BIGINT", pa.float64(): "DOUBLE", pa.string(): "VARCHAR", pa.bool_(): "BOOLEAN",
               _ts: "TIMESTAMPTZ", pa.list_(_i64): "BIGINT[]", pa.list_(_f64): "DOUBLE[]"}
@@ -116,6 +120,22 @@ def now() -> dt.datetime:
 def _is_lock_error(exc: Exception) -> bool:
     text = str(exc)
     return "lock" in text.lower() or "Conflicting" in text or "being used" in text
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for ENOSPC/EDQUOT, also when a library (pyarrow, DuckDB) reports it only in its message."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return "No space left on device" in text or "Disk quota exceeded" in text
+
+
+def disk_full(exc: BaseException, where: Path, doing: str) -> DiskFullError:
+    """The one message for a full disk: what is full, what is kept, how to go on."""
+    reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[-1]
+    return DiskFullError(f"the disk holding {where} is full ({reason}) while {doing}. Everything stored before is "
+                         "kept. Free space (or raise the quota), then rerun the same command: it resumes from the "
+                         "stored results.")
 
 
 def _slug(text: str) -> str:
@@ -281,14 +301,141 @@ class Store:
         df = self.query("SELECT * FROM runs WHERE run_id = ?", [run_id])
         return None if df.empty else df.iloc[0].to_dict()
 
+    def stored_counts(self) -> dict[str, int]:
+        """Run id → number of its top-level tensors whose results are stored (file and staged fragments):
+        what a resume would not recompute."""
+        df = self.query("SELECT run_id, count(*) AS n FROM tensors WHERE parent = '' GROUP BY run_id")
+        return {r: int(n) for r, n in zip(df["run_id"], df["n"])}
+
+    def check(self) -> None:
+        """Refuse, before any work and without writing anything, a location that cannot hold an opdviz store:
+        a folder, a 0-byte or non-DuckDB file, a DuckDB database of something else. A missing file is fine
+        (it is created by the first fold). Raises StoreError."""
+        p = self.db_path
+        if p.is_dir():
+            raise StoreError(f"--db {p} is a folder, not a store file; give a .duckdb file path such as "
+                             f"{p / 'opdviz.duckdb'} (created if missing).")
+        if p.exists() and not p.is_file():
+            raise StoreError(f"--db {p} is not a regular file; give a .duckdb file path (created if missing).")
+        if self.staging.exists() and not self.staging.is_dir():
+            raise StoreError(f"{self.staging} (the store's staging folder) is a file; move it away or choose "
+                             "another --db.")
+        if not p.exists():
+            return
+        self._check_header()
+        tables = set(self._query("SELECT table_name FROM information_schema.tables WHERE table_catalog = 'db'",
+                                 None, 10.0)["table_name"])
+        if not CORE_TABLES <= tables:
+            missing = ", ".join(sorted(CORE_TABLES - tables))
+            raise StoreError(f"{p} is a DuckDB database but not an opdviz store (no {missing} table"
+                             f"{'s' if len(CORE_TABLES - tables) > 1 else ''}); opdviz writes into no other "
+                             "database, and left it untouched. Choose another --db path (a missing file is created).")
+
+    def _check_header(self) -> None:
+        """Refuse an existing ``db_path`` that is empty or not a DuckDB file (reads 16 bytes, no lock)."""
+        p = self.db_path
+        if p.is_dir():
+            raise StoreError(f"--db {p} is a folder, not a store file; give a .duckdb file path such as "
+                             f"{p / 'opdviz.duckdb'} (created if missing).")
+        try:
+            with open(p, "rb") as f:
+                head = f.read(16)
+        except OSError as exc:
+            raise StoreError(f"cannot read {p}: {exc.strerror or exc}; check its permissions or choose another "
+                             "--db.") from None
+        if not head:
+            raise StoreError(f"{p} is an empty (0-byte) file, not an opdviz store; delete it or choose another --db "
+                             "path (a missing file is created).")
+        if len(head) < 12 or head[8:12] != b"DUCK":
+            raise StoreError(f"{p} is not a DuckDB file, so not an opdviz store; it was left untouched. Choose "
+                             "another --db path (a missing file is created).")
+
     # ------------------------------------------------------------------ folding
+    @contextlib.contextmanager
+    def _fold_lock(self, wait: float):
+        """Exclusive lock among folding processes (a fold lists fragments, reads them, deletes them: two at
+        once would read files the other just removed). Yields False if another fold held it for ``wait`` s."""
+        try:
+            self.staging.mkdir(parents=True, exist_ok=True)
+            fh = open(self.staging / "fold.lock", "a+")
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise disk_full(exc, self.staging, "folding results into the database") from None
+            raise StoreError(f"cannot write in {self.staging}: {exc.strerror or exc}; check the folder is "
+                             "writable.") from None
+        with fh:
+            deadline = time.monotonic() + wait
+            delay = 0.02
+            while True:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        yield False
+                        return
+                    time.sleep(delay * (1 + random.random()))
+                    delay = min(delay * 2, 1.0)
+            try:
+                yield True
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def _connect_rw(self, deadline: float) -> duckdb.DuckDBPyConnection | None:
+        """A read-write connection to the file, retried with jittered backoff while another process holds
+        it; None at the deadline. Refuses a file that is not an opdviz store (nothing is written to it)."""
+        if self.db_path.exists():
+            self._check_header()
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        delay = 0.02
+        while True:
+            try:
+                con = duckdb.connect(str(self.db_path))
+                break
+            except duckdb.Error as exc:
+                if is_disk_full(exc):
+                    raise disk_full(exc, self.db_path, "folding results into the database") from None
+                if not _is_lock_error(exc):
+                    raise StoreError(f"cannot open {self.db_path} for writing: {exc}. Check the folder is "
+                                     "writable and the disk is not full; results stay in "
+                                     f"{self.staging} meanwhile.") from exc
+                if time.monotonic() >= deadline:
+                    return None
+                time.sleep(delay * (1 + random.random()))
+                delay = min(delay * 2, 1.0)
+        tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables "
+                                            "WHERE table_schema = 'main'").fetchall()}
+        if tables and not CORE_TABLES <= tables:   # created by someone else between check and connect
+            con.close()
+            raise StoreError(f"{self.db_path} is a DuckDB database but not an opdviz store; opdviz left it "
+                             "untouched. Choose another --db path.")
+        return con
+
     def fold(self, wait: float = 0.0) -> bool:
-        """Move finished staged fragments into the ``.duckdb`` file; False if it stayed locked.
+        """Move finished staged fragments into the ``.duckdb`` file; False if it (or another process's
+        fold) held it for longer than ``wait`` seconds, in which case the fragments stay staged and readable.
 
         Idempotent: rows of each folded (run, tensor) are deleted then inserted in one transaction,
         so a crash between commit and fragment deletion only leaves duplicates that the views and
-        the next fold resolve.
+        the next fold resolve. Folds of several processes take turns (``_fold_lock``).
         """
+        if not self._fragments("tensors") and not self._fragments("runs") and \
+                not any(self._fragments(t) for t in KEYED_TABLES):
+            return True
+        deadline = time.monotonic() + wait
+        with self._fold_lock(wait) as held:
+            if not held:
+                return False
+            for attempt in range(3):
+                try:
+                    return self._fold_once(deadline)
+                except _Vanished:           # a fold of an older opdviz without the lock removed files
+                    if attempt == 2:
+                        raise StoreError(f"staged files of {self.db_path} kept disappearing while folding; is "
+                                         "another program deleting them?") from None
+        return False
+
+    def _fold_once(self, deadline: float) -> bool:
         marker_files = self._fragments("tensors")
         complete = {p.name for p in marker_files}
         batch = {t: [p for p in self._fragments(t) if p.name in complete] for t in TENSOR_TABLES}
@@ -296,22 +443,9 @@ class Store:
         keyed = {t: self._fragments(t) for t in KEYED_TABLES}
         if not marker_files and not run_files and not any(keyed.values()):
             return True
-        self.db_path.parent.mkdir(parents=True, exist_ok=True)
-        deadline = time.monotonic() + wait
-        delay = 0.02
-        while True:
-            try:
-                con = duckdb.connect(str(self.db_path))
-                break
-            except duckdb.IOException as exc:
-                if not _is_lock_error(exc):
-                    raise StoreError(f"cannot open {self.db_path} for writing: {exc}. Check the folder is "
-                                     "writable and the disk is not full; results stay in "
-                                     f"{self.staging} meanwhile.") from exc
-                if time.monotonic() >= deadline:
-                    return False
-                time.sleep(delay * (1 + random.random()))
-                delay = min(delay * 2, 1.0)
+        con = self._connect_rw(deadline)
+        if con is None:
+            return False
         try:
             for table in SCHEMAS:
                 for name in _physical(table):
@@ -347,6 +481,10 @@ class Store:
         except duckdb.Error as exc:
             with contextlib.suppress(duckdb.Error):
                 con.execute("ROLLBACK")
+            if "No files found" in str(exc) or "No such file" in str(exc):
+                raise _Vanished() from exc
+            if is_disk_full(exc):
+                raise disk_full(exc, self.db_path, "folding results into the database") from None
             raise StoreError(f"folding results into {self.db_path} failed: {exc}. Nothing was lost: the "
                              f"fragments are still in {self.staging}.") from exc
         finally:
@@ -360,22 +498,30 @@ class Store:
     def delete_run(self, run_id: str) -> None:
         """Remove every stored and staged row of ``run_id`` (used by ``--overwrite``)."""
         slug = _slug(run_id)
-        for table in SCHEMAS:
-            for p in self._fragments(table):
-                if p.name.startswith(slug + "__") or p.name == slug + ".parquet":
-                    p.unlink(missing_ok=True)
-        if not self.db_path.exists():
-            return
-        try:
-            with contextlib.closing(duckdb.connect(str(self.db_path))) as con:
+        with self._fold_lock(30.0) as held:
+            if not held:
+                raise StoreError(f"cannot delete run {run_id!r}: another process kept folding into "
+                                 f"{self.db_path} for 30 s; retry.")
+            for table in SCHEMAS:
+                for p in self._fragments(table):
+                    if p.name.startswith(slug + "__") or p.name == slug + ".parquet":
+                        p.unlink(missing_ok=True)
+            if not self.db_path.exists():
+                return
+            con = self._connect_rw(time.monotonic() + 10.0)
+            if con is None:
+                raise StoreError(f"cannot delete run {run_id!r}: {self.db_path} is in use by another process. "
+                                 "Close the dashboard's job or retry.")
+            with contextlib.closing(con):
                 for table in SCHEMAS:
                     for name in _physical(table):
                         con.execute(_ddl(table, name))
                         if table not in KEYED_TABLES:
                             con.execute(f"DELETE FROM {name} WHERE run_id = ?", [run_id])
-        except duckdb.IOException as exc:
-            raise StoreError(f"cannot delete run {run_id!r}: {self.db_path} is in use ({exc}). "
-                             "Close the dashboard's job or retry.") from exc
+
+
+class _Vanished(Exception):
+    """A staged fragment listed for a fold disappeared before it was read."""
 
 
 class RunWriter:
@@ -386,10 +532,14 @@ class RunWriter:
         self.run_id = run_id
         self.slug = _slug(run_id)
         self._run_seq = 0
+        # a test hook called as inject(table, temp_path) before each fragment is written (fault injection)
+        self.inject: Callable[[str, Path], None] | None = None
         for table in SCHEMAS:
             try:
                 (store.staging / table).mkdir(parents=True, exist_ok=True)
             except OSError as exc:
+                if is_disk_full(exc):
+                    raise disk_full(exc, store.staging, f"starting run {run_id!r}") from None
                 raise StoreError(f"cannot create the staging folder {store.staging}: {exc}. "
                                  "Choose a writable --db location.") from exc
 
@@ -399,10 +549,14 @@ class RunWriter:
         final = self.store.staging / table / name
         tmp = final.with_name(final.name + f".{os.getpid()}.tmp")
         try:
+            if self.inject is not None:
+                self.inject(table, tmp)
             pq.write_table(pa.table(data, schema=schema), tmp, compression="zstd")
             os.replace(tmp, final)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
+            if is_disk_full(exc):
+                raise disk_full(exc, self.store.staging, f"writing results of run {self.run_id!r}") from None
             raise StoreError(f"cannot write results to {final.parent}: {exc}. Free disk space or choose "
                              "another --db location, then rerun the same command to resume.") from exc
 

@@ -254,6 +254,7 @@ def run_trajectory(spec: TrajectorySpec, *, progress: bool = True, overwrite: bo
     if spec.k < 1 or not 0 < spec.hill_frac < 1:
         raise OptionsError("--k must be ≥ 1 and --hill-frac in (0, 1)")
     store = Store(spec.db)
+    store.check()          # before any work: a foreign or broken --db is refused untouched
     steps = [s for s, _ in spec.checkpoints]
     extra = {"trajectory_k": spec.k, "hill_frac": spec.hill_frac, "steps": steps}
     for step, path in spec.checkpoints:

@@ -55,6 +55,7 @@ def compute_demo(db: Path, demo_dir: Path) -> None:
         raise OpdvizError(f"no demo checkpoints under {demo_dir}; regenerate them with "
                           f"`opdviz lab --out {demo_dir}` (about 10 minutes on 2 CPU cores).")
     store = Store(db)
+    store.check()          # before any work: a foreign or broken --db is refused untouched
     for name, label, post in runs:
         row = store.run_row(name) if store.exists() else None
         if row is not None and row.get("status") == "done":

@@ -61,8 +61,9 @@ def jobs_main(args: argparse.Namespace) -> int:
         for r in job.runs:
             total = "?" if r.n_total is None else r.n_total
             failed = f", {r.n_failed} failed" if r.n_failed else ""
-            print(f"    {r.run_id} ({r.method}): {r.status} {r.n_done}/{total} tensors{failed}"
-                  + (f"  · {r.current}" if r.current else ""))
+            state = (f"interrupted after {r.n_done} of {total} tensors" if r.status == "interrupted"
+                     else f"{r.status} {r.n_done}/{total} tensors")
+            print(f"    {r.run_id} ({r.method}): {state}{failed}" + (f"  · {r.current}" if r.current else ""))
         if job.error:
             print(f"    error: {job.error}")
     return 0

@@ -90,6 +90,9 @@ def runs_main(args: argparse.Namespace) -> int:
     cols = ["run_id", "method", "status", "n_done", "n_tensors", "n_skipped", "n_failed", "device", "wall_s",
             "post_path"]
     print(df[cols].to_string(index=False) if not df.empty else "no runs")
+    for run_id, status, error in zip(df["run_id"], df["status"], df["error"]):
+        if status != "done" and isinstance(error, str) and error:
+            print(f"{run_id}: {status}: {error}")
     return 0
 
 
@@ -99,6 +102,7 @@ def fold_main(args: argparse.Namespace) -> int:
     store = Store(args.db)
     if not store.exists():
         raise StoreError(f"no results at {args.db}: run `opdviz demo`, or `opdviz compute BASE POST --db {args.db}` first.")
+    store.check()          # never fold into a folder, an empty or a foreign file
     ok = store.fold(wait=args.wait)
     print("folded" if ok else f"{args.db} stayed locked for {args.wait:.0f} s; try again later")
     return 0 if ok else 1
