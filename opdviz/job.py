@@ -34,6 +34,7 @@ from .executors import LocalExecutor, Work
 from .metrics import analyse_pair
 from .naming import fused_parts, matrix_view, parse_name, split_part
 from .options import AnalysisOptions
+from .adapters import open_post
 from .reader import Checkpoint, PairItem, plan_pairs
 from .store import RunWriter, Store, _slug, dumps, lock_path, now
 
@@ -340,7 +341,7 @@ def _open_run(spec: JobSpec, key: int, stack: contextlib.ExitStack, executor, ov
     opts = spec.options
     store = Store(spec.db)
     base = stack.enter_context(Checkpoint.open(spec.base, allow_pickle=opts.allow_pickle))
-    post = stack.enter_context(Checkpoint.open(spec.post, allow_pickle=opts.allow_pickle))
+    post = stack.enter_context(open_post(spec.post, base, allow_pickle=opts.allow_pickle))
     items = _filter(plan_pairs(base, post), opts)
     if not items:
         raise OptionsError(f"no tensor matches --include {opts.include!r} / --exclude {opts.exclude!r}")
@@ -367,7 +368,7 @@ def _open_run(spec: JobSpec, key: int, stack: contextlib.ExitStack, executor, ov
     writer = RunWriter(store, spec.run_id)
     row = {
         "method": spec.method, "kind": "trajectory" if spec.trajectory else "pair",
-        "base_path": str(Path(spec.base).resolve()), "post_path": str(Path(spec.post).resolve()),
+        "base_path": str(Path(base.path).resolve()), "post_path": str(Path(post.path).resolve()),
         "base_fingerprint": base_fp, "post_fingerprint": post_fp, "base_bytes": base.total_bytes,
         "post_bytes": post.total_bytes, "trajectory": spec.trajectory, "step": spec.step,
         "options": opts.to_json(), "versions": dumps(package_versions()), "device": device,
@@ -375,7 +376,7 @@ def _open_run(spec: JobSpec, key: int, stack: contextlib.ExitStack, executor, ov
         "created_at": created, "finished_at": None, "wall_s": prior_wall, "n_tensors": len(items),
         "n_done": len(items) - len(todo), "n_skipped": None, "n_failed": None,
         "bytes_total": bytes_total, "bytes_done": bytes_done,
-        "extra": dumps({**training_metadata(spec.post), **spec.extra}),
+        "extra": dumps({**training_metadata(post.path), **getattr(post, "run_extra", {}), **spec.extra}),
     }
     writer.write_run(row)
     if todo and done:
