@@ -5,13 +5,16 @@ as the checkpoint PEFT's ``merge_and_unload()`` + ``save_pretrained()`` would wr
 
     W_post = dtype(float32(W_base) + ΔW),   ΔW = scale · (B·A)  in float32 (transposed for fan_in_fan_out
                                                                    layers and embeddings)
+    embeddings: W_post = W_base + dtype(ΔW)  (PEFT's Embedding.merge rounds ΔW to the weight's dtype first)
     scale  = lora_alpha / r, or lora_alpha / √r with use_rslora; r and lora_alpha per module from
              rank_pattern / alpha_pattern (matched as PEFT matches them)
 
-which is PEFT's own merge arithmetic for float32 adapter weights (PEFT upcasts bf16/fp16 adapter weights to
-float32 when it loads them): results equal those of the merged checkpoint bit for bit when the merge runs on
-CPU in float32 (tests/test_adapters.py checks against PEFT); a GPU matmul may differ in the last bit of
-single elements. ``modules_to_save`` tensors are read whole from the adapter. Every other base tensor is
+which is PEFT's own arithmetic in ``merge_and_unload()`` (safe_merge=False, the default) for float32 adapter
+weights (PEFT upcasts bf16/fp16 adapter weights to float32 when it loads them): every tensor equals the
+merged checkpoint's bit for bit when PEFT merges on CPU (tests/test_adapters.py checks this against PEFT,
+float32 and bfloat16 bases). Tolerance otherwise: PEFT's ``safe_merge=True`` rounds ΔW to the weight's
+dtype before adding it, and a GPU matmul may round B·A differently; either moves single elements of W_post
+by at most one unit in the last place of the weight's dtype (1 bf16 ulp = 2⁻⁸ relative). ``modules_to_save`` tensors are read whole from the adapter. Every other base tensor is
 unchanged (ΔW = 0), as in the merged checkpoint.
 
 Refused with a message, never approximated: DoRA (``use_dora``), ``lora_bias``, initialisations that
@@ -81,6 +84,7 @@ class LoraTarget:
     r: int
     scale: float
     transpose: bool           # fan_in_fan_out (GPT-2 Conv1D) and embeddings: ΔW = (B·A)ᵀ
+    embedding: bool = False   # PEFT rounds an embedding's ΔW to the weight's dtype before adding it
 
 
 class LoraAdapter:
@@ -109,7 +113,9 @@ class LoraAdapter:
                 raise CheckpointError(f"{weights.path}: tensor {key!r} ({what}) belongs to a LoRA variant opdviz "
                                       f"cannot reproduce exactly; {_MERGE_HINT}")
             else:
-                self.full[rest] = info
+                # modules_to_save copies; with save_embedding_layers PEFT also stores a targeted embedding's
+                # own weight as "<module>.base_layer.weight" (it replaces the base's on load)
+                self.full[re.sub(r"\.base_layer\.(weight|bias)$", r".\1", rest)] = info
         for module, slot in self.modules.items():
             if "A" not in slot or "B" not in slot:
                 raise CheckpointError(f"{weights.path}: module {module!r} has only lora_{'A' if 'A' in slot else 'B'}; "
@@ -166,14 +172,15 @@ class LoraAdapter:
                                   f"but the config gives r = {r}; the adapter file and adapter_config.json disagree")
         scale = alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
         transpose = bool(slot["embedding"] or self.config.get("fan_in_fan_out"))
-        return LoraTarget(base_name, a, b, r, float(scale), transpose)
+        return LoraTarget(base_name, a, b, r, float(scale), transpose, bool(slot["embedding"]))
 
     def summary(self) -> dict:
         c = self.config
         return {"peft_type": c.get("peft_type"), "r": c.get("r"), "lora_alpha": c.get("lora_alpha"),
                 "use_rslora": bool(c.get("use_rslora")), "fan_in_fan_out": bool(c.get("fan_in_fan_out")),
                 "rank_pattern": c.get("rank_pattern") or {}, "alpha_pattern": c.get("alpha_pattern") or {},
-                "n_lora_modules": len(self.modules), "modules_to_save": sorted(self.full),
+                "n_lora_modules": len(self.modules), "modules_to_save": list(c.get("modules_to_save") or []),
+                "full_tensors": sorted(self.full),
                 "base_model_name_or_path": c.get("base_model_name_or_path"), "path": str(self.folder)}
 
 
@@ -192,20 +199,20 @@ class AdapterCheckpoint:
         self.config = base.config
         self.targets: dict[str, LoraTarget] = {}
         self.full: dict[str, str] = {}                  # base name → adapter stored name
-        for module in adapter.modules:
-            name = _base_name(base, f"{module}.weight", adapter)
-            t = adapter.target(module, name)
-            out_in = (t.b.shape[0], t.a.shape[1])
-            shape = out_in[::-1] if t.transpose else out_in
-            if tuple(base.infos[name].shape) != shape:
-                raise CheckpointError(f"{adapter.folder}: LoRA on {module!r} gives ΔW of shape {shape} but base tensor "
-                                      f"{name!r} is {base.infos[name].shape}; is {base.path} this adapter's base?")
-            self.targets[name] = t
         infos = dict(base.infos)
         for rest, info in adapter.full.items():
             name = _base_name(base, rest, adapter)
             self.full[name] = info.name
             infos[name] = replace(info, name=name)
+        for module in adapter.modules:
+            name = _base_name(base, f"{module}.weight", adapter)
+            t = adapter.target(module, name)
+            out_in = (t.b.shape[0], t.a.shape[1])
+            shape = out_in[::-1] if t.transpose else out_in
+            if tuple(infos[name].shape) != shape:
+                raise CheckpointError(f"{adapter.folder}: LoRA on {module!r} gives ΔW of shape {shape} but base tensor "
+                                      f"{name!r} is {infos[name].shape}; is {base.path} this adapter's base?")
+            self.targets[name] = t
         self.infos = infos
         self.files = tuple(base.files) + adapter.weights.files
         self.total_bytes = sum(i.nbytes for i in infos.values())
@@ -232,12 +239,15 @@ class AdapterCheckpoint:
 
     def load(self, name: str, device="cpu") -> torch.Tensor:
         if name in self.full:
-            return self.adapter.weights.load(self.full[name], device)
-        w = self.base.load(name, device)
+            w = self.adapter.weights.load(self.full[name], device)
+        else:
+            w = self.base.load(name, device)
         if name not in self.targets:
             return w
         d = self.delta(name, w.device)
-        d += w                       # float32(W) + ΔW, one rounding to W's dtype, as PEFT's merge
+        if self.targets[name].embedding:    # PEFT's Embedding.merge: W += ΔW.to(W.dtype)
+            return w + d.to(w.dtype)
+        d += w                       # PEFT's Linear.merge: W += ΔW (float32): one rounding to W's dtype
         return d.to(w.dtype)
 
     def extra_rows(self, item, rows: tuple, device="cpu") -> None:
