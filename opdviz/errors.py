@@ -19,3 +19,7 @@ class StoreError(OpdvizError):
 
 class OptionsError(OpdvizError):
     """Options given by the user are inconsistent or out of range."""
+
+
+class MissingExtraError(OptionsError, ImportError):
+    """An optional dependency is not installed; the message names the ``pip install "opdviz[extra]"`` line."""

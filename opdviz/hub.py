@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CheckpointError, OptionsError
+from .errors import CheckpointError, MissingExtraError, OptionsError
 
 HF_EXTRA_HINT = 'pip install "opdviz[hf]" (or pip install huggingface_hub)'
 # files a download fetches: the only ones opdviz reads
@@ -70,11 +70,11 @@ def cache_dir() -> Path:
 
 
 def import_hub():
-    """``huggingface_hub``, or an OptionsError that names the extra to install."""
+    """``huggingface_hub``, or a MissingExtraError that names the extra to install."""
     try:
         import huggingface_hub
     except ImportError as exc:
-        raise OptionsError(f"model IDs need huggingface_hub, which is not installed here ({exc}); install it with "
+        raise MissingExtraError(f"model IDs need huggingface_hub, which is not installed here ({exc}); install it with "
                            f"{HF_EXTRA_HINT}, or pass a local checkpoint folder.") from None
     return huggingface_hub
 

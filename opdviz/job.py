@@ -376,7 +376,8 @@ def _open_run(spec: JobSpec, key: int, stack: contextlib.ExitStack, executor, ov
         "created_at": created, "finished_at": None, "wall_s": prior_wall, "n_tensors": len(items),
         "n_done": len(items) - len(todo), "n_skipped": None, "n_failed": None,
         "bytes_total": bytes_total, "bytes_done": bytes_done,
-        "extra": dumps({**training_metadata(post.path), **getattr(post, "run_extra", {}), **spec.extra}),
+        "extra": dumps({**_old_extra(old), **training_metadata(post.path), **getattr(post, "run_extra", {}),
+                        **spec.extra}),
     }
     writer.write_run(row)
     if todo and done:
@@ -392,6 +393,15 @@ def _open_run(spec: JobSpec, key: int, stack: contextlib.ExitStack, executor, ov
     work = Work(key=key, base=Path(spec.base), post=Path(spec.post), options=opts,
                 items=[i for i in todo if i.status == "ok"], seq=seq_of, checkpoints=(base, post))
     return _Run(spec, store, writer, row, bar, work, prior_wall)
+
+
+def _old_extra(old: dict | None) -> dict:
+    """A resumed run keeps the details recorded when it started (e.g. a live trajectory's loss and step)."""
+    try:
+        extra = json.loads(old["extra"]) if old is not None and old.get("extra") else {}
+    except (TypeError, ValueError):
+        return {}
+    return extra if isinstance(extra, dict) else {}
 
 
 def _finish_run(run: _Run, status: str, error: str | None, wall: float) -> None:
