@@ -31,7 +31,9 @@ st.title("New analysis")
 st.markdown("""\
 Choose a **base** checkpoint and one or more **post-trained** checkpoints of it (OPD, RL, SFT, DPO…).
 Each is a `.safetensors` file or a Hugging Face folder (sharded: the shards plus
-`model.safetensors.index.json`; add `config.json` so fused tensors are split correctly). The analysis
+`model.safetensors.index.json`; add `config.json` so fused tensors are split correctly). A post-trained
+checkpoint may also be a PEFT LoRA adapter folder (`adapter_config.json` + `adapter_model.safetensors`),
+analysed as its merge into the base; models in the server's Hugging Face cache are listed with 🤗. The analysis
 runs in the background, one job at a time; it keeps running if you close this tab, and a cancelled or
 interrupted job resumes from the tensors already stored.""")
 st.caption(f"Results go to `{db}` (the sidebar's *Database*).")
@@ -60,6 +62,11 @@ def _validate_one(path: str, stamp: tuple) -> uploads.ValidationReport:
 @st.cache_data(show_spinner=False, max_entries=64)
 def _validate_pair(base: str, post: str, stamps: tuple) -> uploads.PairReport:
     return uploads.validate_pair(base, post)
+
+
+@st.cache_data(show_spinner=False, ttl=10)
+def _hub_models() -> dict[str, str]:
+    return uploads.cached_models()
 
 
 @st.cache_data(show_spinner=False, ttl=10)
@@ -93,12 +100,16 @@ def _from_upload(key: str, label: str) -> Path | None:
 def _from_server(key: str, label: str) -> Path | None:
     roots = uploads.allowed_roots()
     found = _server_checkpoints(tuple(map(str, roots)))
+    cached = _hub_models()                    # the Hugging Face cache: snapshot path → "org/name@ref"
+    found = found + [p for p in cached if p not in found]
     if not found:
         st.info("No checkpoints under " + ", ".join(f"`{r}`" for r in roots) + f" (set `{uploads.ROOTS_ENV}` "
                 "to list other folders).", icon=":material/folder_off:")
         return None
 
     def short(p: str) -> str:
+        if p in cached:
+            return f"🤗 {cached[p]}"
         for r in roots:
             if Path(p).is_relative_to(r):
                 return f"{r.name}/{Path(p).relative_to(r)}"
@@ -107,6 +118,8 @@ def _from_server(key: str, label: str) -> Path | None:
     choice = st.selectbox(label, found, index=None, key=key, format_func=short, placeholder="choose a checkpoint")
     if choice is None:
         return None
+    if choice in cached:                      # chosen from the server's own cache listing
+        return Path(choice)
     try:
         return uploads.resolve_under_roots(choice)
     except OpdvizError as exc:
@@ -130,6 +143,8 @@ def choose(key: str, label: str) -> Path | None:
 
 def _suggest(path: Path | None, method: str, i: int) -> str:
     """A default run name: the server folder's or the uploaded file's name, else ``<method>-<n>``."""
+    if path is not None and str(path) in _hub_models():    # "org/name@ref" → "name@ref"
+        return _hub_models()[str(path)].split("/")[-1].split(" ")[0]
     if path is not None:
         uploaded = path.resolve().is_relative_to(uploads.uploads_root())
         if not uploaded:

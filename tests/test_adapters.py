@@ -191,3 +191,19 @@ def test_adapter_by_hub_id_through_the_cli(tmp_path, monkeypatch, capsys):
     run = Store(db).runs().set_index("run_id").loc["lora"]
     assert run["status"] == "done" and json.loads(run["extra"])["adapter"]["r"] == 2
     assert "adapter_rank" in set(Store(db).query("SELECT metric FROM metrics WHERE run_id = 'lora'")["metric"])
+
+
+def test_dashboard_validation_reads_adapters(tmp_path, monkeypatch):
+    from opdviz import uploads
+
+    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], use_rslora=True)
+    base_dir, ad_dir, _ = make_adapter(tmp_path, tiny_llama(torch.float32), cfg)
+    rep = uploads.validate_checkpoint(ad_dir)
+    assert rep.ok and "LoRA adapter (r = 2, alpha = 4, rsLoRA, 2 modules)" in rep.summary()
+    pair = uploads.validate_pair(base_dir, ad_dir)
+    assert pair.ok and pair.n_analysed == len(load_file(str(base_dir / "model.safetensors")))
+    monkeypatch.setenv("OPDVIZ_CHECKPOINT_ROOTS", str(tmp_path))
+    assert ad_dir in uploads.list_checkpoints()
+    dora = tmp_path / "dora"
+    make_adapter(dora, tiny_llama(torch.float32), peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    assert not uploads.validate_pair(base_dir, dora / "adapter").ok

@@ -154,3 +154,35 @@ def test_batch_file_with_ids(hf_cache, tmp_path):
     f.write_text(json.dumps({"bases": [{"path": "acme/nope", "posts": [{"path": "acme/tiny-opd"}]}]}))
     with pytest.raises(Exception, match="acme/nope"):
         load_batch(f, tmp_path / "s.duckdb")
+
+
+def test_dashboard_lists_cached_models_beside_folders(hf_cache, monkeypatch, tmp_path):
+    import sys
+
+    from streamlit.testing.v1 import AppTest
+
+    from opdviz import uploads
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root))
+    monkeypatch.setenv("OPDVIZ_CHECKPOINT_ROOTS", str(tmp_path / "roots"))
+    monkeypatch.setenv("OPDVIZ_UPLOAD_DIR", str(tmp_path / "uploads"))
+    monkeypatch.setenv("OPDVIZ_DB", str(tmp_path / "s.duckdb"))
+    monkeypatch.setenv("OPDVIZ_PREWARM", "0")
+    factory.save_checkpoint(factory.make_llama_state(seed=2), tmp_path / "roots" / "local-post")
+    cached = uploads.cached_models()
+    assert cached[str(hf_cache["base"])] == "acme/tiny-base"
+    at = AppTest.from_file(str(root / "pages" / "new_analysis.py"), default_timeout=120)
+    at.run()
+    at.radio(key="na_source").set_value("Folders on this server").run()
+    box = at.selectbox(key="na_base_Folder")
+    labels = [box.format_func(o) for o in box.options] if hasattr(box, "format_func") else box.options
+    assert any("🤗 acme/tiny-base" in str(x) for x in labels), labels
+    assert any("local-post" in str(x) for x in labels), labels
+    box.set_value(str(hf_cache["base"])).run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert any("tensors in" in c.value for c in at.caption), [c.value for c in at.caption]
+    report = uploads.validate_pair(hf_cache["base"], hf_cache["post"])
+    assert report.ok and report.n_analysed > 0
+    monkeypatch.setenv("OPDVIZ_LIST_HF_CACHE", "0")
+    assert uploads.cached_models() == {}
