@@ -119,7 +119,10 @@ def cached_models() -> dict[str, str]:
         return {}
     from .hub import cached_models as _cached
 
-    return {str(r["path"]): r["id"] + (" (LoRA adapter)" if r["kind"] == "adapter" else "") for r in _cached()}
+    out: dict[str, str] = {}
+    for r in sorted(_cached(), key=lambda r: r["ref"] != "main"):     # one entry per snapshot, "main" first
+        out.setdefault(str(r["path"]), r["id"] + (" (LoRA adapter)" if r["kind"] == "adapter" else ""))
+    return out
 
 
 def _symlinked_dirs(folder: Path) -> list[Path]:

@@ -33,7 +33,7 @@ Choose a **base** checkpoint and one or more **post-trained** checkpoints of it 
 Each is a `.safetensors` file or a Hugging Face folder (sharded: the shards plus
 `model.safetensors.index.json`; add `config.json` so fused tensors are split correctly). A post-trained
 checkpoint may also be a PEFT LoRA adapter folder (`adapter_config.json` + `adapter_model.safetensors`),
-analysed as its merge into the base; models in the server's Hugging Face cache are listed with 🤗. The analysis
+analysed as its merge into the base; models in the server's Hugging Face cache are listed as *HF cache · org/name*. The analysis
 runs in the background, one job at a time; it keeps running if you close this tab, and a cancelled or
 interrupted job resumes from the tensors already stored.""")
 st.caption(f"Results go to `{db}` (the sidebar's *Database*).")
@@ -109,7 +109,7 @@ def _from_server(key: str, label: str) -> Path | None:
 
     def short(p: str) -> str:
         if p in cached:
-            return f"🤗 {cached[p]}"
+            return f"HF cache · {cached[p]}"
         for r in roots:
             if Path(p).is_relative_to(r):
                 return f"{r.name}/{Path(p).relative_to(r)}"

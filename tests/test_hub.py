@@ -177,7 +177,7 @@ def test_dashboard_lists_cached_models_beside_folders(hf_cache, monkeypatch, tmp
     at.radio(key="na_source").set_value("Folders on this server").run()
     box = at.selectbox(key="na_base_Folder")
     labels = [box.format_func(o) for o in box.options] if hasattr(box, "format_func") else box.options
-    assert any("🤗 acme/tiny-base" in str(x) for x in labels), labels
+    assert any("HF cache · acme/tiny-base" in str(x) for x in labels), labels
     assert any("local-post" in str(x) for x in labels), labels
     box.set_value(str(hf_cache["base"])).run()
     assert not at.exception, [e.message for e in at.exception]
