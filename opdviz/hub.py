@@ -135,7 +135,11 @@ def resolve_checkpoint(spec: str | os.PathLike, *, download: bool = False) -> Pa
         return path
     text = os.fspath(spec)
     if looks_like_repo_id(text):
-        return locate(text, download=download).path
+        try:
+            return locate(text, download=download).path
+        except MissingExtraError:      # most likely a mistyped path: say both
+            raise CheckpointError(f"{path}: no such file or folder; check the checkpoint path (to read it as a "
+                                  f"Hugging Face model ID instead, {HF_EXTRA_HINT})") from None
     raise CheckpointError(f"{path}: no such file or folder; check the checkpoint path (or give a Hugging Face "
                           "model ID as org/name[@revision])")
 

@@ -186,3 +186,16 @@ def test_dashboard_lists_cached_models_beside_folders(hf_cache, monkeypatch, tmp
     assert report.ok and report.n_analysed > 0
     monkeypatch.setenv("OPDVIZ_LIST_HF_CACHE", "0")
     assert uploads.cached_models() == {}
+
+
+def test_without_huggingface_hub_a_missing_path_says_both(monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match=r"no such file or folder.*opdviz\[hf\]"):
+        Checkpoint.open("runs/final")
+    with pytest.raises(Exception, match=r"opdviz\[hf\]") as e:
+        hub.locate("acme/x")
+    assert isinstance(e.value, ImportError)
+    assert hub.cached_models() == []
