@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from .adapters import open_post
 from .errors import OpdvizError, OptionsError
 from .options import AnalysisOptions
-from .adapters import open_post
 from .reader import Checkpoint, PairItem, iter_pairs, plan_pairs
 
 EXECUTORS = ("local", "ray")

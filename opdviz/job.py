@@ -29,12 +29,12 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .adapters import open_post
 from .errors import OpdvizError, OptionsError, StoreError
 from .executors import LocalExecutor, Work
 from .metrics import analyse_pair
 from .naming import fused_parts, matrix_view, parse_name, split_part
 from .options import AnalysisOptions
-from .adapters import open_post
 from .reader import Checkpoint, PairItem, plan_pairs
 from .store import RunWriter, Store, _slug, dumps, lock_path, now
 
