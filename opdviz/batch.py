@@ -2,7 +2,9 @@
 
 The file lists bases, the post-trained checkpoints of each (name, method), optional trajectories
 (checkpoints with their steps; each checkpoint is run as ``NAME@step``) and the analysis options
-(fields of ``opdviz.options.AnalysisOptions``, for every run). Relative paths are relative to the file::
+(fields of ``opdviz.options.AnalysisOptions``, for every run). Relative paths are relative to the file; a path
+that does not exist there but reads ``org/name[@revision]`` is a Hugging Face model ID from the local cache; a
+post path may be a PEFT LoRA adapter::
 
     options: {spectrum: exact, abs_eps: [1e-6, 1e-5]}
     bases:
@@ -10,6 +12,7 @@ The file lists bases, the post-trained checkpoints of each (name, method), optio
         posts:
           - {name: qwen-opd, path: /shared/runs/opd/final, method: OPD}
           - {name: qwen-rl, path: /shared/runs/rl/final, method: RL}
+          - {name: qwen-lora, path: me/qwen-lora-sft, method: SFT}       # a LoRA adapter in the HF cache
         trajectories:
           - name: qwen-opd-traj
             method: OPD
@@ -30,7 +33,9 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from .adapters import check_post
 from .errors import OpdvizError, OptionsError
+from .hub import looks_like_repo_id, resolve_checkpoint
 from .job import JobSpec, run_jobs
 from .options import MAX_LABEL_CHARS, AnalysisOptions, check_label
 from .safefiles import Limits, loads_json
@@ -145,9 +150,13 @@ def options_from_mapping(data, where: str, problems: _Problems) -> AnalysisOptio
         return AnalysisOptions()
 
 
-def load_batch(path: str | Path, db: str | Path) -> Batch:
+def load_batch(path: str | Path, db: str | Path, *, download: bool = False) -> Batch:
     """Read and validate a batch file; every run will write to ``db``. Raises OptionsError listing all
-    problems (unknown keys, missing or unreadable checkpoints, duplicate names) before anything runs."""
+    problems (unknown keys, missing or unreadable checkpoints, duplicate names) before anything runs.
+
+    A ``path`` may be a Hugging Face model ID (``org/name[@revision]``) when no such relative path exists;
+    it resolves from the local cache, and is fetched only with ``download``. A post ``path`` may be a PEFT
+    LoRA adapter folder (``opdviz.adapters``)."""
     path = Path(path)
     data = read_batch_file(path)
     problems = _Problems(path)
@@ -158,6 +167,7 @@ def load_batch(path: str | Path, db: str | Path) -> Batch:
     specs: list[JobSpec] = []
     trajectories: list[TrajectorySpec] = []
     opened: dict[Path, bool] = {}
+    ids: dict[Path, str] = {}      # snapshot path → the model ID it was given as (for default run names)
 
     def checkpoint(where: str, value) -> Path | None:
         if not isinstance(value, str) or not value:
@@ -165,9 +175,16 @@ def load_batch(path: str | Path, db: str | Path) -> Batch:
             return None
         p = Path(value).expanduser()
         p = p if p.is_absolute() else root / p
+        if not p.exists() and looks_like_repo_id(value):
+            try:
+                p = resolve_checkpoint(value, download=download)
+            except OpdvizError as exc:
+                problems.add(where, str(exc))
+                return None
+            ids[p] = value
         if p not in opened:
             try:
-                Checkpoint.open(p, allow_pickle=opts.allow_pickle).close()
+                check_post(p, allow_pickle=opts.allow_pickle)
                 opened[p] = True
             except OpdvizError as exc:
                 opened[p] = False
@@ -204,7 +221,8 @@ def load_batch(path: str | Path, db: str | Path) -> Batch:
             post_path = checkpoint(f"{w}.path", post.get("path"))
             name = post.get("name")
             if name is None and post_path:
-                name = post_path.stem if post_path.is_file() else post_path.name
+                name = (ids[post_path].split("/")[-1] if post_path in ids else
+                        post_path.stem if post_path.is_file() else post_path.name)
             ok_name = label(f"{w}.name", name, "run name")
             method = DEFAULT_METHOD if post.get("method") is None else post.get("method")
             ok_method = label(f"{w}.method", method, "method label")

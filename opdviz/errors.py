@@ -23,3 +23,7 @@ class OptionsError(OpdvizError):
 
 class DiskFullError(StoreError):
     """The disk (or quota) holding the store ran out of space; what was stored is kept and resumable."""
+
+
+class MissingExtraError(OptionsError, ImportError):
+    """An optional dependency is not installed; the message names the ``pip install "opdviz[extra]"`` line."""

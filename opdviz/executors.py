@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from .adapters import open_post
 from .errors import OpdvizError, OptionsError
 from .options import AnalysisOptions, finite_number
 from .reader import Checkpoint, PairItem, iter_pairs, plan_pairs
@@ -61,6 +62,8 @@ def compute_items(base: Checkpoint, post: Checkpoint, items: list[PairItem], opt
 
     for item, wb, wp in iter_pairs(base, post, items, device=device):
         rows = analyse_item(item, wb, wp, opts, base.config, seq[item.name])
+        if hasattr(post, "extra_rows"):           # a LoRA adapter: rank and exact low-rank spectrum
+            post.extra_rows(item, rows, device)
         del wb, wp
         release_memory()
         yield item, rows
@@ -100,7 +103,7 @@ class LocalExecutor:
                 base, post = w.checkpoints
             else:
                 base = Checkpoint.open(w.base, allow_pickle=w.options.allow_pickle)
-                post = Checkpoint.open(w.post, allow_pickle=w.options.allow_pickle)
+                post = open_post(w.post, base, allow_pickle=w.options.allow_pickle)
             for item, rows in compute_items(base, post, w.items, w.options, w.seq, device):
                 on_result(w.key, item.name, rows, pair_bytes(item))
 
@@ -180,7 +183,7 @@ def compute_group(base: str, post: str, options_json: str, names: list[str], seq
     opts = AnalysisOptions.from_json(options_json)
     device = torch.device("cuda") if want_gpu else resolve_device(opts.device)
     with Checkpoint.open(base, allow_pickle=opts.allow_pickle) as b, \
-            Checkpoint.open(post, allow_pickle=opts.allow_pickle) as p:
+            open_post(post, b, allow_pickle=opts.allow_pickle) as p:
         plan = {i.name: i for i in plan_pairs(b, p)}
         missing = [n for n in names if n not in plan or plan[n].status != "ok"]
         if missing:

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .adapters import open_post
 from .errors import CheckpointError, DiskFullError, OpdvizError, OptionsError, StoreError
 from .executors import LocalExecutor, Work
 from .metrics import analyse_pair
@@ -409,7 +410,7 @@ def _open_run(spec: JobSpec, key: int, stack: contextlib.ExitStack, executor, ov
     opts = spec.options
     store = Store(spec.db)
     base = stack.enter_context(Checkpoint.open(spec.base, allow_pickle=opts.allow_pickle))
-    post = stack.enter_context(Checkpoint.open(spec.post, allow_pickle=opts.allow_pickle))
+    post = stack.enter_context(open_post(spec.post, base, allow_pickle=opts.allow_pickle))
     items = _filter(plan_pairs(base, post), opts)
     if not items:
         raise OptionsError(f"no tensor matches --include {opts.include!r} / --exclude {opts.exclude!r}")
@@ -438,7 +439,7 @@ def _open_run(spec: JobSpec, key: int, stack: contextlib.ExitStack, executor, ov
     writer = RunWriter(store, spec.run_id)
     row = {
         "method": spec.method, "kind": "trajectory" if spec.trajectory else "pair",
-        "base_path": str(Path(spec.base).resolve()), "post_path": str(Path(spec.post).resolve()),
+        "base_path": str(Path(base.path).resolve()), "post_path": str(Path(post.path).resolve()),
         "base_fingerprint": base_fp, "post_fingerprint": post_fp, "base_bytes": base.total_bytes,
         "post_bytes": post.total_bytes, "trajectory": spec.trajectory, "step": spec.step,
         "options": opts.to_json(), "versions": dumps(package_versions()), "device": device,
@@ -446,7 +447,8 @@ def _open_run(spec: JobSpec, key: int, stack: contextlib.ExitStack, executor, ov
         "created_at": created, "finished_at": None, "wall_s": prior_wall, "n_tensors": len(items),
         "n_done": len(items) - len(todo), "n_skipped": None, "n_failed": None,
         "bytes_total": bytes_total, "bytes_done": bytes_done,
-        "extra": dumps({**training_metadata(spec.post, log), **spec.extra}),
+        "extra": dumps({**_old_extra(old), **training_metadata(post.path, log), **getattr(post, "run_extra", {}),
+                        **spec.extra}),
     }
     writer.write_run(row)
     if todo and done:
@@ -463,6 +465,15 @@ def _open_run(spec: JobSpec, key: int, stack: contextlib.ExitStack, executor, ov
     work = Work(key=key, base=Path(spec.base), post=Path(spec.post), options=opts,
                 items=[i for i in todo if i.status == "ok"], seq=seq_of, checkpoints=(base, post))
     return _Run(spec, store, writer, row, bar, work, prior_wall, counts={k: int(v) for k, v in counts.items()})
+
+
+def _old_extra(old: dict | None) -> dict:
+    """A resumed run keeps the details recorded when it started (e.g. a live trajectory's loss and step)."""
+    try:
+        extra = json.loads(old["extra"]) if old is not None and old.get("extra") else {}
+    except (TypeError, ValueError):
+        return {}
+    return extra if isinstance(extra, dict) else {}
 
 
 def _finish_run(run: _Run, status: str, error: str | None, wall: float) -> None:

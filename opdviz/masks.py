@@ -25,6 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .adapters import open_post
 from .errors import OptionsError, StoreError
 from .masked_training import MaskedTrainer, MaskHandle, apply_masks
 from .metrics.elementwise import _floor32
@@ -144,7 +145,7 @@ def write_masks(base: str | Path, post: str | Path, out: str | Path, criterion: 
     masks: dict[str, torch.Tensor] = {}
     shapes: dict[str, list[int]] = {}
     numel = changed = 0
-    with Checkpoint.open(base, allow_pickle=allow_pickle) as b, Checkpoint.open(post, allow_pickle=allow_pickle) as p:
+    with Checkpoint.open(base, allow_pickle=allow_pickle) as b, open_post(post, b, allow_pickle=allow_pickle) as p:
         items = plan_pairs(b, p)
         skipped = [(i.name, i.reason) for i in items if i.status != "ok"]
         for item, wb, wp in iter_pairs(b, p, items):

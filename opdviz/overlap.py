@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .adapters import open_post
 from .errors import CheckpointError, OptionsError
 from .job import Progress, package_versions, run_lock
 from .masks import changed_chunks
@@ -122,8 +123,8 @@ def run_overlap(spec: OverlapSpec, *, progress: bool = True, overwrite: bool = F
     store.check()          # before any work: a foreign or broken --db is refused untouched
     with contextlib.ExitStack() as stack:
         base = stack.enter_context(Checkpoint.open(spec.base, allow_pickle=opts.allow_pickle))
-        ca = stack.enter_context(Checkpoint.open(spec.a, allow_pickle=opts.allow_pickle))
-        cb = stack.enter_context(Checkpoint.open(spec.b, allow_pickle=opts.allow_pickle))
+        ca = stack.enter_context(open_post(spec.a, base, allow_pickle=opts.allow_pickle))
+        cb = stack.enter_context(open_post(spec.b, base, allow_pickle=opts.allow_pickle))
         base_fp = base.fingerprint()
         fp_a, fp_b = ca.fingerprint(), cb.fingerprint()
         row_a = _check_run(store, spec.run_a, spec.method_a, fp_a, base_fp, "a")
@@ -131,7 +132,7 @@ def run_overlap(spec: OverlapSpec, *, progress: bool = True, overwrite: bool = F
 
         # every other base file involved must be the same checkpoint: fingerprint now, bytes while streaming
         others: list[Checkpoint] = []
-        seen = {Path(spec.base).resolve()}
+        seen = {Path(base.path).resolve()}
         candidates = [spec.base_b] + [Path(r["base_path"]) for r in (row_a, row_b) if r and r.get("base_path")]
         for path in candidates:
             if path is None or Path(path).resolve() in seen or not Path(path).exists():

@@ -128,7 +128,9 @@ class Checkpoint:
         Args:
             path: a ``.safetensors`` file, a folder with ``model.safetensors`` or with
                 ``model.safetensors.index.json`` (shards), or, only with ``allow_pickle``, a
-                ``.bin``/``.pt`` file or a folder with ``pytorch_model.bin`` (+ its index).
+                ``.bin``/``.pt`` file or a folder with ``pytorch_model.bin`` (+ its index); or a Hugging
+                Face model ID ``org/name[@revision]`` that is not a local path, read from the local cache
+                (``opdviz.hub``; never downloaded here).
             allow_pickle: load pickled checkpoints with ``torch.load(weights_only=True, mmap=True)``.
             limits: caps on file sizes, JSON depth and tensor count (default: ``Limits.from_env()``).
         Raises:
@@ -137,7 +139,11 @@ class Checkpoint:
         limits = limits or Limits.from_env()
         path = Path(path).expanduser()
         if not path.exists():
-            raise CheckpointError(f"{path}: no such file or folder; check the checkpoint path")
+            from .hub import looks_like_repo_id, resolve_checkpoint
+
+            if not looks_like_repo_id(str(path)):
+                raise CheckpointError(f"{path}: no such file or folder; check the checkpoint path")
+            path = resolve_checkpoint(str(path))        # a Hub model ID: its snapshot in the local cache, offline
         if path.is_dir():
             return cls._open_folder(path, allow_pickle, limits)
         config = _read_config(path.parent, limits)
@@ -174,6 +180,9 @@ class Checkpoint:
         if os.path.lexists(folder / "pytorch_model.bin"):
             f = _shard_path(folder, "pytorch_model.bin", folder)
             return cls._open_pickle(folder, [f], None, config, allow_pickle, limits)
+        if (folder / "adapter_config.json").is_file():
+            raise CheckpointError(f"{folder}: is a PEFT adapter (adapter_config.json), not a full checkpoint; "
+                                  "analyse it as the post-trained side against its base model")
         found = sorted(p.name for p in folder.iterdir())[:8]
         raise CheckpointError(
             f"{folder}: no model weights found (expected model.safetensors or {_SAFETENSORS_INDEX}; "

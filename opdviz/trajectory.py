@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .adapters import open_post
 from .errors import OpdvizError, OptionsError
 from .job import JobSpec, Progress, resolve_device, run_job, run_lock
 from .masks import changed_chunks
@@ -267,7 +268,7 @@ def run_trajectory(spec: TrajectorySpec, *, progress: bool = True, overwrite: bo
     expected = metric_names(opts, spec.k, spec.hill_frac)
     with contextlib.ExitStack() as stack, run_lock(store, f"trajectory:{spec.name}"):
         base = stack.enter_context(Checkpoint.open(spec.base, allow_pickle=opts.allow_pickle))
-        cks = [(s, stack.enter_context(Checkpoint.open(p, allow_pickle=opts.allow_pickle))) for s, p in spec.checkpoints]
+        cks = [(s, stack.enter_context(open_post(p, base, allow_pickle=opts.allow_pickle))) for s, p in spec.checkpoints]
         names, post_names = None, []
         for _, ck in cks:        # tensors comparable with the base in every checkpoint, in base order
             ok = {i.name: i.post.name for i in plan_pairs(base, ck) if i.status == "ok"}

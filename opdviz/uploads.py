@@ -127,7 +127,8 @@ def list_checkpoints(root: str | Path | None = None, *, roots: list[Path] | None
             here = Path(dirpath)
             depth = len(here.relative_to(top).parts)
             dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and depth < max_depth)
-            if INDEX_NAME in filenames or "model.safetensors" in filenames:
+            if INDEX_NAME in filenames or "model.safetensors" in filenames or (
+                    "adapter_config.json" in filenames and "adapter_model.safetensors" in filenames):  # PEFT LoRA
                 found.append(here)
                 dirnames[:] = []  # its files are its shards
                 continue
@@ -144,6 +145,20 @@ def list_checkpoints(root: str | Path | None = None, *, roots: list[Path] | None
         if p not in safe:
             safe.append(p)
     return safe
+
+
+def cached_models() -> dict[str, str]:
+    """Models in the operator's Hugging Face cache (``HF_HUB_CACHE``/``HF_HOME``), offered beside the allowed
+    folders: {snapshot path: "org/name[@ref]"} (``opdviz.hub.cached_models``; empty without huggingface_hub).
+    Set ``OPDVIZ_LIST_HF_CACHE=0`` to not offer them."""
+    if os.environ.get("OPDVIZ_LIST_HF_CACHE", "1").strip() == "0":
+        return {}
+    from .hub import cached_models as _cached
+
+    out: dict[str, str] = {}
+    for r in sorted(_cached(), key=lambda r: r["ref"] != "main"):     # one entry per snapshot, "main" first
+        out.setdefault(str(r["path"]), r["id"] + (" (LoRA adapter)" if r["kind"] == "adapter" else ""))
+    return out
 
 
 def _symlinked_dirs(folder: Path, roots: list[Path]) -> list[Path]:
@@ -556,6 +571,10 @@ def validate_checkpoint(path: str | Path) -> ValidationReport:
     """Open ``path`` with ``opdviz.reader.Checkpoint.open`` (headers, dtypes, shapes, offsets, index
     consistency, refusal of pickles) and summarise it. Never raises on bad input."""
     report = ValidationReport(Path(path))
+    from .adapters import is_adapter
+
+    if is_adapter(path):
+        return _validate_adapter(path, report)
     ckpt = _open(path, report)
     if ckpt is None:
         return report
@@ -578,6 +597,25 @@ def validate_checkpoint(path: str | Path) -> ValidationReport:
     return report
 
 
+def _validate_adapter(path, report: ValidationReport) -> ValidationReport:
+    """A PEFT LoRA adapter folder: its config and factors are checked; it is compared against a base."""
+    from .adapters import LoraAdapter
+
+    try:
+        adapter = LoraAdapter.open(path)
+    except CheckpointError as exc:
+        report.errors.append(str(exc))
+        return report
+    with adapter.weights as w:
+        report.n_tensors, report.n_files, report.total_bytes = len(w.infos), len(w.files), w.total_bytes
+        for info in w.infos.values():
+            report.dtypes[info.dtype] = report.dtypes.get(info.dtype, 0) + 1
+    s = adapter.summary()
+    report.config = {"architecture": f"LoRA adapter (r = {s['r']}, alpha = {s['lora_alpha']}"
+                                     + (", rsLoRA" if s["use_rslora"] else "") + f", {s['n_lora_modules']} modules)"}
+    return report
+
+
 def validate_pair(base: str | Path, post: str | Path) -> PairReport:
     """Validate both checkpoints and plan their comparison with ``opdviz.reader.plan_pairs``: no common
     tensor is an error (different architectures); shape mismatches (a resized vocabulary) and missing
@@ -587,8 +625,16 @@ def validate_pair(base: str | Path, post: str | Path) -> PairReport:
     report = PairReport(validate_checkpoint(base), validate_checkpoint(post))
     if not (report.base.ok and report.post.ok):
         return report
-    b, p = _open(base, report), _open(post, report)
-    if b is None or p is None:
+    b = _open(base, report)
+    if b is None:
+        return report
+    try:
+        from .adapters import open_post
+
+        p = open_post(post, b)          # a LoRA adapter is read as its merge into this base
+    except CheckpointError as exc:
+        b.close()
+        report.errors.append(str(exc))
         return report
     with b, p:
         try:

@@ -38,7 +38,9 @@ st.title("New analysis")
 st.markdown("""\
 Choose a **base** checkpoint and one or more **post-trained** checkpoints of it (OPD, RL, SFT, DPO…).
 Each is a `.safetensors` file or a Hugging Face folder (sharded: the shards plus
-`model.safetensors.index.json`; add `config.json` so fused tensors are split correctly). The analysis
+`model.safetensors.index.json`; add `config.json` so fused tensors are split correctly). A post-trained
+checkpoint may also be a PEFT LoRA adapter folder (`adapter_config.json` + `adapter_model.safetensors`),
+analysed as its merge into the base; models in the server's Hugging Face cache are listed as *HF cache · org/name*. The analysis
 runs in the background, one job at a time; it keeps running if you close this tab, and a cancelled or
 interrupted job resumes from the tensors already stored.""")
 st.caption(f"Results go to {ui.code(db)} (the sidebar's *Database*).")
@@ -99,6 +101,10 @@ def _page_roots() -> list[Path]:
     return [*uploads.checkpoint_roots(), uploads.session_dir(sid)]
 
 
+def _hub_models() -> dict[str, str]:
+    return uploads.cached_models()
+
+
 def _from_upload(key: str, label: str) -> Path | None:
     files = st.file_uploader(label, type=["safetensors", "json"], accept_multiple_files=True,
                              key=f"{key}_{st.session_state.get('_na_gen', 0)}",   # a new key empties it (Delete)
@@ -126,12 +132,16 @@ def _from_upload(key: str, label: str) -> Path | None:
 def _from_server(key: str, label: str) -> Path | None:
     folders = uploads.checkpoint_roots()
     found = _server_checkpoints(tuple(map(str, folders)))
+    cached = _hub_models()                    # the operator's Hugging Face cache: snapshot path → "org/name@ref"
+    found = found + [p for p in cached if p not in found]
     if not found:
         st.info("No checkpoints under " + ", ".join(ui.code(r) for r in folders) + f" (set `{uploads.ROOTS_ENV}` "
                 "to list other folders).", icon=":material/folder_off:")
         return None
 
     def short(p: str) -> str:
+        if p in cached:
+            return f"HF cache · {cached[p]}"
         for r in folders:
             if Path(p).is_relative_to(r):
                 return f"{r.name}/{Path(p).relative_to(r)}"
@@ -140,6 +150,8 @@ def _from_server(key: str, label: str) -> Path | None:
     choice = st.selectbox(label, found, index=None, key=key, format_func=short, placeholder="choose a checkpoint")
     if choice is None:
         return None
+    if choice in cached:                      # chosen from the server's own cache listing
+        return Path(choice)
     try:
         return uploads.resolve_under_roots(choice, folders)
     except OpdvizError as exc:
@@ -163,6 +175,8 @@ def choose(key: str, label: str) -> Path | None:
 
 def _suggest(path: Path | None, method: str, i: int) -> str:
     """A default run name: the server folder's or the uploaded file's name, else ``<method>-<n>``."""
+    if path is not None and str(path) in _hub_models():    # "org/name@ref" → "name@ref"
+        return _hub_models()[str(path)].split("/")[-1].split(" ")[0]
     if path is not None:
         uploaded = path.resolve().is_relative_to(uploads.uploads_root())
         if not uploaded:
@@ -296,7 +310,9 @@ start = st.button("Start analysis", type="primary", icon=":material/play_arrow:"
 if start:
     try:
         # checked again as the job is queued: the worker reads only what this session may read
-        confined = [uploads.resolve_under_roots(p, _page_roots()) for p in (base, *(p for p, _, _ in posts))]
+        # (a model of the operator's Hugging Face cache is accepted as listed: exactly one of its snapshot paths)
+        confined = [Path(p) if str(p) in _hub_models() else uploads.resolve_under_roots(p, _page_roots())
+                    for p in (base, *(p for p, _, _ in posts))]
         request = jobs.JobRequest(base=str(confined[0]),
                                   posts=tuple((str(c), n, m) for c, (_, n, m) in zip(confined[1:], posts)),
                                   options=options.to_json())

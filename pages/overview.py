@@ -54,6 +54,17 @@ for run_id in shown_runs["run_id"]:
         left.markdown("**Inputs**")
         left.table(ui.md_frame(ui.provenance_rows(prov, ("base_path", "base_fingerprint", "base_bytes", "post_path",
                                                          "post_fingerprint", "post_bytes", "kind", "dtype"))))
+        adapter = (prov.get("extra") or {}).get("adapter")
+        if isinstance(adapter, dict):     # a PEFT LoRA adapter analysed as its merge into the base
+            ranks = sorted({int(r) for r in (adapter.get("ranks") or {}).values() if isinstance(r, (int, float))})
+            # adapter_config.json is the checkpoint's text: shown literally (ui.md)
+            left.markdown("**LoRA adapter**: " + ui.md(
+                f"rank r = {adapter.get('r')}"
+                + (f" (per module {ranks[0]}–{ranks[-1]})" if len(ranks) > 1 else "")
+                + f", lora_alpha = {adapter.get('lora_alpha')}"
+                + (", rsLoRA (scale α/√r)" if adapter.get("use_rslora") else " (scale α/r)")
+                + f", {adapter.get('n_lora_modules')} LoRA modules"
+                + (f", modules_to_save {adapter.get('modules_to_save')}" if adapter.get("modules_to_save") else "")))
         right.markdown("**Job**")
         right.table(ui.md_frame(ui.provenance_rows(prov, ("device", "seed", "status", "error", "created_at",
                                                           "finished_at", "wall_s", "n_tensors", "n_done", "n_skipped",

@@ -3,6 +3,7 @@
 import streamlit as st
 
 from opdviz import views_across as VA
+from opdviz.live import REFRESH_S, read_status, training_log
 from opdviz.store import Store
 from pages import ui
 
@@ -42,16 +43,46 @@ metric = c_m.selectbox("Per-step metric", metrics, key="p_tmetric", format_func=
 for key, value in (("p_traj", name), ("p_tmetric", metric)):
     ui.remember(key, value)
 ui.sync_params({"traj": None if name == names[0] else name, "tmetric": None if metric == "sparsity" else metric})
-if not bool(trajs.set_index("trajectory").at[name, "has_metrics"]):
+live = read_status(view.db, name)            # recorded by OpdvizCallback during training, else None
+running = bool(live) and live.get("status") == "running"
+if live:
+    steps = live.get("steps_done") or []
+    text = {"running": f"**Training in progress**: step {live.get('train_step')}; {len(steps)} snapshot(s) analysed"
+                       + (f", {len(live.get('steps_queued') or [])} queued" if live.get("steps_queued") else "")
+                       + f". This page refreshes every {REFRESH_S:g} s while the trajectory grows.",
+            "done": f"Recorded live during training: {len(steps)} snapshots, every "
+                    f"{live.get('every_n_steps')} steps, to step {live.get('train_step')}.",
+            "interrupted": "Training stopped before its end; the steps stored so far are shown.",
+            "failed": "The live analysis failed."}.get(live.get("status"), "")
+    st.info(text, icon=":material/model_training:")
+    if live.get("status") in ("interrupted", "failed") and live.get("message"):
+        st.code(live["message"], language=None)
+if running and not bool(trajs.set_index("trajectory").at[name, "has_metrics"]):
+    st.caption("The trajectory metrics (consecutive sparsity, outside the final mask, Sim_K) need the final "
+               "checkpoint: they appear when training ends. Per-step figures grow as snapshots are analysed.")
+elif not bool(trajs.set_index("trajectory").at[name, "has_metrics"]):
     st.warning(f"Trajectory **{ui.md(name)}** has per-step runs but no trajectory metrics yet (is `opdviz trajectory` "
                "still running?). Per-step figures are shown; rerun the same command to finish.")
 ctx = VA.AcrossContext(criterion=view.ctx.criterion, trajectory=name, metric=metric)
 
-for i, spec in enumerate(VA.figures_for("trajectory")):
-    fig, df = _q(spec.key, view.db, view.stamp, view.sel, ctx)
-    if i:
-        st.divider()
-    st.plotly_chart(fig, width="stretch", theme=None, key=f"fig_{spec.key}",
-                    config={"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2}})
-    st.caption(spec.caption)
-    ui.export_row(spec.key, fig, df)
+
+
+def _figures(stamp: tuple) -> None:
+    log = training_log(view.store, name) if live else None
+    if log is not None and not log.empty:
+        with st.expander(f"Training log: loss and learning rate at the {len(log)} stored steps"):
+            st.dataframe(log, hide_index=True, width="stretch")
+    for i, spec in enumerate(VA.figures_for("trajectory")):
+        fig, df = _q(spec.key, view.db, stamp, view.sel, ctx)
+        if i:
+            st.divider()
+        st.plotly_chart(fig, width="stretch", theme=None, key=f"fig_{spec.key}",
+                        config={"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2}})
+        st.caption(spec.caption)
+        ui.export_row(spec.key, fig, df)
+
+
+if running:   # re-query with a fresh stamp every few seconds while the worker adds steps
+    st.fragment(run_every=REFRESH_S)(lambda: _figures(ui.stamp(view.db)))()
+else:
+    _figures(view.stamp)

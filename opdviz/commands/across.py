@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..hub import add_download_flag, prefetch
 from .compute import DEFAULT_DB, add_option_flags, options_from_args
 
 
@@ -28,6 +29,7 @@ def register(sub) -> None:
     p.add_argument("--base-b", default=None, help="B's base when stored elsewhere: checked to be identical, byte for byte")
     p.add_argument("--overwrite", action="store_true", help="recompute every tensor of this pair")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_download_flag(p)
     add_option_flags(p)
     p.set_defaults(func=overlap_main)
 
@@ -45,6 +47,7 @@ def register(sub) -> None:
     t.add_argument("--db", default=DEFAULT_DB, help=f"DuckDB store (default: {DEFAULT_DB})")
     t.add_argument("--overwrite", action="store_true", help="replace stored results of this trajectory")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_download_flag(t)
     add_option_flags(t)
     t.set_defaults(func=trajectory_main)
 
@@ -56,6 +59,7 @@ def register(sub) -> None:
     m.add_argument("--out", required=True, help="output .safetensors file")
     m.add_argument("--packed", action="store_true", help="bit-packed uint8 masks (8× smaller), shapes in the metadata")
     m.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt checkpoints (weights_only loading)")
+    add_download_flag(m)
     m.set_defaults(func=masks_main)
 
 
@@ -65,6 +69,7 @@ def overlap_main(args: argparse.Namespace) -> int:
     from ..store import Store
 
     opts = options_from_args(args)
+    prefetch([args.base, args.a, args.b, args.base_b], args.download)
     spec = OverlapSpec(base=Path(args.base), a=Path(args.a), b=Path(args.b), run_a=args.run_a, run_b=args.run_b,
                        db=Path(args.db), options=opts, base_b=Path(args.base_b) if args.base_b else None,
                        method_a=args.method_a, method_b=args.method_b)
@@ -80,6 +85,7 @@ def overlap_main(args: argparse.Namespace) -> int:
 def trajectory_main(args: argparse.Namespace) -> int:
     from ..trajectory import TrajectorySpec, find_checkpoints, run_trajectory
 
+    prefetch([args.base, *args.checkpoints], args.download)
     cks = find_checkpoints([Path(p) for p in args.checkpoints], args.steps)
     spec = TrajectorySpec(base=Path(args.base), checkpoints=cks, name=args.name, method=args.method, db=Path(args.db),
                           options=options_from_args(args), k=args.k, hill_frac=args.hill_frac)
@@ -92,6 +98,7 @@ def trajectory_main(args: argparse.Namespace) -> int:
 def masks_main(args: argparse.Namespace) -> int:
     from ..masks import write_masks
 
+    prefetch([args.base, args.post], args.download)
     res = write_masks(args.base, args.post, args.out, args.criterion, packed=args.packed,
                       allow_pickle=args.allow_pickle)
     frac = res["changed"] / res["numel"] if res["numel"] else 0.0

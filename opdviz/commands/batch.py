@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 from ..executors import add_executor_flags, make_executor
+from ..hub import add_download_flag
 from .compute import DEFAULT_DB
 
 
@@ -19,6 +20,7 @@ def register(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace stored runs of the same name")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--check", action="store_true", help="only validate the file and list the runs")
+    add_download_flag(p)
     add_executor_flags(p)
     p.set_defaults(func=main)
 
@@ -26,7 +28,7 @@ def register(sub) -> None:
 def main(args: argparse.Namespace) -> int:
     from ..batch import load_batch, run_batch
 
-    batch = load_batch(args.file, args.db)
+    batch = load_batch(args.file, args.db, download=args.download)
     if args.check:
         for s in batch.specs:
             print(f"{s.run_id}\t{s.method}\t{s.base}\t{s.post}")

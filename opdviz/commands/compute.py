@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 
 from ..executors import add_executor_flags, make_executor
+from ..hub import add_download_flag, prefetch
 from ..options import AnalysisOptions
 
 DEFAULT_DB = "data/opdviz.duckdb"
@@ -40,8 +41,10 @@ def options_from_args(args: argparse.Namespace) -> AnalysisOptions:
 def register(sub) -> None:
     p = sub.add_parser("compute", help="analyse post-trained checkpoints against their base and store the results",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("base", help="base checkpoint: .safetensors file, or HF folder (sharded or not)")
-    p.add_argument("post", nargs="+", help="post-trained checkpoint(s) of the same base")
+    p.add_argument("base", help="base checkpoint: .safetensors file, HF folder (sharded or not), or a model ID "
+                               "org/name[@revision] from the local Hugging Face cache")
+    p.add_argument("post", nargs="+", help="post-trained checkpoint(s) of the same base: folders, model IDs, or "
+                                           "PEFT LoRA adapter folders (adapter_config.json)")
     p.add_argument("--method", nargs="+", default=None, metavar="LABEL",
                    help="method label per post-trained checkpoint (OPD, RL, SFT, DPO…); one label applies to all")
     p.add_argument("--name", nargs="+", default=None, metavar="NAME",
@@ -49,6 +52,7 @@ def register(sub) -> None:
     p.add_argument("--db", default=DEFAULT_DB, help=f"DuckDB store (default: {DEFAULT_DB})")
     p.add_argument("--overwrite", action="store_true", help="replace stored runs of the same name")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_download_flag(p)
     add_executor_flags(p)
     add_option_flags(p)
     p.set_defaults(func=main)
@@ -57,6 +61,7 @@ def register(sub) -> None:
 def main(args: argparse.Namespace) -> int:
     from ..api import analyze
 
+    prefetch([args.base, *args.post], args.download)
     executor = make_executor(args.executor, ray_address=args.ray_address,
                              ray_gpus_per_task=args.ray_gpus_per_task,
                              ray_cpus_per_task=args.ray_cpus_per_task)

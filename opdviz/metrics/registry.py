@@ -11,7 +11,7 @@ import importlib
 import re
 from dataclasses import dataclass
 
-_MODULES = ("opdviz.metrics.elementwise", "opdviz.metrics.spectral", "opdviz.metrics.geometry")
+_MODULES = ("opdviz.metrics.elementwise", "opdviz.metrics.spectral", "opdviz.metrics.geometry", "opdviz.adapters")
 
 
 @dataclass(frozen=True)
