@@ -3,8 +3,8 @@
 Every function documents the columns it reads. Colours: one fixed Okabe–Ito colour per method
 (``method_color``) wherever a method appears, a separate colour-blind-safe palette (Paul Tol's
 "muted") for modules, so a module is never mistaken for a method. Sequential maps are Cividis,
-diverging maps PuOr centred on 0. ``paper_style`` sizes a figure for a single (3.3 in) or double
-(6.9 in) column with 8-pt text; ``opdviz.figexport`` applies it before writing PDF/SVG/PNG.
+diverging maps PuOr centred on 0. ``paper_style`` sizes a figure for a single (3.5 in) or double
+(7 in) column with 8-pt text; ``opdviz.figexport`` applies it before writing PDF/SVG/PNG.
 
 Try it:  python -c "import opdviz.figures as f, pandas as pd; f.empty_figure().show()"
 """
@@ -18,6 +18,8 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
+
+from .formatting import escape
 
 # --------------------------------------------------------------------------------------- colours
 OKABE_ITO = {"black": "#000000", "orange": "#E69F00", "sky_blue": "#56B4E9", "bluish_green": "#009E73",
@@ -37,8 +39,8 @@ BASELINE_COLOR = "#7F7F7F"
 FONT = "Arial, 'Liberation Sans', Helvetica, sans-serif"
 NO_DATA = "no data for this selection"
 
-# Chromium prints 96 CSS px per inch; 8 pt = 10.7 px. Widths of a two-column paper (≈ 3.3 / 6.9 in).
-PAPER_WIDTH_PX = {"single": 320, "double": 660}
+# Chromium prints 96 CSS px per inch; 8 pt = 10.7 px. Widths of a two-column paper: 3.5 in and 7 in.
+PAPER_WIDTH_PX = {"single": 336, "double": 672}
 PAPER_FONT_PX = {"single": 11, "double": 12}
 
 
@@ -72,7 +74,9 @@ def run_styles(runs: pd.DataFrame) -> dict[str, tuple[str, str]]:
 
 
 def run_label(run_id: str, method: str | None) -> str:
-    return run_id if not method or str(method) == str(run_id) else f"{run_id} ({method})"
+    """Legend/facet label of a run, escaped (run names and method labels are untrusted text)."""
+    text = run_id if not method or str(method) == str(run_id) else f"{run_id} ({method})"
+    return escape(text)
 
 
 def module_sort_key(module) -> tuple:
@@ -81,8 +85,9 @@ def module_sort_key(module) -> tuple:
 
 # --------------------------------------------------------------------------------------- base layout
 def _template() -> go.layout.Template:
+    # automargin: long category labels (tensor, criterion names) push the margin out instead of being clipped
     axis = dict(showline=True, linecolor="black", linewidth=1, ticks="outside", ticklen=3, mirror=False,
-                showgrid=True, gridcolor="#E5E5E5", gridwidth=0.5, zeroline=False, title_standoff=4)
+                showgrid=True, gridcolor="#E5E5E5", gridwidth=0.5, zeroline=False, title_standoff=4, automargin=True)
     return go.layout.Template(layout=dict(
         font=dict(family=FONT, size=13, color="black"), paper_bgcolor="white", plot_bgcolor="white",
         xaxis=axis, yaxis=axis, colorway=list(METHOD_COLORS.values()),
@@ -160,7 +165,7 @@ def _lines(df: pd.DataFrame, x: str, y: str, color: str, title: str, xlabel: str
                 part = part.sort_values(x)
                 line_dash = dash_of[dval] if dash else (styles.get(cval, ("", "solid"))[1] if color == "run_id"
                                                         else "solid")
-                name = _name(df, color, cval) + (f" · {dval}" if dash else "")
+                name = _name(df, color, cval) + (f" · {escape(dval)}" if dash else "")
                 trace = go.Scatter(x=part[x], y=part[y], name=name, mode="lines+markers" if markers else "lines",
                                    line=dict(color=_color_of(color, cval, styles), dash=line_dash, width=1.8),
                                    marker=dict(size=5), showlegend=False,
@@ -175,7 +180,7 @@ def _lines(df: pd.DataFrame, x: str, y: str, color: str, title: str, xlabel: str
                        styles.get(v, ("", "solid"))[1] if color == "run_id" and not dash else "solid")
                       for v in colors])
     if dash and len(dashes) > 1:
-        _legend_key(fig, [(str(d), BASELINE_COLOR, dash_of[d]) for d in dashes])
+        _legend_key(fig, [(escape(d), BASELINE_COLOR, dash_of[d]) for d in dashes])
     fig.update_xaxes(type="log" if log_x else "linear", exponentformat="power" if log_x else "B")
     fig.update_yaxes(type="log" if log_y else "linear", exponentformat="power" if log_y else "B")
     _axis_titles(fig, nrows, ncols, len(facets), xlabel, ylabel)
@@ -200,11 +205,11 @@ def _name(df: pd.DataFrame, kind: str, value) -> str:
     if kind == "run_id" and "method" in df:
         methods = df.loc[df["run_id"] == value, "method"]
         return run_label(value, methods.iloc[0] if len(methods) else None)
-    return str(value)
+    return escape(value)
 
 
 def _facet_title(df: pd.DataFrame, facet: str, value) -> str:
-    return _name(df, facet, value) if facet == "run_id" else str(value)
+    return _name(df, facet, value) if facet == "run_id" else escape(value)
 
 
 def _baseline(fig: go.Figure, x, y, name: str, row: int | None = None, col: int | None = None,
@@ -245,7 +250,7 @@ def heatmap(df: pd.DataFrame, z: str, zlabel: str, title: str, x: str = "module"
         grid = sub.pivot_table(index=y, columns=x, values=z, aggfunc="mean").reindex(index=ys, columns=xs)
         trace = go.Heatmap(z=grid.to_numpy(dtype=float), x=xs, y=ys, coloraxis="coloraxis", xgap=1, ygap=1,
                            hovertemplate=f"{x}: %{{x}}<br>{y}: %{{y}}<br>{zlabel}: %{{z:.4g}}<extra>"
-                                         f"{'' if fval is None else fval}</extra>",
+                                         f"{'' if fval is None else escape(fval)}</extra>",
                            texttemplate=f"%{{z:{fmt}}}" if text else None, textfont=dict(size=9))
         if facet:
             fig.add_trace(trace, row=i // ncols + 1, col=i % ncols + 1)
@@ -288,7 +293,20 @@ def layerwise_lines(df: pd.DataFrame, y: str, ylabel: str, title: str, color: st
         return empty_figure(title=title)
     fig = _lines(df, "layer", y, color, title, "layer index", ylabel, dash=dash, facet=facet, log_y=log_y,
                  markers=df["layer"].nunique() <= 12)
+    integer_axis(fig, "x", df["layer"])
     return fig
+
+
+def integer_axis(fig: go.Figure, axis: str, values) -> None:
+    """Ticks only at whole numbers (layers, deciles, steps are integers): a step of 1, 2, 4… chosen
+    so that at most ~12 ticks show."""
+    vals = pd.Series(values).dropna()
+    span = float(vals.max() - vals.min()) if len(vals) else 0.0
+    dtick = 1
+    while span / dtick > 12:
+        dtick *= 2
+    kw = dict(tickmode="linear", tick0=float(vals.min()) if len(vals) else 0.0, dtick=dtick, tickformat="d")
+    (fig.update_xaxes if axis == "x" else fig.update_yaxes)(**kw)
 
 
 def sweep(df: pd.DataFrame, title: str, mark_eps: float | None = 1e-5) -> go.Figure:
@@ -445,15 +463,16 @@ def bars(df: pd.DataFrame, x: str, y: str, title: str, xlabel: str, ylabel: str,
     for run_id in _ordered(df["run_id"], "run"):
         part = df[df["run_id"] == run_id].set_index(x).reindex(xs)
         color, dash = styles[run_id]
-        fig.add_trace(go.Bar(x=[str(v) for v in xs], y=scale * part[y].astype(float), name=_name(df, "run_id", run_id),
+        fig.add_trace(go.Bar(x=[escape(v) for v in xs], y=scale * part[y].astype(float), name=_name(df, "run_id", run_id),
                              marker=dict(color=color, pattern=dict(shape=patterns[dash], fgcolor="white")),
-                             hovertemplate=f"%{{x}}<br>{ylabel}: %{{y:.4g}}<extra>{run_id}</extra>"))
+                             hovertemplate=f"%{{x}}<br>{ylabel}: %{{y:.4g}}<extra>{escape(run_id)}</extra>"))
     if baseline is not None:
         fig.add_hline(y=scale * baseline, line=dict(color=BASELINE_COLOR, dash="dot", width=1.5))
         _baseline(fig, [None], [None], baseline_name)
     fig.update_layout(barmode="group", bargap=0.25, bargroupgap=0.05)
     fig.update_xaxes(title_text=xlabel, type="category", showgrid=False)
-    fig.update_yaxes(title_text=ylabel)
+    # a bar's length is its value: the axis always starts at 0 (negative values extend below it)
+    fig.update_yaxes(title_text=ylabel, rangemode="tozero")
     return fig
 
 
@@ -509,7 +528,7 @@ def sparsity_map(image: np.ndarray | None, row_frac: np.ndarray | None, col_frac
 
 # --------------------------------------------------------------------------------------- paper style
 def paper_style(fig: go.Figure, width: str = "single", height: int | None = None) -> go.Figure:
-    """Size ``fig`` for a paper column: ``single`` ≈ 3.3 in, ``double`` ≈ 6.9 in wide (96 px/in as
+    """Size ``fig`` for a paper column: ``single`` 3.5 in, ``double`` 7 in wide (96 px/in as
     Chromium prints), 8–9 pt text, no title (the caption goes in the paper), legend above the plot.
     Returns a new figure; the input is left as it is."""
     if width not in PAPER_WIDTH_PX:

@@ -60,7 +60,8 @@ def overlap_by_criterion(df: pd.DataFrame, title: str) -> go.Figure:
     fig.data[1].name = "independence baseline (grey)"
     fig.update_layout(barmode="group", bargap=0.25)
     fig.update_xaxes(title_text="“changed” criterion", type="category", showgrid=False)
-    fig.update_yaxes(title_text="overlap" + PCT, type="log")
+    # linear from 0: a log-scale bar has no zero and its length means nothing
+    fig.update_yaxes(title_text="overlap" + PCT, rangemode="tozero")
     return fig
 
 

@@ -248,28 +248,53 @@ def _rel_change_heatmap(store, sel, ctx):
                      "Relative change by layer and module"), df
 
 
+def _mask_criteria(store: Store, run_ids) -> dict[str, str]:
+    """run_id → the criterion its default changed mask U used (``options.criterion`` at compute time):
+    the coverage metrics are shares of that U, whatever criterion the sidebar shows."""
+    out = {}
+    for run_id in run_ids:
+        row = store.run_row(run_id) or {}
+        out[run_id] = str(_json(row.get("options")).get("criterion") or ViewContext().criterion)
+    return out
+
+
 def _coverage_df(store, sel, ctx, kinds=(("lowmag_coverage", "low-magnitude mask"),
                                          ("principal_coverage", "principal mask"))) -> pd.DataFrame:
+    """Model-level coverage per run, kind and α: the share of the run's changed entries U (pooled over the
+    selected matrices) that fall in the masks, Σ|M∩U| / Σ|U| = Σ coverage·|U| / Σ|U| — the same number
+    for the Overview table, this figure, its CSV and a recomputation from ``opdviz metrics``. U is the
+    run's default mask (``options.criterion``), or the bitwise mask for the ``_exact`` variants."""
     names = tuple(f"{p}_{a}pct" for p, _ in kinds for a in ALPHAS)
-    df = Q.long_metrics(store, sel, names + (f"sparsity_{ctx.criterion}",))
-    if df.empty:
-        return pd.DataFrame(columns=["run_id", "method", "kind", "alpha", "coverage", "baseline", "enrichment"])
-    wide = df.pivot_table(index=["run_id", "method", "tensor", "numel"], columns="metric", values="value").reset_index()
-    # coverage is a share of the changed set U: pool tensors by |U| = changed entries
-    u = (1 - wide.get(f"sparsity_{ctx.criterion}", pd.Series(0.5, index=wide.index))) * wide["numel"]
+    base = Q.long_metrics(store, sel, names)
+    cols = ["run_id", "method", "kind", "alpha", "coverage", "baseline", "enrichment", "changed_entries", "n_matrices"]
+    if base.empty:
+        return pd.DataFrame(columns=cols)
+    crits = _mask_criteria(store, base["run_id"].unique())
+    spars = tuple(sorted({f"sparsity_{c}" for c in crits.values()} | {"sparsity_exact"}))
+    df = pd.concat([base, Q.long_metrics(store, sel, spars)], ignore_index=True)
+    wide = df.pivot_table(index=["run_id", "tensor"], columns="metric", values="value", aggfunc="first")
+    wide.columns.name = None
+    wide = df[["run_id", "method", "tensor", "numel"]].drop_duplicates(["run_id", "tensor"]).merge(
+        wide.reset_index(), on=["run_id", "tensor"], how="left")
     rows = []
     for prefix, label in kinds:
+        exact = prefix.endswith("_exact")
         for a in ALPHAS:
             col = f"{prefix}_{a}pct"
             if col not in wide:
                 continue
-            ok = wide[col].notna()
-            for (run_id, method), g in wide[ok].groupby(["run_id", "method"], dropna=False):
-                w = u[g.index]
-                cov = float((g[col] * w).sum() / w.sum()) if w.sum() > 0 else float(g[col].mean())
+            for (run_id, method), g in wide[wide[col].notna()].groupby(["run_id", "method"], dropna=False):
+                sp = g.get("sparsity_exact" if exact else f"sparsity_{crits[run_id]}")
+                if sp is None:
+                    continue
+                u = (1 - sp.astype(float)) * g["numel"].astype(float)
+                ok = u.notna()
+                w = u[ok]
+                cov = float((g.loc[ok, col] * w).sum() / w.sum()) if w.sum() > 0 else float("nan")
                 rows.append({"run_id": run_id, "method": method, "kind": label, "alpha": a / 100, "coverage": cov,
-                             "baseline": a / 100, "enrichment": cov / (a / 100)})
-    return pd.DataFrame(rows)
+                             "baseline": a / 100, "enrichment": cov / (a / 100), "changed_entries": float(w.sum()),
+                             "n_matrices": int(ok.sum())})
+    return pd.DataFrame(rows, columns=cols)
 
 
 def _coverage(store, sel, ctx):
@@ -603,24 +628,35 @@ def figure_spec(key: str) -> FigureSpec:
 
 # ------------------------------------------------------------------------------------ tables
 def overview_table(store: Store, sel: Selection, ctx: ViewContext) -> pd.DataFrame:
-    """One row per run, like the main table of 2606.13657: method, relative change, sparsity under
-    ``ctx.criterion``, top-16 energy, stable rank, principal and low-magnitude coverage at α = 10 % with
-    the random baseline 0.10 and the enrichment coverage/0.10, and accuracy from ``runs.extra`` if present."""
+    """One row per run, like the main table of 2606.13657: method, relative change (pooled: sqrt(ΣΔ²)/sqrt(ΣW²)),
+    sparsity under ``ctx.criterion`` (parameter-weighted), top-16 energy and stable rank (unweighted means over
+    matrices, as the Spectra figures), principal and low-magnitude coverage at α = 10 % pooled by |U| (the
+    coverage figure's numbers) with the random baseline 0.10 and the enrichment coverage/0.10, the number of
+    matrices whose spectrum is approximate (``approx_spectra``), and accuracy from ``runs.extra`` if present."""
     mm = ("top16_energy", "stable_rank", "principal_coverage_10pct", "lowmag_coverage_10pct")
     s = Q.run_summary(store, sel, criterion=ctx.criterion, matrix_metrics=mm)
     spars = f"sparsity_{ctx.criterion}"
     cols = ["run_id", "method", "status", "n_tensors", "rel_change", spars, *mm[:2], "principal_coverage_10pct",
             "principal_enrichment_10pct", "lowmag_coverage_10pct", "lowmag_enrichment_10pct", "random_baseline_10pct",
-            "accuracy", "base_accuracy", "accuracy_gain"]
+            "approx_spectra", "accuracy", "base_accuracy", "accuracy_gain"]
     if s.empty:
         return pd.DataFrame(columns=cols)
     s = s.rename(columns={"sparsity": spars})
     for m in mm:
         if m not in s:
             s[m] = np.nan
+    # coverage: pooled over matrices by |U| exactly as the coverage figure pools it (one definition)
+    cov = _coverage_df(store, sel, ctx)
+    cov = cov[np.isclose(cov["alpha"].astype(float), 0.10)] if len(cov) else cov
+    for kind, col in (("principal mask", "principal_coverage_10pct"), ("low-magnitude mask", "lowmag_coverage_10pct")):
+        part = cov[cov["kind"] == kind].set_index("run_id")["coverage"] if len(cov) else pd.Series(dtype=float)
+        s[col] = s["run_id"].map(part).astype(float)
     s["random_baseline_10pct"] = 0.10
     s["principal_enrichment_10pct"] = s["principal_coverage_10pct"] / 0.10
     s["lowmag_enrichment_10pct"] = s["lowmag_coverage_10pct"] / 0.10
+    exact = Q.long_metrics(store, sel, ("spectrum_exact",))
+    n_approx = (exact["value"] == 0).groupby(exact["run_id"]).sum() if len(exact) else pd.Series(dtype=float)
+    s["approx_spectra"] = s["run_id"].map(n_approx).fillna(0).astype(int)
     runs = Q.runs(store).set_index("run_id")
     s["status"] = s["run_id"].map(runs["status"])
     extra = {r: _json(runs.at[r, "extra"]) for r in s["run_id"] if r in runs.index}

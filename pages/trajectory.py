@@ -54,4 +54,4 @@ for i, spec in enumerate(VA.figures_for("trajectory")):
     st.plotly_chart(fig, width="stretch", theme=None, key=f"fig_{spec.key}",
                     config={"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2}})
     st.caption(spec.caption)
-    ui.export_row(spec.key, fig, df)
+    ui.export_row(spec.key, fig, df, manifest=lambda: ui.provenance_manifest(view, ctx))

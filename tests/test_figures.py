@@ -190,7 +190,7 @@ def test_empty_input_gives_annotated_figure(build):
     assert F.NO_DATA in fig.layout.annotations[0].text
 
 
-@pytest.mark.parametrize("width,px", [("single", 320), ("double", 660)])
+@pytest.mark.parametrize("width,px", [("single", 336), ("double", 672)])   # 3.5 in and 7 in at 96 px/in
 def test_paper_style_sizes_and_fonts(width, px):
     fig = F.paper_style(F.heatmap(_by_layer(), "value", "u (%)", "title"), width)
     assert fig.layout.width == px and 10 <= fig.layout.font.size <= 12     # 8–9 pt at 96 px/in
