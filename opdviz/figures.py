@@ -333,8 +333,10 @@ def spectra(df: pd.DataFrame, title: str) -> go.Figure:
     Columns: run_id, method, label (which tensor), index (1-based), sigma."""
     if df.empty:
         return empty_figure(title=title)
-    d = _thin_log(df.copy())
-    d["norm"] = d["sigma"] / d.groupby(["run_id", "label"])["sigma"].transform("max")
+    d = df.copy()
+    d["norm"] = d["sigma_over_sigma1"] if "sigma_over_sigma1" in d else \
+        d["sigma"] / d.groupby(["run_id", "label"])["sigma"].transform("max")
+    d = _thin_log(d)
     d = d[d["norm"] > 0]
     return _lines(d, "index", "norm", "run_id", title, "singular value index i (log scale)",
                   "σᵢ(ΔW) / σ₁(ΔW) (log scale)", dash="label", log_x=True, log_y=True)
@@ -352,7 +354,8 @@ def cumulative_energy(df: pd.DataFrame, title: str) -> go.Figure:
     total = sq.groupby([d["run_id"], d["label"]]).transform("sum")
     if "delta_sq_sum" in d:        # exact ‖ΔW‖²_F: right for a top-q (approximate) spectrum too
         total = d["delta_sq_sum"].where(d["delta_sq_sum"] > 0, total)
-    d["energy"] = 100 * sq.groupby([d["run_id"], d["label"]]).cumsum() / total
+    d["energy"] = 100 * (d["cumulative_energy"] if "cumulative_energy" in d
+                         else sq.groupby([d["run_id"], d["label"]]).cumsum() / total)
     d = _thin_log(d)
     fig = _lines(d, "index", "energy", "run_id", title, "number of singular directions i (log scale)",
                  "cumulative energy of ΔW (% of ‖ΔW‖²<sub>F</sub>)", dash="label", log_x=True)

@@ -308,7 +308,8 @@ def _spectra_df(store, sel, ctx, name="spectrum") -> pd.DataFrame:
     tensors = _default_tensors(store, sel, ctx)
     a = _arrays(store, sel, name, tensors) if tensors else pd.DataFrame()
     if a.empty:
-        return pd.DataFrame(columns=["run_id", "method", "tensor", "label", "index", "sigma", "delta_sq_sum"])
+        return pd.DataFrame(columns=["run_id", "method", "tensor", "label", "index", "sigma", "delta_sq_sum",
+                                     "sigma_over_sigma1", "cumulative_energy"])
     a = _with_label(a)
     # ‖ΔW‖²_F is exact even when the spectrum is a top-q approximation: energies are shares of it
     sq = Q.long_metrics(store, replace(sel, leaves_only=False), ("delta_sq_sum",))
@@ -317,7 +318,13 @@ def _spectra_df(store, sel, ctx, name="spectrum") -> pd.DataFrame:
     a = a.assign(sigma=a["values"].map(np.asarray)).explode("sigma")
     a["index"] = a.groupby(["run_id", "tensor"]).cumcount() + 1
     a["sigma"] = a["sigma"].astype(float)
-    return a[["run_id", "method", "tensor", "label", "index", "sigma", "delta_sq_sum"]].reset_index(drop=True)
+    # what the figures plot, in the data: σᵢ/σ₁ and the cumulative share of the exact ‖ΔW‖²_F
+    a["sigma_over_sigma1"] = a["sigma"] / a.groupby(["run_id", "tensor"])["sigma"].transform("max")
+    sq = a["sigma"] ** 2
+    total = a["delta_sq_sum"].where(a["delta_sq_sum"] > 0, sq.groupby([a["run_id"], a["tensor"]]).transform("sum"))
+    a["cumulative_energy"] = sq.groupby([a["run_id"], a["tensor"]]).cumsum() / total
+    return a[["run_id", "method", "tensor", "label", "index", "sigma", "delta_sq_sum", "sigma_over_sigma1",
+              "cumulative_energy"]].reset_index(drop=True)
 
 
 def _spectra(store, sel, ctx):
@@ -441,9 +448,17 @@ def _tensor_map(store, sel, ctx):
     shape = (int(rows_["rows"].iloc[0]), int(rows_["cols"].iloc[0])) if rows_["cols"].notna().iloc[0] else None
     fig = F.sparsity_map(img, by_name.get("row_changed_frac"), by_name.get("col_changed_frac"),
                          f"Where {tensor} changed ({run_id})", shape=shape)
-    df = pd.DataFrame({"run_id": run_id, "tensor": tensor, "block_row": np.repeat(np.arange(img.shape[0]), img.shape[1]),
-                       "block_col": np.tile(np.arange(img.shape[1]), img.shape[0]),
-                       "changed_frac": np.asarray(img).ravel()})
+    # the data of all three panels, long: the block image, then the per-row and per-column changed shares
+    parts = [pd.DataFrame({"what": "block", "block_row": np.repeat(np.arange(img.shape[0]), img.shape[1]),
+                           "block_col": np.tile(np.arange(img.shape[1]), img.shape[0]),
+                           "changed_frac": np.asarray(img).ravel()})]
+    for what, key, col in (("row", "row_changed_frac", "block_row"), ("column", "col_changed_frac", "block_col")):
+        if key in by_name:
+            v = np.asarray(by_name[key]).ravel()
+            parts.append(pd.DataFrame({"what": what, col: np.arange(len(v)), "changed_frac": v}))
+    df = pd.concat(parts, ignore_index=True)
+    df.insert(0, "tensor", tensor)
+    df.insert(0, "run_id", run_id)
     return fig, df
 
 
