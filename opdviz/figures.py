@@ -321,8 +321,9 @@ def sweep(df: pd.DataFrame, title: str, mark_eps: float | None = 1e-5) -> go.Fig
                  markers=True)
     if mark_eps:
         fig.add_vline(x=mark_eps, line=dict(color=BASELINE_COLOR, dash="dot", width=1))
-        fig.add_annotation(x=math.log10(mark_eps), y=0.02, yref="paper", text="ε = " + f"{mark_eps:.0e}".replace("e-0", "e-"), showarrow=False,
-                           xanchor="left", yanchor="bottom", font=dict(size=10, color="#555555"))
+        # at the top: the curves sit low at small ε, where a label at the bottom would cover them
+        fig.add_annotation(x=math.log10(mark_eps), y=0.98, yref="paper", text="ε = " + f"{mark_eps:.0e}".replace("e-0", "e-"), showarrow=False,
+                           xanchor="left", yanchor="top", font=dict(size=10, color="#555555"))
     fig.update_yaxes(range=[0, 101])
     return fig
 
@@ -513,9 +514,11 @@ def sparsity_map(image: np.ndarray | None, row_frac: np.ndarray | None, col_frac
         fig.add_trace(go.Scatter(y=np.arange(len(row_frac)), x=100 * np.asarray(row_frac), mode="lines",
                                  line=dict(color="#333333", width=0.8), name="per row", showlegend=False,
                                  hovertemplate="row %{y}: %{x:.2f}%<extra></extra>"), row=2, col=2)
+    # the colour bar lies flat in the empty top-right cell, clear of the per-row panel and its axis
     fig.update_layout(coloraxis=dict(colorscale=SEQUENTIAL, cmin=0,
-                                     colorbar=dict(title=dict(text="entries changed (%)", side="right"),
-                                                   thickness=12, len=0.75, y=0.39)))
+                                     colorbar=dict(title=dict(text="changed (%)", side="top"), orientation="h",
+                                                   x=0.9, xanchor="center", len=0.19, y=0.9, yanchor="middle",
+                                                   thickness=10, nticks=3)))
     fig.update_yaxes(autorange="reversed", row=2, col=1, title_text="output row i")
     fig.update_yaxes(autorange="reversed", row=2, col=2)
     fig.update_xaxes(title_text="input column j", row=2, col=1, range=[0, cols])
@@ -530,6 +533,17 @@ def sparsity_map(image: np.ndarray | None, row_frac: np.ndarray | None, col_frac
 
 
 # --------------------------------------------------------------------------------------- paper style
+def _slanted_labels_px(fig: go.Figure, fs: int) -> int:
+    """Extra bottom margin for slanted category labels: Kaleido's automargin does not make room for the
+    axis title under them, so reserve their drawn height (longest label × glyph width × sin angle)."""
+    angle = fig.layout.xaxis.tickangle if fig.layout.xaxis.tickangle is not None else 0
+    if not angle:
+        return 0
+    longest = max((len(str(v)) for t in fig.data if t.type in ("bar", "heatmap") and t.x is not None
+                   for v in t.x), default=0)
+    return int(longest * (fs - 1) * 0.55 * abs(math.sin(math.radians(float(angle)))))
+
+
 def paper_style(fig: go.Figure, width: str = "single", height: int | None = None) -> go.Figure:
     """Size ``fig`` for a paper column: ``single`` 3.5 in, ``double`` 7 in wide (96 px/in as
     Chromium prints), 8–9 pt text, no title (the caption goes in the paper), legend above the plot.
@@ -551,10 +565,11 @@ def paper_style(fig: go.Figure, width: str = "single", height: int | None = None
         used += item
     legend_h = int(1.6 * fs) * rows_needed
     titled = any(a.yref == "paper" and (a.y or 0) >= 1 for a in out.layout.annotations)   # subplot titles
+    bottom = 54 + _slanted_labels_px(out, fs)
     top = 8 + legend_h + (fs + 6 if titled else 0)
     out.update_layout(
         width=w, height=h + top, title=None, font=dict(family=FONT, size=fs, color="black"),
-        margin=dict(l=44, r=8, t=top, b=34), showlegend=bool(names),
+        margin=dict(l=48, r=8, t=top, b=bottom), showlegend=bool(names),   # b: ticks + labels + axis title
         legend=dict(orientation="h", x=0, xanchor="left", y=0.995, yanchor="top", yref="container",
                     font=dict(size=fs - 1), itemwidth=30, tracegroupgap=0),
     )

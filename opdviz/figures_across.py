@@ -32,7 +32,8 @@ def overlap_heatmaps(df: pd.DataFrame, panels: list[tuple[str, str]], zlabel: st
     d = pd.concat(long, ignore_index=True)
     if not ratio:
         d["value"] = 100 * d["value"].astype(float)
-        return F.heatmap(d, "value", zlabel, title, facet="panel", zmin=0, max_cols=len(panels))
+        # four panels as 2 × 2: in one row, eight module labels no longer fit a column-wide panel
+        return F.heatmap(d, "value", zlabel, title, facet="panel", zmin=0, max_cols=2 if len(panels) == 4 else len(panels))
     # log₂ so that 2× and ½× chance get opposite colours of one strength, centred on chance (0)
     v = d["value"].astype(float)
     d["value"] = np.log2(v.where(v > 0))
