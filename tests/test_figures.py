@@ -169,7 +169,7 @@ def test_sparsity_map_with_marginals():
     rng = np.random.default_rng(0)
     fig = F.sparsity_map(rng.random((32, 16)), rng.random(256), rng.random(128), "t", shape=(256, 128))
     assert [t.type for t in fig.data] == ["heatmap", "scatter", "scatter"]
-    assert fig.layout.coloraxis.colorbar.title.text == "entries changed (%)"
+    assert fig.layout.coloraxis.colorbar.title.text == "changed (%)" and fig.layout.coloraxis.colorbar.orientation == "h"
     assert fig.layout.yaxis3.title.text == "output row i"
 
 
