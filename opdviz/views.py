@@ -722,3 +722,13 @@ def _plain(v):
     if isinstance(v, np.generic):
         return v.item()
     return v
+
+
+def approx_counts(store: Store, sel: Selection) -> dict[str, int]:
+    """run_id → how many selected matrices have an approximate (randomized top-k) spectrum; runs with
+    none are left out. Their spectral and geometry numbers are approximate (README: exact and approximate)."""
+    df = Q.long_metrics(store, replace(sel, leaves_only=False), ("spectrum_exact",))
+    if df.empty:
+        return {}
+    n = (df["value"] == 0).groupby(df["run_id"]).sum()
+    return {str(r): int(c) for r, c in n.items() if c}

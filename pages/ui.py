@@ -147,6 +147,7 @@ QUERIES: dict[str, Callable] = {
     "largest_tensor": _largest_tensor,
     "n_top_done": _n_top_done,
     "overview_table": views.overview_table,
+    "approx_counts": views.approx_counts,
     "provenance": views.provenance,
     "figure": _build,
 }
@@ -412,6 +413,7 @@ def figures(view: View, page: str) -> None:
     they arrive; afterwards the other pages' figures for this selection are warmed in the background.
     """
     specs = views.figures_for(page)
+    approx_notice(view)
     zip_slot = st.container()
     built = []
     for i, (spec, future) in enumerate(zip(specs, _submit(view, specs))):
@@ -626,3 +628,15 @@ def numbers_table(df: pd.DataFrame, labels: dict[str, str] | None = None, **conf
             for c, (head, fmt) in formatting.column_formats(df, labels).items()}
     cols.update({c: v for c, v in config.items()})
     st.dataframe(formatting.display(df), hide_index=True, width="stretch", column_config=cols)
+
+
+def approx_notice(view: View) -> None:
+    """Say so when some selected matrices have approximate spectra: their spectral and geometry numbers
+    (figures, tables, exports) are approximate. Exports say it too (manifest.json, README.txt)."""
+    counts = query("approx_counts", view.db, view.stamp, view.sel)
+    if counts:
+        runs = ", ".join(f"**{r}** ({n})" for r, n in counts.items())
+        st.info(f"≈ Approximate values: some matrices' spectra came from the randomized top-k solver — {runs} "
+                "matrices. Their spectra, ranks, energies, projections, angles and principal coverage are "
+                "approximate (errors measured in the README, *Exact and approximate spectra*); recompute with "
+                "`--spectrum exact` (or on a GPU) for exact values.", icon=":material/info:")

@@ -135,3 +135,12 @@ def family_of(metric_name: str, derived: bool = False) -> MetricInfo:
     if best is None:
         raise KeyError(f"no metric family matches {metric_name!r}")
     return best[1]
+
+
+def markdown_table(families: tuple[MetricInfo, ...] | None = None) -> str:
+    """The README's metric table: name, kind, unit, how groups pool it, definition, source."""
+    rows = ["| metric | kind | unit | pooled over a group | definition | source |", "|---|---|---|---|---|---|"]
+    for f in (all_families() if families is None else families):
+        agg = "—" if f.agg == "none" else f.agg.replace("_", " ")
+        rows.append(f"| `{f.family}` | {f.kind} | {f.unit} | {agg} | {f.doc} | {f.source} |")
+    return "\n".join(rows)
