@@ -241,8 +241,11 @@ def heatmap(df: pd.DataFrame, z: str, zlabel: str, title: str, x: str = "module"
     ncols = min(len(facets), max_cols)
     nrows = math.ceil(len(facets) / ncols)
     titles = [_facet_title(df, facet, f) for f in facets] if facet else None
+    # rows of panels leave room for the slanted module labels and the next row's panel titles
     fig = _figure(title, nrows, ncols, shared_yaxes=True, subplot_titles=titles, horizontal_spacing=0.03,
-                  vertical_spacing=0.1) if facet else _figure(title)
+                  vertical_spacing=0.1 if nrows == 1 else 0.22) if facet else _figure(title)
+    if nrows > 1:
+        fig.update_layout(height=340 * nrows)
     xs = _ordered(df[x], x)
     ys = sorted(int(v) for v in df[y].dropna().unique())
     for i, fval in enumerate(facets):

@@ -64,7 +64,7 @@ def label_of(name: str, with_unit: bool = True) -> str:
     label = i.label or name
     if not with_unit:
         return label
-    unit = {"fraction": "%", "percent": "%", "radians": "degrees", "ratio": "", "flag": "",
+    unit = {"fraction": "%", "percent": "%", "radians": "degrees", "ratio": "", "flag": "", "count": "",
             "text": ""}.get(i.unit, i.unit)
     return f"{label} ({unit})" if unit else label
 

@@ -15,14 +15,12 @@ Subnetworks* (arXiv 2505.11711).""")
 
 table = ui.query("overview_table", view.db, view.stamp, view.sel, view.ctx)
 ui.numbers_table(table, {
-    "n_tensors": "tensors", "rel_change": "rel. change ‖ΔW‖/‖W‖ (pooled)",
-    f"sparsity_{view.ctx.criterion}": f"sparsity, {ui.criterion_label(view.ctx.criterion)} (param.-weighted)",
-    "top16_energy": "top-16 energy (mean over matrices)", "stable_rank": "stable rank (mean over matrices)",
-    "principal_coverage_10pct": "principal cov. α=10%", "principal_enrichment_10pct": "principal enrich. (×)",
-    "lowmag_coverage_10pct": "low-mag cov. α=10%", "lowmag_enrichment_10pct": "low-mag enrich. (×)",
-    "random_baseline_10pct": "random baseline", "approx_spectra": "approx. spectra",
-    "base_accuracy": "base acc.", "accuracy_gain": "acc. gain"}, run_id="run")
-st.caption("Sparsity is parameter-weighted over the selection; relative change is pooled, √ΣΔW²/√ΣW²; top-16 energy "
+    "n_tensors": "tensors", "rel_change": "rel. change", f"sparsity_{view.ctx.criterion}": "sparsity",
+    "top16_energy": "top-16 energy", "stable_rank": "stable rank", "principal_coverage_10pct": "principal cov. α=10%",
+    "principal_enrichment_10pct": "principal enrich. ×", "lowmag_coverage_10pct": "low-mag cov. α=10%",
+    "lowmag_enrichment_10pct": "low-mag enrich. ×", "random_baseline_10pct": "random baseline",
+    "approx_spectra": "approx. spectra", "base_accuracy": "base acc.", "accuracy_gain": "acc. gain"}, run_id="run")
+st.caption(f"Sparsity ({ui.criterion_label(view.ctx.criterion)} counts as changed) is parameter-weighted over the selection; relative change is pooled, √ΣΔW²/√ΣW²; top-16 energy "
            "and stable rank are unweighted means over matrices (as on the Spectra page); coverage is pooled by changed "
            "entries, Σ|M∩U|/Σ|U| (the coverage figure's numbers); enrichment = coverage / α (1 = random). "
            "*approx. spectra*: matrices whose spectrum came from the randomized top-k solver (their spectral and "
