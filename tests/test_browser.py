@@ -183,6 +183,10 @@ def test_no_request_leaves_the_machine(page, server, served, requests_seen):
 
     for name in PAGES:
         _open(page, _url(server, name), name.capitalize())
+    for path, title in (("overlap", "Overlap"), ("trajectory", "Trajectory"), ("new_analysis", "New analysis")):
+        page.goto(f"{server}/{path}")                  # no overlap/trajectory in this store: their notices
+        page.get_by_role("heading", name=title, level=1).wait_for()
+        page.wait_for_selector(IDLE)
     assert requests_seen, "no request was recorded"
     hosts = {urlparse(u).hostname for u in requests_seen if urlparse(u).scheme in ("http", "https", "ws", "wss")}
     assert hosts == {"127.0.0.1"}, sorted(u for u in requests_seen if urlparse(u).hostname != "127.0.0.1")[:10]

@@ -56,6 +56,8 @@ def real(tmp_path_factory):
     db = str(root / "s.duckdb")
     for argv in (["compute", str(p["base"]), str(p["a"]), "--name", "a", "--method", "OPD"],
                  ["compute", str(p["base"]), str(p["b"]), "--name", "b", "--method", HOSTILE],
+                 ["compute", str(p["base"]), str(p["b"]), "--name", "c", "--method", "SFT", "--spectrum", "approx",
+                  "--approx-rank", "4"],
                  ["overlap", "--base", str(p["base"]), "--a", str(p["a"]), "--b", str(p["b"]), "--run-a", "a",
                   "--run-b", "b"],
                  ["trajectory", str(p["base"]), str(p["half"]), str(p["a"]), "--steps", "5", "10", "--name", "a-traj",
@@ -304,3 +306,20 @@ def test_untrusted_labels_render_literally(real):
     fig, _ = views.figure_spec("overview.sparsity_heatmap").build(store, SEL, ViewContext())
     titles = [a.text for a in fig.layout.annotations]
     assert not any("<b>" in t for t in titles) and any("&lt;b&gt;" in t for t in titles)
+
+
+def test_approximate_values_are_marked_in_every_export(real):
+    store, _ = real
+    counts = views.approx_counts(store, Selection(runs=("a", "b", "c")))
+    assert set(counts) == {"c"} and counts["c"] > 0
+    sel = Selection(runs=("a", "c"))
+    man = figexport.manifest(store, sel, ViewContext())
+    assert man["approximate"] == {"c": counts["c"]}
+    assert [r["approx_spectra"] for r in man["runs"]] == [0, counts["c"]]
+    table = views.overview_table(store, sel, ViewContext()).set_index("run_id")
+    assert table.at["a", "approx_spectra"] == 0 and table.at["c", "approx_spectra"] == counts["c"]
+    items = [("sparsity.sweep", *views.figure_spec("sparsity.sweep").build(store, sel, ViewContext()))]
+    import io
+    import zipfile
+    zf = zipfile.ZipFile(io.BytesIO(figexport.page_zip(items, fmt="html", manifest=man)))
+    assert "Approximate" in zf.read("README.txt").decode()
