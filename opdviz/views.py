@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -22,6 +21,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from . import figures as F
+from . import formatting
 from . import queries as Q
 from .rankgrid import PROJ_GRID, rank_grid
 from .queries import Selection
@@ -36,12 +36,6 @@ TOPK = (1, 2, 4, 8, 16, 32, 64)
 GROUP_COLUMNS = {"sparsity": "entries unchanged (%)", "energy_share": "share of the run's ‖ΔW‖²<sub>F</sub> (%)",
                  "rel_change": "relative change ‖ΔW‖<sub>F</sub> / ‖W<sub>base</sub>‖<sub>F</sub>",
                  "changed": "entries changed (count)", "numel": "entries (count)"}
-METRIC_LABELS = {"stable_rank": "stable rank ‖ΔW‖²<sub>F</sub>/σ₁² (count)",
-                 "effective_rank": "effective rank exp H(σ/Σσ) (count)", "nss": "NSS ‖Δσ‖/‖σ<sub>base</sub>‖",
-                 "delta_rms": "RMS of ΔW (weight units)", "delta_max_abs": "max |ΔW| (weight units)",
-                 "sigma_max": "σ₁(ΔW) (weight units)"}
-_FRACTION_PREFIXES = ("sparsity", "energy_share", "coord_energy", "lowmag_coverage", "principal_coverage",
-                      "principal_proj")
 
 
 @dataclass(frozen=True)
@@ -73,23 +67,31 @@ def _criterion_label(c: str) -> str:
 
 
 def metric_label(metric: str) -> str:
-    """Axis title (with unit) of a Compare-page metric."""
+    """Axis title (with unit) of a Compare-page metric: a group column's own title, else the metric
+    catalog's label and unit (``opdviz.formatting``), as a mean over the group's matrices."""
     if metric in GROUP_COLUMNS:
         return GROUP_COLUMNS[metric]
-    if metric in METRIC_LABELS:
-        return METRIC_LABELS[metric]
-    if _is_fraction(metric) or (metric.startswith("numerical_rank") and metric.endswith("_pct")):
-        return f"{metric} (%)"
-    return f"{metric} (per-matrix mean)"
+    info = formatting.info(metric)
+    if info is None:
+        return f"{metric} (per-matrix mean)"
+    label = formatting.label_of(metric)
+    if "{" in info.family:               # a parametrised family: say which member
+        label = label.replace(info.label, f"{info.label} [{metric}]", 1)
+    return label + ", mean over matrices"        # what metric_frame computes for every catalog metric
+
+
+def _unit(metric: str) -> str:
+    return "fraction" if metric == "sparsity" else formatting.unit_of(metric)
 
 
 def _is_fraction(metric: str) -> bool:
-    """Metrics stored as fractions in [0, 1], shown as percentages."""
-    return metric.startswith(_FRACTION_PREFIXES) or bool(re.fullmatch(r"top\d+_energy|top_rank_\d+pct_energy", metric))
+    """Metrics stored as fractions in [0, 1], shown as percentages (the catalog's unit)."""
+    return _unit(metric) == "fraction"
 
 
 def _scale(metric: str) -> float:
-    return 100.0 if _is_fraction(metric) else 1.0
+    """Stored → shown: ×100 for fractions, degrees for radians (the catalog's unit), else 1."""
+    return formatting.SCALE.get(_unit(metric), 1.0)
 
 
 def _short(row) -> str:
