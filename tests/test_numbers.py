@@ -323,3 +323,24 @@ def test_approximate_values_are_marked_in_every_export(real):
     import zipfile
     zf = zipfile.ZipFile(io.BytesIO(figexport.page_zip(items, fmt="html", manifest=man)))
     assert "Approximate" in zf.read("README.txt").decode()
+
+
+def test_cli_figures_covers_every_page_and_leaves_steps_out(real, tmp_path):
+    import json
+
+    store, _ = real
+    out = tmp_path / "figs"
+    assert cli.main(["figures", "--db", str(store.db_path), "--out", str(out), "--format", "html",
+                     "--page", "overlap", "--page", "trajectory"]) == 0
+    man = json.loads((out / "manifest.json").read_text())
+    keys = {f["key"] for f in man["figures"]}
+    assert {s.key for s in views_across.FIGURES} == keys
+    assert all((out / f["file"]).exists() and (out / f["data"]).exists() for f in man["figures"])
+    # as the dashboard's "all runs": the trajectory's per-step runs are not among the runs shown
+    assert [r["run_id"] for r in man["runs"]] == ["a", "b", "c"] and man["filters"]["runs"] == ["a", "b", "c"]
+    steps = tmp_path / "steps"
+    assert cli.main(["figures", "--db", str(store.db_path), "--out", str(steps), "--format", "html",
+                     "--figure", "overview.energy_share", "--with-steps"]) == 0
+    man = json.loads((steps / "manifest.json").read_text())
+    assert {"a-traj@5", "a-traj@10"} <= {r["run_id"] for r in man["runs"]}
+    assert [f["key"] for f in man["figures"]] == ["overview.energy_share"]
