@@ -8,7 +8,8 @@ import streamlit as st
 
 from pages import ui
 
-st.set_page_config(page_title="opdviz", page_icon=":material/compare_arrows:", layout="wide")
+# an emoji favicon is drawn locally (a data: URL); a :material/…: one is fetched from fonts.gstatic.com
+st.set_page_config(page_title="opdviz", page_icon="📊", layout="wide")
 
 PAGES = {
     "Explore": [

@@ -51,11 +51,12 @@ _REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
 
 FAMILIES: tuple[MetricInfo, ...] = (
     MetricInfo("adapter_rank", "scalar", "Rank r of the LoRA factors of this tensor (PEFT adapters only; "
-               "rank_pattern applied).", "PEFT"),
+               "rank_pattern applied).", "PEFT", "LoRA rank", "count", "max"),
     MetricInfo("adapter_scale", "scalar", "The LoRA scale of this tensor: lora_alpha/r, or lora_alpha/√r with "
-               "rsLoRA (alpha_pattern/rank_pattern applied).", "PEFT"),
+               "rsLoRA (alpha_pattern/rank_pattern applied).", "PEFT", "LoRA scale", "ratio", "matrix_mean"),
     MetricInfo("adapter_spectrum", "array", "Singular values of the exact update scale·B·A (before the merge's "
-               "rounding), descending, length r, from the r×r problem R_B·R_Aᵀ (QR of B and Aᵀ).", "PEFT"),
+               "rounding), descending, length r, from the r×r problem R_B·R_Aᵀ (QR of B and Aᵀ).", "PEFT",
+               "LoRA spectrum", "weight", "none"),
 )
 
 

@@ -3,8 +3,8 @@
 Every function documents the columns it reads. Colours: one fixed Okabe–Ito colour per method
 (``method_color``) wherever a method appears, a separate colour-blind-safe palette (Paul Tol's
 "muted") for modules, so a module is never mistaken for a method. Sequential maps are Cividis,
-diverging maps PuOr centred on 0. ``paper_style`` sizes a figure for a single (3.3 in) or double
-(6.9 in) column with 8-pt text; ``opdviz.figexport`` applies it before writing PDF/SVG/PNG.
+diverging maps PuOr centred on 0. ``paper_style`` sizes a figure for a single (3.5 in) or double
+(7 in) column with 8-pt text; ``opdviz.figexport`` applies it before writing PDF/SVG/PNG.
 
 Try it:  python -c "import opdviz.figures as f, pandas as pd; f.empty_figure().show()"
 """
@@ -18,6 +18,8 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
+
+from .formatting import escape
 
 # --------------------------------------------------------------------------------------- colours
 OKABE_ITO = {"black": "#000000", "orange": "#E69F00", "sky_blue": "#56B4E9", "bluish_green": "#009E73",
@@ -37,8 +39,8 @@ BASELINE_COLOR = "#7F7F7F"
 FONT = "Arial, 'Liberation Sans', Helvetica, sans-serif"
 NO_DATA = "no data for this selection"
 
-# Chromium prints 96 CSS px per inch; 8 pt = 10.7 px. Widths of a two-column paper (≈ 3.3 / 6.9 in).
-PAPER_WIDTH_PX = {"single": 320, "double": 660}
+# Chromium prints 96 CSS px per inch; 8 pt = 10.7 px. Widths of a two-column paper: 3.5 in and 7 in.
+PAPER_WIDTH_PX = {"single": 336, "double": 672}
 PAPER_FONT_PX = {"single": 11, "double": 12}
 
 
@@ -72,7 +74,9 @@ def run_styles(runs: pd.DataFrame) -> dict[str, tuple[str, str]]:
 
 
 def run_label(run_id: str, method: str | None) -> str:
-    return run_id if not method or str(method) == str(run_id) else f"{run_id} ({method})"
+    """Legend/facet label of a run, escaped (run names and method labels are untrusted text)."""
+    text = run_id if not method or str(method) == str(run_id) else f"{run_id} ({method})"
+    return escape(text)
 
 
 def module_sort_key(module) -> tuple:
@@ -81,8 +85,9 @@ def module_sort_key(module) -> tuple:
 
 # --------------------------------------------------------------------------------------- base layout
 def _template() -> go.layout.Template:
+    # automargin: long category labels (tensor, criterion names) push the margin out instead of being clipped
     axis = dict(showline=True, linecolor="black", linewidth=1, ticks="outside", ticklen=3, mirror=False,
-                showgrid=True, gridcolor="#E5E5E5", gridwidth=0.5, zeroline=False, title_standoff=4)
+                showgrid=True, gridcolor="#E5E5E5", gridwidth=0.5, zeroline=False, title_standoff=4, automargin=True)
     return go.layout.Template(layout=dict(
         font=dict(family=FONT, size=13, color="black"), paper_bgcolor="white", plot_bgcolor="white",
         xaxis=axis, yaxis=axis, colorway=list(METHOD_COLORS.values()),
@@ -160,7 +165,7 @@ def _lines(df: pd.DataFrame, x: str, y: str, color: str, title: str, xlabel: str
                 part = part.sort_values(x)
                 line_dash = dash_of[dval] if dash else (styles.get(cval, ("", "solid"))[1] if color == "run_id"
                                                         else "solid")
-                name = _name(df, color, cval) + (f" · {dval}" if dash else "")
+                name = _name(df, color, cval) + (f" · {escape(dval)}" if dash else "")
                 trace = go.Scatter(x=part[x], y=part[y], name=name, mode="lines+markers" if markers else "lines",
                                    line=dict(color=_color_of(color, cval, styles), dash=line_dash, width=1.8),
                                    marker=dict(size=5), showlegend=False,
@@ -175,7 +180,7 @@ def _lines(df: pd.DataFrame, x: str, y: str, color: str, title: str, xlabel: str
                        styles.get(v, ("", "solid"))[1] if color == "run_id" and not dash else "solid")
                       for v in colors])
     if dash and len(dashes) > 1:
-        _legend_key(fig, [(str(d), BASELINE_COLOR, dash_of[d]) for d in dashes])
+        _legend_key(fig, [(escape(d), BASELINE_COLOR, dash_of[d]) for d in dashes])
     fig.update_xaxes(type="log" if log_x else "linear", exponentformat="power" if log_x else "B")
     fig.update_yaxes(type="log" if log_y else "linear", exponentformat="power" if log_y else "B")
     _axis_titles(fig, nrows, ncols, len(facets), xlabel, ylabel)
@@ -200,11 +205,11 @@ def _name(df: pd.DataFrame, kind: str, value) -> str:
     if kind == "run_id" and "method" in df:
         methods = df.loc[df["run_id"] == value, "method"]
         return run_label(value, methods.iloc[0] if len(methods) else None)
-    return str(value)
+    return escape(value)
 
 
 def _facet_title(df: pd.DataFrame, facet: str, value) -> str:
-    return _name(df, facet, value) if facet == "run_id" else str(value)
+    return _name(df, facet, value) if facet == "run_id" else escape(value)
 
 
 def _baseline(fig: go.Figure, x, y, name: str, row: int | None = None, col: int | None = None,
@@ -236,8 +241,11 @@ def heatmap(df: pd.DataFrame, z: str, zlabel: str, title: str, x: str = "module"
     ncols = min(len(facets), max_cols)
     nrows = math.ceil(len(facets) / ncols)
     titles = [_facet_title(df, facet, f) for f in facets] if facet else None
+    # rows of panels leave room for the slanted module labels and the next row's panel titles
     fig = _figure(title, nrows, ncols, shared_yaxes=True, subplot_titles=titles, horizontal_spacing=0.03,
-                  vertical_spacing=0.1) if facet else _figure(title)
+                  vertical_spacing=0.1 if nrows == 1 else 0.22) if facet else _figure(title)
+    if nrows > 1:
+        fig.update_layout(height=340 * nrows)
     xs = _ordered(df[x], x)
     ys = sorted(int(v) for v in df[y].dropna().unique())
     for i, fval in enumerate(facets):
@@ -245,7 +253,7 @@ def heatmap(df: pd.DataFrame, z: str, zlabel: str, title: str, x: str = "module"
         grid = sub.pivot_table(index=y, columns=x, values=z, aggfunc="mean").reindex(index=ys, columns=xs)
         trace = go.Heatmap(z=grid.to_numpy(dtype=float), x=xs, y=ys, coloraxis="coloraxis", xgap=1, ygap=1,
                            hovertemplate=f"{x}: %{{x}}<br>{y}: %{{y}}<br>{zlabel}: %{{z:.4g}}<extra>"
-                                         f"{'' if fval is None else fval}</extra>",
+                                         f"{'' if fval is None else escape(fval)}</extra>",
                            texttemplate=f"%{{z:{fmt}}}" if text else None, textfont=dict(size=9))
         if facet:
             fig.add_trace(trace, row=i // ncols + 1, col=i % ncols + 1)
@@ -288,7 +296,20 @@ def layerwise_lines(df: pd.DataFrame, y: str, ylabel: str, title: str, color: st
         return empty_figure(title=title)
     fig = _lines(df, "layer", y, color, title, "layer index", ylabel, dash=dash, facet=facet, log_y=log_y,
                  markers=df["layer"].nunique() <= 12)
+    integer_axis(fig, "x", df["layer"])
     return fig
+
+
+def integer_axis(fig: go.Figure, axis: str, values) -> None:
+    """Ticks only at whole numbers (layers, deciles, steps are integers): a step of 1, 2, 4… chosen
+    so that at most ~12 ticks show."""
+    vals = pd.Series(values).dropna()
+    span = float(vals.max() - vals.min()) if len(vals) else 0.0
+    dtick = 1
+    while span / dtick > 12:
+        dtick *= 2
+    kw = dict(tickmode="linear", tick0=float(vals.min()) if len(vals) else 0.0, dtick=dtick, tickformat="d")
+    (fig.update_xaxes if axis == "x" else fig.update_yaxes)(**kw)
 
 
 def sweep(df: pd.DataFrame, title: str, mark_eps: float | None = 1e-5) -> go.Figure:
@@ -303,8 +324,9 @@ def sweep(df: pd.DataFrame, title: str, mark_eps: float | None = 1e-5) -> go.Fig
                  markers=True)
     if mark_eps:
         fig.add_vline(x=mark_eps, line=dict(color=BASELINE_COLOR, dash="dot", width=1))
-        fig.add_annotation(x=math.log10(mark_eps), y=0.02, yref="paper", text="ε = " + f"{mark_eps:.0e}".replace("e-0", "e-"), showarrow=False,
-                           xanchor="left", yanchor="bottom", font=dict(size=10, color="#555555"))
+        # at the top: the curves sit low at small ε, where a label at the bottom would cover them
+        fig.add_annotation(x=math.log10(mark_eps), y=0.98, yref="paper", text="ε = " + f"{mark_eps:.0e}".replace("e-0", "e-"), showarrow=False,
+                           xanchor="left", yanchor="top", font=dict(size=10, color="#555555"))
     fig.update_yaxes(range=[0, 101])
     return fig
 
@@ -315,8 +337,10 @@ def spectra(df: pd.DataFrame, title: str) -> go.Figure:
     Columns: run_id, method, label (which tensor), index (1-based), sigma."""
     if df.empty:
         return empty_figure(title=title)
-    d = _thin_log(df.copy())
-    d["norm"] = d["sigma"] / d.groupby(["run_id", "label"])["sigma"].transform("max")
+    d = df.copy()
+    d["norm"] = d["sigma_over_sigma1"] if "sigma_over_sigma1" in d else \
+        d["sigma"] / d.groupby(["run_id", "label"])["sigma"].transform("max")
+    d = _thin_log(d)
     d = d[d["norm"] > 0]
     return _lines(d, "index", "norm", "run_id", title, "singular value index i (log scale)",
                   "σᵢ(ΔW) / σ₁(ΔW) (log scale)", dash="label", log_x=True, log_y=True)
@@ -334,7 +358,8 @@ def cumulative_energy(df: pd.DataFrame, title: str) -> go.Figure:
     total = sq.groupby([d["run_id"], d["label"]]).transform("sum")
     if "delta_sq_sum" in d:        # exact ‖ΔW‖²_F: right for a top-q (approximate) spectrum too
         total = d["delta_sq_sum"].where(d["delta_sq_sum"] > 0, total)
-    d["energy"] = 100 * sq.groupby([d["run_id"], d["label"]]).cumsum() / total
+    d["energy"] = 100 * (d["cumulative_energy"] if "cumulative_energy" in d
+                         else sq.groupby([d["run_id"], d["label"]]).cumsum() / total)
     d = _thin_log(d)
     fig = _lines(d, "index", "energy", "run_id", title, "number of singular directions i (log scale)",
                  "cumulative energy of ΔW (% of ‖ΔW‖²<sub>F</sub>)", dash="label", log_x=True)
@@ -445,15 +470,16 @@ def bars(df: pd.DataFrame, x: str, y: str, title: str, xlabel: str, ylabel: str,
     for run_id in _ordered(df["run_id"], "run"):
         part = df[df["run_id"] == run_id].set_index(x).reindex(xs)
         color, dash = styles[run_id]
-        fig.add_trace(go.Bar(x=[str(v) for v in xs], y=scale * part[y].astype(float), name=_name(df, "run_id", run_id),
+        fig.add_trace(go.Bar(x=[escape(v) for v in xs], y=scale * part[y].astype(float), name=_name(df, "run_id", run_id),
                              marker=dict(color=color, pattern=dict(shape=patterns[dash], fgcolor="white")),
-                             hovertemplate=f"%{{x}}<br>{ylabel}: %{{y:.4g}}<extra>{run_id}</extra>"))
+                             hovertemplate=f"%{{x}}<br>{ylabel}: %{{y:.4g}}<extra>{escape(run_id)}</extra>"))
     if baseline is not None:
         fig.add_hline(y=scale * baseline, line=dict(color=BASELINE_COLOR, dash="dot", width=1.5))
         _baseline(fig, [None], [None], baseline_name)
     fig.update_layout(barmode="group", bargap=0.25, bargroupgap=0.05)
     fig.update_xaxes(title_text=xlabel, type="category", showgrid=False)
-    fig.update_yaxes(title_text=ylabel)
+    # a bar's length is its value: the axis always starts at 0 (negative values extend below it)
+    fig.update_yaxes(title_text=ylabel, rangemode="tozero")
     return fig
 
 
@@ -491,9 +517,11 @@ def sparsity_map(image: np.ndarray | None, row_frac: np.ndarray | None, col_frac
         fig.add_trace(go.Scatter(y=np.arange(len(row_frac)), x=100 * np.asarray(row_frac), mode="lines",
                                  line=dict(color="#333333", width=0.8), name="per row", showlegend=False,
                                  hovertemplate="row %{y}: %{x:.2f}%<extra></extra>"), row=2, col=2)
+    # the colour bar lies flat in the empty top-right cell, clear of the per-row panel and its axis
     fig.update_layout(coloraxis=dict(colorscale=SEQUENTIAL, cmin=0,
-                                     colorbar=dict(title=dict(text="entries changed (%)", side="right"),
-                                                   thickness=12, len=0.75, y=0.39)))
+                                     colorbar=dict(title=dict(text="changed (%)", side="top"), orientation="h",
+                                                   x=0.9, xanchor="center", len=0.19, y=0.9, yanchor="middle",
+                                                   thickness=10, nticks=3)))
     fig.update_yaxes(autorange="reversed", row=2, col=1, title_text="output row i")
     fig.update_yaxes(autorange="reversed", row=2, col=2)
     fig.update_xaxes(title_text="input column j", row=2, col=1, range=[0, cols])
@@ -508,8 +536,19 @@ def sparsity_map(image: np.ndarray | None, row_frac: np.ndarray | None, col_frac
 
 
 # --------------------------------------------------------------------------------------- paper style
+def _slanted_labels_px(fig: go.Figure, fs: int) -> int:
+    """Extra bottom margin for slanted category labels: Kaleido's automargin does not make room for the
+    axis title under them, so reserve their drawn height (longest label × glyph width × sin angle)."""
+    angle = fig.layout.xaxis.tickangle if fig.layout.xaxis.tickangle is not None else 0
+    if not angle:
+        return 0
+    longest = max((len(str(v)) for t in fig.data if t.type in ("bar", "heatmap") and t.x is not None
+                   for v in t.x), default=0)
+    return int(longest * (fs - 1) * 0.55 * abs(math.sin(math.radians(float(angle)))))
+
+
 def paper_style(fig: go.Figure, width: str = "single", height: int | None = None) -> go.Figure:
-    """Size ``fig`` for a paper column: ``single`` ≈ 3.3 in, ``double`` ≈ 6.9 in wide (96 px/in as
+    """Size ``fig`` for a paper column: ``single`` 3.5 in, ``double`` 7 in wide (96 px/in as
     Chromium prints), 8–9 pt text, no title (the caption goes in the paper), legend above the plot.
     Returns a new figure; the input is left as it is."""
     if width not in PAPER_WIDTH_PX:
@@ -529,10 +568,11 @@ def paper_style(fig: go.Figure, width: str = "single", height: int | None = None
         used += item
     legend_h = int(1.6 * fs) * rows_needed
     titled = any(a.yref == "paper" and (a.y or 0) >= 1 for a in out.layout.annotations)   # subplot titles
+    bottom = 54 + _slanted_labels_px(out, fs)
     top = 8 + legend_h + (fs + 6 if titled else 0)
     out.update_layout(
         width=w, height=h + top, title=None, font=dict(family=FONT, size=fs, color="black"),
-        margin=dict(l=44, r=8, t=top, b=34), showlegend=bool(names),
+        margin=dict(l=48, r=8, t=top, b=bottom), showlegend=bool(names),   # b: ticks + labels + axis title
         legend=dict(orientation="h", x=0, xanchor="left", y=0.995, yanchor="top", yref="container",
                     font=dict(size=fs - 1), itemwidth=30, tracegroupgap=0),
     )

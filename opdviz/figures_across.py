@@ -32,7 +32,8 @@ def overlap_heatmaps(df: pd.DataFrame, panels: list[tuple[str, str]], zlabel: st
     d = pd.concat(long, ignore_index=True)
     if not ratio:
         d["value"] = 100 * d["value"].astype(float)
-        return F.heatmap(d, "value", zlabel, title, facet="panel", zmin=0, max_cols=len(panels))
+        # four panels as 2 × 2: in one row, eight module labels no longer fit a column-wide panel
+        return F.heatmap(d, "value", zlabel, title, facet="panel", zmin=0, max_cols=2 if len(panels) == 4 else len(panels))
     # log₂ so that 2× and ½× chance get opposite colours of one strength, centred on chance (0)
     v = d["value"].astype(float)
     d["value"] = np.log2(v.where(v > 0))
@@ -60,7 +61,8 @@ def overlap_by_criterion(df: pd.DataFrame, title: str) -> go.Figure:
     fig.data[1].name = "independence baseline (grey)"
     fig.update_layout(barmode="group", bargap=0.25)
     fig.update_xaxes(title_text="“changed” criterion", type="category", showgrid=False)
-    fig.update_yaxes(title_text="overlap" + PCT, type="log")
+    # linear from 0: a log-scale bar has no zero and its length means nothing
+    fig.update_yaxes(title_text="overlap" + PCT, rangemode="tozero")
     return fig
 
 

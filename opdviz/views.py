@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -22,6 +21,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from . import figures as F
+from . import formatting
 from . import queries as Q
 from .rankgrid import PROJ_GRID, rank_grid
 from .options import DEFAULT_CRITERIA
@@ -36,12 +36,6 @@ TOPK = (1, 2, 4, 8, 16, 32, 64)
 GROUP_COLUMNS = {"sparsity": "entries unchanged (%)", "energy_share": "share of the run's ‖ΔW‖²<sub>F</sub> (%)",
                  "rel_change": "relative change ‖ΔW‖<sub>F</sub> / ‖W<sub>base</sub>‖<sub>F</sub>",
                  "changed": "entries changed (count)", "numel": "entries (count)"}
-METRIC_LABELS = {"stable_rank": "stable rank ‖ΔW‖²<sub>F</sub>/σ₁² (count)",
-                 "effective_rank": "effective rank exp H(σ/Σσ) (count)", "nss": "NSS ‖Δσ‖/‖σ<sub>base</sub>‖",
-                 "delta_rms": "RMS of ΔW (weight units)", "delta_max_abs": "max |ΔW| (weight units)",
-                 "sigma_max": "σ₁(ΔW) (weight units)"}
-_FRACTION_PREFIXES = ("sparsity", "energy_share", "coord_energy", "lowmag_coverage", "principal_coverage",
-                      "principal_proj")
 
 
 @dataclass(frozen=True)
@@ -73,23 +67,31 @@ def _criterion_label(c: str) -> str:
 
 
 def metric_label(metric: str) -> str:
-    """Axis title (with unit) of a Compare-page metric."""
+    """Axis title (with unit) of a Compare-page metric: a group column's own title, else the metric
+    catalog's label and unit (``opdviz.formatting``), as a mean over the group's matrices."""
     if metric in GROUP_COLUMNS:
         return GROUP_COLUMNS[metric]
-    if metric in METRIC_LABELS:
-        return METRIC_LABELS[metric]
-    if _is_fraction(metric) or (metric.startswith("numerical_rank") and metric.endswith("_pct")):
-        return f"{metric} (%)"
-    return f"{metric} (per-matrix mean)"
+    info = formatting.info(metric)
+    if info is None:
+        return f"{metric} (per-matrix mean)"
+    label = formatting.label_of(metric)
+    if "{" in info.family:               # a parametrised family: say which member
+        label = label.replace(info.label, f"{info.label} [{metric}]", 1)
+    return label + ", mean over matrices"        # what metric_frame computes for every catalog metric
+
+
+def _unit(metric: str) -> str:
+    return "fraction" if metric == "sparsity" else formatting.unit_of(metric)
 
 
 def _is_fraction(metric: str) -> bool:
-    """Metrics stored as fractions in [0, 1], shown as percentages."""
-    return metric.startswith(_FRACTION_PREFIXES) or bool(re.fullmatch(r"top\d+_energy|top_rank_\d+pct_energy", metric))
+    """Metrics stored as fractions in [0, 1], shown as percentages (the catalog's unit)."""
+    return _unit(metric) == "fraction"
 
 
 def _scale(metric: str) -> float:
-    return 100.0 if _is_fraction(metric) else 1.0
+    """Stored → shown: ×100 for fractions, degrees for radians (the catalog's unit), else 1."""
+    return formatting.SCALE.get(_unit(metric), 1.0)
 
 
 def _short(row) -> str:
@@ -248,28 +250,53 @@ def _rel_change_heatmap(store, sel, ctx):
                      "Relative change by layer and module"), df
 
 
+def _mask_criteria(store: Store, run_ids) -> dict[str, str]:
+    """run_id → the criterion its default changed mask U used (``options.criterion`` at compute time):
+    the coverage metrics are shares of that U, whatever criterion the sidebar shows."""
+    out = {}
+    for run_id in run_ids:
+        row = store.run_row(run_id) or {}
+        out[run_id] = str(_json(row.get("options")).get("criterion") or ViewContext().criterion)
+    return out
+
+
 def _coverage_df(store, sel, ctx, kinds=(("lowmag_coverage", "low-magnitude mask"),
                                          ("principal_coverage", "principal mask"))) -> pd.DataFrame:
+    """Model-level coverage per run, kind and α: the share of the run's changed entries U (pooled over the
+    selected matrices) that fall in the masks, Σ|M∩U| / Σ|U| = Σ coverage·|U| / Σ|U| — the same number
+    for the Overview table, this figure, its CSV and a recomputation from ``opdviz metrics``. U is the
+    run's default mask (``options.criterion``), or the bitwise mask for the ``_exact`` variants."""
     names = tuple(f"{p}_{a}pct" for p, _ in kinds for a in ALPHAS)
-    df = Q.long_metrics(store, sel, names + (f"sparsity_{ctx.criterion}",))
-    if df.empty:
-        return pd.DataFrame(columns=["run_id", "method", "kind", "alpha", "coverage", "baseline", "enrichment"])
-    wide = df.pivot_table(index=["run_id", "method", "tensor", "numel"], columns="metric", values="value").reset_index()
-    # coverage is a share of the changed set U: pool tensors by |U| = changed entries
-    u = (1 - wide.get(f"sparsity_{ctx.criterion}", pd.Series(0.5, index=wide.index))) * wide["numel"]
+    base = Q.long_metrics(store, sel, names)
+    cols = ["run_id", "method", "kind", "alpha", "coverage", "baseline", "enrichment", "changed_entries", "n_matrices"]
+    if base.empty:
+        return pd.DataFrame(columns=cols)
+    crits = _mask_criteria(store, base["run_id"].unique())
+    spars = tuple(sorted({f"sparsity_{c}" for c in crits.values()} | {"sparsity_exact"}))
+    df = pd.concat([base, Q.long_metrics(store, sel, spars)], ignore_index=True)
+    wide = df.pivot_table(index=["run_id", "tensor"], columns="metric", values="value", aggfunc="first")
+    wide.columns.name = None
+    wide = df[["run_id", "method", "tensor", "numel"]].drop_duplicates(["run_id", "tensor"]).merge(
+        wide.reset_index(), on=["run_id", "tensor"], how="left")
     rows = []
     for prefix, label in kinds:
+        exact = prefix.endswith("_exact")
         for a in ALPHAS:
             col = f"{prefix}_{a}pct"
             if col not in wide:
                 continue
-            ok = wide[col].notna()
-            for (run_id, method), g in wide[ok].groupby(["run_id", "method"], dropna=False):
-                w = u[g.index]
-                cov = float((g[col] * w).sum() / w.sum()) if w.sum() > 0 else float(g[col].mean())
+            for (run_id, method), g in wide[wide[col].notna()].groupby(["run_id", "method"], dropna=False):
+                sp = g.get("sparsity_exact" if exact else f"sparsity_{crits[run_id]}")
+                if sp is None:
+                    continue
+                u = (1 - sp.astype(float)) * g["numel"].astype(float)
+                ok = u.notna()
+                w = u[ok]
+                cov = float((g.loc[ok, col] * w).sum() / w.sum()) if w.sum() > 0 else float("nan")
                 rows.append({"run_id": run_id, "method": method, "kind": label, "alpha": a / 100, "coverage": cov,
-                             "baseline": a / 100, "enrichment": cov / (a / 100)})
-    return pd.DataFrame(rows)
+                             "baseline": a / 100, "enrichment": cov / (a / 100), "changed_entries": float(w.sum()),
+                             "n_matrices": int(ok.sum())})
+    return pd.DataFrame(rows, columns=cols)
 
 
 def _coverage(store, sel, ctx):
@@ -283,7 +310,8 @@ def _spectra_df(store, sel, ctx, name="spectrum") -> pd.DataFrame:
     tensors = _default_tensors(store, sel, ctx)
     a = _arrays(store, sel, name, tensors) if tensors else pd.DataFrame()
     if a.empty:
-        return pd.DataFrame(columns=["run_id", "method", "tensor", "label", "index", "sigma", "delta_sq_sum"])
+        return pd.DataFrame(columns=["run_id", "method", "tensor", "label", "index", "sigma", "delta_sq_sum",
+                                     "sigma_over_sigma1", "cumulative_energy"])
     a = _with_label(a)
     # ‖ΔW‖²_F is exact even when the spectrum is a top-q approximation: energies are shares of it
     sq = Q.long_metrics(store, replace(sel, leaves_only=False), ("delta_sq_sum",))
@@ -292,7 +320,13 @@ def _spectra_df(store, sel, ctx, name="spectrum") -> pd.DataFrame:
     a = a.assign(sigma=a["values"].map(np.asarray)).explode("sigma")
     a["index"] = a.groupby(["run_id", "tensor"]).cumcount() + 1
     a["sigma"] = a["sigma"].astype(float)
-    return a[["run_id", "method", "tensor", "label", "index", "sigma", "delta_sq_sum"]].reset_index(drop=True)
+    # what the figures plot, in the data: σᵢ/σ₁ and the cumulative share of the exact ‖ΔW‖²_F
+    a["sigma_over_sigma1"] = a["sigma"] / a.groupby(["run_id", "tensor"])["sigma"].transform("max")
+    sq = a["sigma"] ** 2
+    total = a["delta_sq_sum"].where(a["delta_sq_sum"] > 0, sq.groupby([a["run_id"], a["tensor"]]).transform("sum"))
+    a["cumulative_energy"] = sq.groupby([a["run_id"], a["tensor"]]).cumsum() / total
+    return a[["run_id", "method", "tensor", "label", "index", "sigma", "delta_sq_sum", "sigma_over_sigma1",
+              "cumulative_energy"]].reset_index(drop=True)
 
 
 def _spectra(store, sel, ctx):
@@ -416,9 +450,17 @@ def _tensor_map(store, sel, ctx):
     shape = (int(rows_["rows"].iloc[0]), int(rows_["cols"].iloc[0])) if rows_["cols"].notna().iloc[0] else None
     fig = F.sparsity_map(img, by_name.get("row_changed_frac"), by_name.get("col_changed_frac"),
                          f"Where {tensor} changed ({run_id})", shape=shape)
-    df = pd.DataFrame({"run_id": run_id, "tensor": tensor, "block_row": np.repeat(np.arange(img.shape[0]), img.shape[1]),
-                       "block_col": np.tile(np.arange(img.shape[1]), img.shape[0]),
-                       "changed_frac": np.asarray(img).ravel()})
+    # the data of all three panels, long: the block image, then the per-row and per-column changed shares
+    parts = [pd.DataFrame({"what": "block", "block_row": np.repeat(np.arange(img.shape[0]), img.shape[1]),
+                           "block_col": np.tile(np.arange(img.shape[1]), img.shape[0]),
+                           "changed_frac": np.asarray(img).ravel()})]
+    for what, key, col in (("row", "row_changed_frac", "block_row"), ("column", "col_changed_frac", "block_col")):
+        if key in by_name:
+            v = np.asarray(by_name[key]).ravel()
+            parts.append(pd.DataFrame({"what": what, col: np.arange(len(v)), "changed_frac": v}))
+    df = pd.concat(parts, ignore_index=True)
+    df.insert(0, "tensor", tensor)
+    df.insert(0, "run_id", run_id)
     return fig, df
 
 
@@ -603,24 +645,35 @@ def figure_spec(key: str) -> FigureSpec:
 
 # ------------------------------------------------------------------------------------ tables
 def overview_table(store: Store, sel: Selection, ctx: ViewContext) -> pd.DataFrame:
-    """One row per run, like the main table of 2606.13657: method, relative change, sparsity under
-    ``ctx.criterion``, top-16 energy, stable rank, principal and low-magnitude coverage at α = 10 % with
-    the random baseline 0.10 and the enrichment coverage/0.10, and accuracy from ``runs.extra`` if present."""
+    """One row per run, like the main table of 2606.13657: method, relative change (pooled: sqrt(ΣΔ²)/sqrt(ΣW²)),
+    sparsity under ``ctx.criterion`` (parameter-weighted), top-16 energy and stable rank (unweighted means over
+    matrices, as the Spectra figures), principal and low-magnitude coverage at α = 10 % pooled by |U| (the
+    coverage figure's numbers) with the random baseline 0.10 and the enrichment coverage/0.10, the number of
+    matrices whose spectrum is approximate (``approx_spectra``), and accuracy from ``runs.extra`` if present."""
     mm = ("top16_energy", "stable_rank", "principal_coverage_10pct", "lowmag_coverage_10pct")
     s = Q.run_summary(store, sel, criterion=ctx.criterion, matrix_metrics=mm)
     spars = f"sparsity_{ctx.criterion}"
     cols = ["run_id", "method", "status", "n_tensors", "rel_change", spars, *mm[:2], "principal_coverage_10pct",
             "principal_enrichment_10pct", "lowmag_coverage_10pct", "lowmag_enrichment_10pct", "random_baseline_10pct",
-            "accuracy", "base_accuracy", "accuracy_gain"]
+            "approx_spectra", "accuracy", "base_accuracy", "accuracy_gain"]
     if s.empty:
         return pd.DataFrame(columns=cols)
     s = s.rename(columns={"sparsity": spars})
     for m in mm:
         if m not in s:
             s[m] = np.nan
+    # coverage: pooled over matrices by |U| exactly as the coverage figure pools it (one definition)
+    cov = _coverage_df(store, sel, ctx)
+    cov = cov[np.isclose(cov["alpha"].astype(float), 0.10)] if len(cov) else cov
+    for kind, col in (("principal mask", "principal_coverage_10pct"), ("low-magnitude mask", "lowmag_coverage_10pct")):
+        part = cov[cov["kind"] == kind].set_index("run_id")["coverage"] if len(cov) else pd.Series(dtype=float)
+        s[col] = s["run_id"].map(part).astype(float)
     s["random_baseline_10pct"] = 0.10
     s["principal_enrichment_10pct"] = s["principal_coverage_10pct"] / 0.10
     s["lowmag_enrichment_10pct"] = s["lowmag_coverage_10pct"] / 0.10
+    exact = Q.long_metrics(store, sel, ("spectrum_exact",))
+    n_approx = (exact["value"] == 0).groupby(exact["run_id"]).sum() if len(exact) else pd.Series(dtype=float)
+    s["approx_spectra"] = s["run_id"].map(n_approx).fillna(0).astype(int)
     runs = Q.runs(store).set_index("run_id")
     s["status"] = s["run_id"].map(runs["status"])
     extra = {r: _json(runs.at[r, "extra"]) for r in s["run_id"] if r in runs.index}
@@ -671,3 +724,13 @@ def _plain(v):
     if isinstance(v, np.generic):
         return v.item()
     return v
+
+
+def approx_counts(store: Store, sel: Selection) -> dict[str, int]:
+    """run_id → how many selected matrices have an approximate (randomized top-k) spectrum; runs with
+    none are left out. Their spectral and geometry numbers are approximate (README: exact and approximate)."""
+    df = Q.long_metrics(store, replace(sel, leaves_only=False), ("spectrum_exact",))
+    if df.empty:
+        return {}
+    n = (df["value"] == 0).groupby(df["run_id"]).sum()
+    return {str(r): int(c) for r, c in n.items() if c}

@@ -141,8 +141,8 @@ def top_overlaps(store: Store, sel: Selection, ctx, n: int = 25) -> pd.DataFrame
     if pair is None:
         return pd.DataFrame()
     df = overlap_groups(store, *pair, ctx.criterion, "tensor", sel)
-    cols = ["tensor", "layer", "module", "numel", "p_a", "p_b", "jaccard", "jaccard_baseline", "jaccard_ratio",
-            "cov_a", "cov_b"]
+    cols = ["tensor", "layer", "module", "jaccard_ratio", "jaccard", "jaccard_baseline", "p_a", "p_b", "cov_a",
+            "cov_b", "numel"]
     return df.sort_values(["jaccard_ratio", "n_ab"], ascending=False, na_position="last")[cols].head(n)
 
 

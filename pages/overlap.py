@@ -49,15 +49,13 @@ for i, spec in enumerate(VA.figures_for("overlap")):
     st.plotly_chart(fig, width="stretch", theme=None, key=f"fig_{spec.key}",
                     config={"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2}})
     st.caption(spec.caption)
-    ui.export_row(spec.key, fig, df)
+    ui.export_row(spec.key, fig, df, manifest=lambda: ui.provenance_manifest(view, ctx))
 
 st.divider()
 st.subheader("Tensors that overlap most beyond chance")
 top = _q("top", view.db, view.stamp, view.sel, ctx)
-st.dataframe(ui.percent(top, ("p_a", "p_b", "jaccard", "cov_")).rename(columns={
-    "p_a": "density A (%)", "p_b": "density B (%)", "jaccard": "Jaccard (%)", "jaccard_baseline": "baseline (%)",
-    "jaccard_ratio": "Jaccard ÷ baseline", "cov_a": "|A∩B|/|A| (%)", "cov_b": "|A∩B|/|B| (%)"}),
-    hide_index=True, width="stretch")
+ui.numbers_table(top, {"p_a": "density A", "p_b": "density B", "jaccard_baseline": "Jaccard baseline",
+                       "jaccard_ratio": "Jaccard ÷ baseline", "numel": "entries"})
 row = st.container(horizontal=True, vertical_alignment="center", gap="small")
 row.caption("Data", width="content")
 for fmt, label in (("csv", "CSV"), ("parquet", "Parquet")):

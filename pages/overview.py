@@ -5,8 +5,6 @@ import streamlit as st
 from opdviz import figexport
 from pages import ui
 
-PERCENT = ("sparsity_", "top16_energy", "principal_coverage", "lowmag_coverage", "random_baseline")
-
 view = ui.begin("Overview", r"""
 How each post-training run changed the base model's weights, $\Delta W = W_\text{post} - W_\text{base}$.
 **Sparsity** is the share of entries left unchanged under the sidebar's criterion (numel-weighted over the selection);
@@ -17,23 +15,18 @@ baseline of 10 %. Definitions follow *Dense Supervision, Sparse Updates* (arXiv 
 Subnetworks* (arXiv 2505.11711).""")
 
 table = ui.query("overview_table", view.db, view.stamp, view.sel, view.ctx)
-st.dataframe(ui.percent(table, PERCENT), hide_index=True, width="stretch", column_config={
-    "run_id": "run", "n_tensors": st.column_config.NumberColumn("tensors"),
-    "rel_change": st.column_config.NumberColumn("rel. change", format="%.2e"),
-    f"sparsity_{view.ctx.criterion}": st.column_config.NumberColumn(
-        f"sparsity ({ui.criterion_label(view.ctx.criterion)})", format="%.1f %%"),
-    "top16_energy": st.column_config.NumberColumn("top-16 energy", format="%.1f %%"),
-    "stable_rank": st.column_config.NumberColumn("stable rank", format="%.1f"),
-    "principal_coverage_10pct": st.column_config.NumberColumn("principal cov. α=10%", format="%.1f %%"),
-    "principal_enrichment_10pct": st.column_config.NumberColumn("principal enrich.", format="%.2f×"),
-    "lowmag_coverage_10pct": st.column_config.NumberColumn("low-mag cov. α=10%", format="%.1f %%"),
-    "lowmag_enrichment_10pct": st.column_config.NumberColumn("low-mag enrich.", format="%.2f×"),
-    "random_baseline_10pct": st.column_config.NumberColumn("random baseline", format="%.0f %%"),
-    "accuracy": st.column_config.NumberColumn(format="%.3f"),
-    "base_accuracy": st.column_config.NumberColumn("base acc.", format="%.3f"),
-    "accuracy_gain": st.column_config.NumberColumn("acc. gain", format="%+.3f")})
-st.caption("Shares in %; enrichment = coverage / α (1× = random). Accuracy comes from the run's training metadata "
-           "when it was recorded.")
+ui.numbers_table(table, {
+    "n_tensors": "tensors", "rel_change": "rel. change", f"sparsity_{view.ctx.criterion}": "sparsity",
+    "top16_energy": "top-16 energy", "stable_rank": "stable rank", "principal_coverage_10pct": "principal cov. α=10%",
+    "principal_enrichment_10pct": "principal enrich. ×", "lowmag_coverage_10pct": "low-mag cov. α=10%",
+    "lowmag_enrichment_10pct": "low-mag enrich. ×", "random_baseline_10pct": "random baseline",
+    "approx_spectra": "approx. spectra", "base_accuracy": "base acc.", "accuracy_gain": "acc. gain"}, run_id="run")
+st.caption(f"Sparsity ({ui.criterion_label(view.ctx.criterion)} counts as changed) is parameter-weighted over the selection; relative change is pooled, √ΣΔW²/√ΣW²; top-16 energy "
+           "and stable rank are unweighted means over matrices (as on the Spectra page); coverage is pooled by changed "
+           "entries, Σ|M∩U|/Σ|U| (the coverage figure's numbers); enrichment = coverage / α (1 = random). "
+           "*approx. spectra*: matrices whose spectrum came from the randomized top-k solver (their spectral and "
+           "geometry numbers are approximate, ≈). Accuracy comes from the run's training metadata when recorded. "
+           "The CSV keeps the stored units (fractions, radians).")
 st.download_button("Table as CSV", data=lambda: figexport.data_bytes(table, "csv"), file_name="opdviz_overview.csv",
                    mime="text/csv", on_click="ignore", key="dl_overview_table")
 

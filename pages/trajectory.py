@@ -79,7 +79,7 @@ def _figures(stamp: tuple) -> None:
         st.plotly_chart(fig, width="stretch", theme=None, key=f"fig_{spec.key}",
                         config={"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2}})
         st.caption(spec.caption)
-        ui.export_row(spec.key, fig, df)
+        ui.export_row(spec.key, fig, df, manifest=lambda: ui.provenance_manifest(view, ctx))
 
 
 if running:   # re-query with a fresh stamp every few seconds while the worker adds steps

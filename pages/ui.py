@@ -190,6 +190,7 @@ QUERIES: dict[str, Callable] = {
     "largest_tensor": _largest_tensor,
     "n_top_done": _n_top_done,
     "overview_table": views.overview_table,
+    "approx_counts": views.approx_counts,
     "provenance": views.provenance,
     "figure": _build,
 }
@@ -488,6 +489,7 @@ def figures(view: View, page: str) -> None:
     they arrive; afterwards the other pages' figures for this selection are warmed in the background.
     """
     specs = views.figures_for(page)
+    approx_notice(view)
     zip_slot = st.container()
     built = []
     for i, (spec, future) in enumerate(zip(specs, _submit(view, specs))):
@@ -503,10 +505,12 @@ def figures(view: View, page: str) -> None:
                         config={"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2}})
         if spec.caption:
             st.caption(spec.caption)
-        export_row(spec.key, fig, df)
+        export_row(spec.key, fig, df, manifest=lambda: provenance_manifest(view))
     if built:
-        zip_slot.download_button(":material/folder_zip: Download this page as a zip (paper-sized PDFs + data)",
-                                 data=lambda: figexport.page_zip(built, fmt="pdf", width="single"),
+        zip_slot.download_button(":material/folder_zip: Download this page as a zip (paper-sized PDFs + data + "
+                                 "manifest)",
+                                 data=lambda: figexport.page_zip(built, fmt="pdf", width="single",
+                                                                 manifest=provenance_manifest(view)),
                                  file_name=f"opdviz_{page}.zip", mime="application/zip", on_click="ignore",
                                  key=f"zip_{page}")
     _warmer().warm(view, exclude=page)
@@ -607,8 +611,16 @@ def _warmer() -> Warmer:
     return Warmer()
 
 
-def export_row(key: str, fig, df: pd.DataFrame) -> None:
-    """Download buttons; the bytes are made only when a button is clicked (callable ``data``)."""
+def provenance_manifest(view: View, ctx=None) -> dict:
+    """The export manifest (store, runs with paths and fingerprints, options, filters, version, date) of
+    what ``view`` shows; ``ctx`` replaces the view's context (Overlap/Trajectory page choices)."""
+    return figexport.manifest(view.store, view.sel, ctx if ctx is not None else view.ctx)
+
+
+def export_row(key: str, fig, df: pd.DataFrame, manifest: Callable[[], dict] | None = None) -> None:
+    """Download buttons; the bytes are made only when a button is clicked (callable ``data``). With
+    ``manifest`` (a callable giving ``figexport.manifest``), a ZIP button bundles the figure (PDF and PNG),
+    its data (CSV) and manifest.json — the download that says where its numbers came from."""
     row = st.container(horizontal=True, vertical_alignment="center", gap="small")
     row.caption("Figure", width="content")
     for fmt in ("png", "svg", "pdf", "html"):
@@ -619,6 +631,23 @@ def export_row(key: str, fig, df: pd.DataFrame) -> None:
         row.download_button(label, data=_lazy(figexport.data_bytes, df, fmt), file_name=f"{key}.{fmt}",
                             mime=FORMATS[fmt], on_click="ignore", key=f"dl_{key}_{fmt}", type="secondary",
                             disabled=df is None or df.empty)
+    if manifest is not None:
+        row.caption("· With provenance", width="content")
+        row.download_button("ZIP", data=lambda: _figure_zip(key, fig, df, manifest()), file_name=f"{key}.zip",
+                            mime="application/zip", on_click="ignore", key=f"dl_{key}_zip", type="secondary",
+                            help="The figure as PDF and PNG, its data as CSV, and manifest.json (store, runs, "
+                                 "checkpoint paths and fingerprints, options, filters, version, date).")
+
+
+def _figure_zip(key: str, fig, df: pd.DataFrame, manifest: dict) -> bytes:
+    import io
+    import zipfile
+
+    pdf = figexport.page_zip([(key, fig, df)], fmt="pdf", manifest=manifest)
+    buf = io.BytesIO(pdf)
+    with zipfile.ZipFile(buf, "a") as zf:
+        zf.writestr(f"{key.replace('.', '-')}.png", figexport.figure_bytes(fig, "png"))
+    return buf.getvalue()
 
 
 def _lazy(fn: Callable, *args) -> Callable[[], bytes]:
@@ -663,3 +692,27 @@ def percent(df: pd.DataFrame, prefixes: tuple[str, ...]) -> pd.DataFrame:
         if c.startswith(prefixes):
             out[c] = 100 * out[c].astype(float)
     return out
+
+
+def numbers_table(df: pd.DataFrame, labels: dict[str, str] | None = None, **config) -> None:
+    """``df`` as a table whose every number is scaled and formatted by its unit in the metric catalog
+    (``opdviz.formatting``: fractions in %, ratios plain, angles in degrees); ``labels`` rename headers,
+    ``config`` adds or overrides Streamlit column configs (text columns)."""
+    from opdviz import formatting
+
+    cols = {c: st.column_config.NumberColumn(head, format=fmt)
+            for c, (head, fmt) in formatting.column_formats(df, labels).items()}
+    cols.update({c: v for c, v in config.items()})
+    st.dataframe(formatting.display(df), hide_index=True, width="stretch", column_config=cols)
+
+
+def approx_notice(view: View) -> None:
+    """Say so when some selected matrices have approximate spectra: their spectral and geometry numbers
+    (figures, tables, exports) are approximate. Exports say it too (manifest.json, README.txt)."""
+    counts = query("approx_counts", view.db, view.stamp, view.sel)
+    if counts:
+        runs = ", ".join(f"**{r}** ({n})" for r, n in counts.items())
+        st.info(f"≈ Approximate values: some matrices' spectra came from the randomized top-k solver — {runs} "
+                "matrices. Their spectra, ranks, energies, projections, angles and principal coverage are "
+                "approximate (errors measured in the README, *Exact and approximate spectra*); recompute with "
+                "`--spectrum exact` (or on a GPU) for exact values.", icon=":material/info:")

@@ -58,14 +58,15 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(db, tmp_path_factory):
+def served(db, tmp_path_factory):
+    """(url, log file) of a ``streamlit run app.py`` on a free port, stopped after the module."""
     port = _free_port()
     log = tmp_path_factory.mktemp("streamlit") / "streamlit.log"
     env = {**os.environ, "OPDVIZ_DB": str(db), "PYTHONUNBUFFERED": "1"}
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
-                                 "--server.port", str(port), "--server.address", "127.0.0.1",
-                                 "--browser.gatherUsageStats", "false"],
+                                 "--server.port", str(port), "--server.address", "127.0.0.1"],
+                                # no other settings: the project's .streamlit/config.toml governs (tested below)
                                 cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -84,7 +85,7 @@ def server(db, tmp_path_factory):
                 pass
             if time.monotonic() > deadline:
                 pytest.fail(f"streamlit did not become healthy in 60 s:\n{log.read_text()}")
-        yield url
+        yield url, log
     finally:
         proc.terminate()
         try:
@@ -94,13 +95,24 @@ def server(db, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(server):
+def server(served) -> str:
+    return served[0]
+
+
+@pytest.fixture(scope="module")
+def requests_seen() -> list[str]:
+    return []
+
+
+@pytest.fixture(scope="module")
+def page(server, requests_seen):
     with playwright_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
             "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
             "--disable-sync", "--no-first-run"])
         context = browser.new_context(viewport={"width": 1400, "height": 4200}, accept_downloads=True)
         tab = context.new_page()
+        tab.on("request", lambda req: requests_seen.append(req.url))
         tab.set_default_timeout(60_000)
         yield tab
         context.close()
@@ -160,3 +172,42 @@ def test_figure_downloads_are_real_files(page, server, fmt, magic):
     data = Path(info.value.path()).read_bytes()
     assert magic in data[:512], data[:64]
     assert info.value.suggested_filename.endswith(f".{fmt.lower()}")
+
+
+def test_no_request_leaves_the_machine(page, server, served, requests_seen):
+    """Every page, opened as a user would, only ever talks to the dashboard's own host: no usage statistics,
+    fonts, favicon or scripts from elsewhere (the project's .streamlit/config.toml, no flags). The server
+    watches no files (server.fileWatcherType = "none"), so no inotify warning about the virtualenv."""
+    import tomllib
+    from urllib.parse import urlparse
+
+    for name in PAGES:
+        _open(page, _url(server, name), name.capitalize())
+    for path, title in (("overlap", "Overlap"), ("trajectory", "Trajectory"), ("new_analysis", "New analysis")):
+        page.goto(f"{server}/{path}")                  # no overlap/trajectory in this store: their notices
+        page.get_by_role("heading", name=title, level=1).wait_for()
+        page.wait_for_selector(IDLE)
+    assert requests_seen, "no request was recorded"
+    hosts = {urlparse(u).hostname for u in requests_seen if urlparse(u).scheme in ("http", "https", "ws", "wss")}
+    assert hosts == {"127.0.0.1"}, sorted(u for u in requests_seen if urlparse(u).hostname != "127.0.0.1")[:10]
+    config = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
+    assert config["browser"]["gatherUsageStats"] is False and config["server"]["fileWatcherType"] == "none"
+    log = served[1].read_text()
+    assert "inotify" not in log.lower() and "watch" not in log.lower(), log
+
+
+def test_figure_zip_carries_its_provenance(page, server):
+    import json
+    import zipfile
+
+    _open(page, _url(server, "overview"), "Overview")
+    button = page.locator('[data-testid="stDownloadButton"]').get_by_role("button", name="ZIP", exact=True).first
+    with page.expect_download(timeout=90_000) as info:
+        button.click()
+    zf = zipfile.ZipFile(info.value.path())
+    names = set(zf.namelist())
+    assert {"manifest.json", "README.txt"} <= names and any(n.endswith(".pdf") for n in names) \
+        and any(n.endswith(".png") for n in names) and any(n.endswith(".csv") for n in names)
+    man = json.loads(zf.read("manifest.json"))
+    assert {r["run_id"] for r in man["runs"]} == {"opd", "sft"}
+    assert all(r["base_fingerprint"] and r["post_path"] for r in man["runs"]) and man["created_at"]

@@ -48,6 +48,18 @@ def test_readme_starts_with_the_two_commands():
     assert "pytest" in blocks[1]
     ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
     assert ".venv/bin/python -m pytest -q" in ci and ".venv/bin/python -m pytest -q" in blocks[1]
+    # the README's test command installs what CI installs: the [ray] extra in both or in neither
+    extras = re.findall(r'-e "(\.\[[a-z,]+\])"', ci)
+    assert extras and all(e in blocks[1] for e in extras), "the README's test command installs other extras than CI"
+    assert ('".[ray]"' in ci) == ('".[ray]"' in blocks[1])
+    assert "--no-deps -e ." in ci and "--no-deps -e ." in blocks[1]
+
+
+def test_metric_table_is_the_catalog():
+    """The README's metric table is ``registry.markdown_table()``, units and pooling rules included."""
+    from opdviz.metrics.registry import markdown_table
+
+    assert markdown_table() in README
 
 
 SECURITY = (Path(__file__).resolve().parents[1] / "SECURITY.md").read_text()

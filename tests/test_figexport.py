@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import shutil
 import zipfile
 
@@ -48,7 +49,7 @@ def test_static_formats(fig_df, fmt):
 def test_png_is_300_dpi_of_the_paper_width(fig_df):
     data = X.figure_bytes(X.paper_style(fig_df[0], "single"), "png")
     width = int.from_bytes(data[16:20], "big")
-    assert width == round(320 * X.PNG_SCALE)
+    assert width == round(336 * X.PNG_SCALE)      # 3.5 in at ~300 dpi
 
 
 def test_html_is_self_contained(fig_df):
@@ -70,10 +71,16 @@ def test_data_formats(fig_df):
 def test_page_zip(store):
     items = [(k, *figure_spec(k).build(store, Selection(), ViewContext()))
              for k in ("sparsity.layerwise", "sparsity.sweep")]
-    zf = zipfile.ZipFile(io.BytesIO(X.page_zip(items, fmt="pdf")))
+    man = X.manifest(store, Selection(), ViewContext())
+    zf = zipfile.ZipFile(io.BytesIO(X.page_zip(items, fmt="pdf", manifest=man)))
     names = set(zf.namelist())
     assert names == {"sparsity-layerwise.pdf", "sparsity-layerwise.csv", "sparsity-sweep.pdf",
-                     "sparsity-sweep.csv", "README.txt"}
+                     "sparsity-sweep.csv", "README.txt", "manifest.json"}
+    got = json.loads(zf.read("manifest.json"))
+    assert [f["data"] for f in got["figures"]] == ["sparsity-layerwise.csv", "sparsity-sweep.csv"]
+    assert got["store"] == str(store.db_path.resolve()) and got["opdviz_version"] and got["created_at"]
+    assert {r["run_id"] for r in got["runs"]} == set(store.runs()["run_id"])
+    assert all(r["base_path"] and r["post_fingerprint"] and r["options"] for r in got["runs"])
     assert zf.read("sparsity-sweep.pdf").startswith(b"%PDF")
     readme = zf.read("README.txt").decode()
     assert figure_spec("sparsity.sweep").caption in readme
@@ -98,6 +105,10 @@ def test_cli_figures_pdf(store, tmp_path, capsys):
     data = pd.read_csv(out / "overview-energy_share.csv")
     assert set(data["run_id"]) == {"OPD", "SFT"}
     assert (out / "README.txt").exists()
+    man = json.loads((out / "manifest.json").read_text())
+    assert [r["run_id"] for r in man["runs"]] == ["OPD", "SFT"] and man["filters"]["runs"] == ["OPD", "SFT"]
+    assert man["view"]["criterion"] == "abs_1e-5"
+    assert sorted(f["file"] for f in man["figures"]) == [p.name for p in pdfs]
     assert "wrote" in capsys.readouterr().out
 
 

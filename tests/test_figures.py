@@ -169,7 +169,7 @@ def test_sparsity_map_with_marginals():
     rng = np.random.default_rng(0)
     fig = F.sparsity_map(rng.random((32, 16)), rng.random(256), rng.random(128), "t", shape=(256, 128))
     assert [t.type for t in fig.data] == ["heatmap", "scatter", "scatter"]
-    assert fig.layout.coloraxis.colorbar.title.text == "entries changed (%)"
+    assert fig.layout.coloraxis.colorbar.title.text == "changed (%)" and fig.layout.coloraxis.colorbar.orientation == "h"
     assert fig.layout.yaxis3.title.text == "output row i"
 
 
@@ -190,7 +190,7 @@ def test_empty_input_gives_annotated_figure(build):
     assert F.NO_DATA in fig.layout.annotations[0].text
 
 
-@pytest.mark.parametrize("width,px", [("single", 320), ("double", 660)])
+@pytest.mark.parametrize("width,px", [("single", 336), ("double", 672)])   # 3.5 in and 7 in at 96 px/in
 def test_paper_style_sizes_and_fonts(width, px):
     fig = F.paper_style(F.heatmap(_by_layer(), "value", "u (%)", "title"), width)
     assert fig.layout.width == px and 10 <= fig.layout.font.size <= 12     # 8–9 pt at 96 px/in

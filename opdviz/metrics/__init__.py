@@ -28,9 +28,13 @@ def analyse_pair(wb: torch.Tensor, wp: torch.Tensor, opts: AnalysisOptions, *, m
     the compute device. ``matrix``: also run the spectral/geometry pass (2-D weights only)."""
     from .elementwise import elementwise_metrics
 
+    if wb.dim() == 0:       # a scalar parameter (a learned temperature, a gate): one coordinate
+        wb, wp = wb.reshape(1), wp.reshape(1)
     ew = elementwise_metrics(wb, wp, opts)
     result = PairResult(dict(ew.scalars), dict(ew.arrays))
-    if matrix and wb.dim() == 2 and min(wb.shape) >= 2:
+    # a 1×N or N×1 matrix is a matrix too: one singular value σ₁ = ‖ΔW‖F (stable and effective rank 1,
+    # top-k energy 1); its angles on the one-dimensional side are undefined (NaN, see geometry._angles)
+    if matrix and wb.dim() == 2 and min(wb.shape) >= 1:
         from .geometry import linalg_metrics
 
         la = linalg_metrics(wb, wp, ew.masks, opts)

@@ -30,42 +30,66 @@ _COV_SRC = "2606.13657"
 
 FAMILIES: tuple[MetricInfo, ...] = (
     MetricInfo("principal_proj_{frac}", "scalar", "‖U_kᵀΔW V_k‖F²/‖ΔW‖F², U_k, V_k the top-k singular vectors of "
-               "W_base, k = max(1, floor(frac·min(m, n))), frac ∈ {1, 5, 10, 20} %.", _PROJ_SRC),
+               "W_base, k = max(1, floor(frac·min(m, n))), frac ∈ {1, 5, 10, 20} %.", _PROJ_SRC,
+               label="ΔW energy in the principal subspaces (joint)", unit="fraction", agg="matrix_mean"),
     MetricInfo("principal_proj_left_{frac}", "scalar", "‖U_kᵀΔW‖F²/‖ΔW‖F² (share in the top-k left base subspace).",
-               _PROJ_SRC),
+               _PROJ_SRC,
+               label="ΔW energy in the left principal subspace", unit="fraction", agg="matrix_mean"),
     MetricInfo("principal_proj_right_{frac}", "scalar", "‖ΔW V_k‖F²/‖ΔW‖F² (share in the top-k right base "
-               "subspace).", _PROJ_SRC),
+               "subspace).", _PROJ_SRC,
+               label="ΔW energy in the right principal subspace", unit="fraction", agg="matrix_mean"),
     MetricInfo("proj_joint_by_rank", "array", "Value i: principal_proj with k = i + 1, for every k (length "
-               "min(m, n); approx: q).", _PROJ_SRC),
-    MetricInfo("proj_left_by_rank", "array", "Value i: principal_proj_left with k = i + 1.", _PROJ_SRC),
-    MetricInfo("proj_right_by_rank", "array", "Value i: principal_proj_right with k = i + 1.", _PROJ_SRC),
+               "min(m, n); approx: q).", _PROJ_SRC,
+               label="joint projection share by rank", unit="fraction", agg="none"),
+    MetricInfo("proj_left_by_rank", "array", "Value i: principal_proj_left with k = i + 1.", _PROJ_SRC,
+               label="left projection share by rank", unit="fraction", agg="none"),
+    MetricInfo("proj_right_by_rank", "array", "Value i: principal_proj_right with k = i + 1.", _PROJ_SRC,
+               label="right projection share by rank", unit="fraction", agg="none"),
     MetricInfo("proj_joint_grid", "array", "proj_joint_by_rank at the fixed rank fractions r = k/min(m, n) = "
                "2^(−14 + i/4), i = 0…56 (linear in k between stored ranks; NaN outside 1/min(m, n) … stored "
-               "length/min(m, n)): the by-rank curves on one grid for every shape.", _PROJ_SRC),
-    MetricInfo("proj_left_grid", "array", "proj_left_by_rank on the same rank-fraction grid.", _PROJ_SRC),
-    MetricInfo("proj_right_grid", "array", "proj_right_by_rank on the same rank-fraction grid.", _PROJ_SRC),
+               "length/min(m, n)): the by-rank curves on one grid for every shape.", _PROJ_SRC,
+               label="joint projection share on the rank grid", unit="fraction", agg="matrix_mean"),
+    MetricInfo("proj_left_grid", "array", "proj_left_by_rank on the same rank-fraction grid.", _PROJ_SRC,
+               label="left projection share on the rank grid", unit="fraction", agg="matrix_mean"),
+    MetricInfo("proj_right_grid", "array", "proj_right_by_rank on the same rank-fraction grid.", _PROJ_SRC,
+               label="right projection share on the rank grid", unit="fraction", agg="matrix_mean"),
     MetricInfo("angle_left_mean_sin_k{k}", "scalar", "Mean sin θ of the principal angles between the top-k left "
-               "singular subspaces of W_base and W_post, k ∈ {16, 64, 512} capped at min(m, n) (float64).",
-               _ANG_SRC),
-    MetricInfo("angle_left_max_rad_k{k}", "scalar", "Largest of those angles, radians.", _ANG_SRC),
-    MetricInfo("angle_right_mean_sin_k{k}", "scalar", "Same for the right singular subspaces.", _ANG_SRC),
-    MetricInfo("angle_right_max_rad_k{k}", "scalar", "Largest right principal angle, radians.", _ANG_SRC),
+               "singular subspaces of W_base and W_post, k ∈ {16, 64, 512} capped at min(m, n) (float64); NaN on a side "
+               "whose whole space the k spans (k = m on the left, k = n on the right): R^k against itself gives 0 "
+               "whatever the update, so the angle is undefined there.",
+               _ANG_SRC,
+               label="mean sin θ, left subspaces", unit="ratio", agg="matrix_mean"),
+    MetricInfo("angle_left_max_rad_k{k}", "scalar", "Largest of those angles, radians.", _ANG_SRC,
+               label="max principal angle, left", unit="radians", agg="matrix_mean"),
+    MetricInfo("angle_right_mean_sin_k{k}", "scalar", "Same for the right singular subspaces.", _ANG_SRC,
+               label="mean sin θ, right subspaces", unit="ratio", agg="matrix_mean"),
+    MetricInfo("angle_right_max_rad_k{k}", "scalar", "Largest right principal angle, radians.", _ANG_SRC,
+               label="max principal angle, right", unit="radians", agg="matrix_mean"),
     MetricInfo("angles_left_k{k}", "array", "The left principal angles, radians, ascending; length = the "
-               "capped k.", _ANG_SRC),
-    MetricInfo("angles_right_k{k}", "array", "The right principal angles, radians, ascending.", _ANG_SRC),
+               "capped k.", _ANG_SRC,
+               label="principal angles, left", unit="radians", agg="none"),
+    MetricInfo("angles_right_k{k}", "array", "The right principal angles, radians, ascending.", _ANG_SRC,
+               label="principal angles, right", unit="radians", agg="none"),
     MetricInfo("nss", "scalar", "Normalized spectral shift ‖σ(W_post) − σ(W_base)‖₂/‖σ(W_base)‖₂ (NaN in approx "
-               "mode).", "2511.08567"),
-    MetricInfo("base_spectrum", "array", "Singular values of W_base, descending (approx: top q).", "2511.08567"),
-    MetricInfo("post_spectrum", "array", "Singular values of W_post, descending (approx: top q).", "2511.08567"),
+               "mode).", "2511.08567",
+               label="normalised spectral shift", unit="ratio", agg="matrix_mean"),
+    MetricInfo("base_spectrum", "array", "Singular values of W_base, descending (approx: top q).", "2511.08567",
+               label="σ(W_base)", unit="weight", agg="none"),
+    MetricInfo("post_spectrum", "array", "Singular values of W_post, descending (approx: top q).", "2511.08567",
+               label="σ(W_post)", unit="weight", agg="none"),
     MetricInfo("principal_coverage_{alpha}", "scalar", "|M ∩ U|/|U|: U = default changed mask, M = the "
                "floor(α·numel) largest |rank-r reconstruction of W_base|, r = max(1, floor(α·min(m, n))), ties "
-               "by flat index; NaN when U is empty. Random baseline = α.", _COV_SRC),
+               "by flat index; NaN when U is empty. Random baseline = α.", _COV_SRC,
+               label="principal coverage", unit="fraction", agg="changed"),
     MetricInfo("principal_coverage_exact_{alpha}", "scalar", "Same with U = exact (bitwise) changed mask.",
-               _COV_SRC),
+               _COV_SRC,
+               label="principal coverage (bitwise mask)", unit="fraction", agg="changed_exact"),
     MetricInfo("principal_coverage_r{rank}_{alpha}", "scalar", "Principal coverage with the fixed reconstruction "
-               "rank r = coverage_fixed_rank (capped at min(m, n)).", "2511.08567"),
+               "rank r = coverage_fixed_rank (capped at min(m, n)).", "2511.08567",
+               label="principal coverage, fixed rank", unit="fraction", agg="changed"),
     MetricInfo("principal_coverage_r{rank}_exact_{alpha}", "scalar", "Fixed-rank principal coverage, exact mask.",
-               "2511.08567"),
+               "2511.08567",
+               label="principal coverage, fixed rank (bitwise mask)", unit="fraction", agg="changed_exact"),
 )
 
 
@@ -98,7 +122,7 @@ def linalg_metrics(wb: torch.Tensor, wp: torch.Tensor, masks: dict[str, torch.Te
     scalars = spectrum_metrics(f.delta_sigma, f.delta_fro2, rows, cols, exact)
     arrays = {"spectrum": f.delta_sigma, "base_spectrum": f.base_sigma, "post_spectrum": f.post_sigma}
     _projections(f, transposed, mn, opts, scalars, arrays)
-    _angles(f, transposed, mn, opts, scalars, arrays)
+    _angles(f, transposed, tuple(w_b.shape), opts, scalars, arrays)
     if exact and f.base_sigma.any():
         scalars["nss"] = float(np.linalg.norm(f.post_sigma - f.base_sigma) / np.linalg.norm(f.base_sigma))
     else:
@@ -123,14 +147,19 @@ def _projections(f: Factors, transposed: bool, mn: int, opts: AnalysisOptions, s
             scalars[f"principal_proj{suffix}_{fmt_pct(frac)}"] = float(v[k - 1]) if k <= len(v) else float("nan")
 
 
-def _angles(f: Factors, transposed: bool, mn: int, opts: AnalysisOptions, scalars, arrays) -> None:
+def _angles(f: Factors, transposed: bool, shape: tuple[int, int], opts: AnalysisOptions, scalars, arrays) -> None:
+    """Principal angles per side and k. ``shape``: (m, n) in working orientation (m ≥ n). A k that
+    spans a side's whole space (k ≥ n on the right, k ≥ m on the left) compares R^n with itself: every
+    angle is 0 whatever the update, so those angles are undefined and stored as NaN."""
+    m, n = shape
+    mn = min(m, n)
     for k in opts.angle_ks:
         kc = min(k, mn)
-        sides = {"left": f.sin2_left[kc], "right": f.sin2_right[kc]}
+        sides = {"left": (f.sin2_left[kc], kc >= m), "right": (f.sin2_right[kc], kc >= n)}
         if transposed:
             sides = {"left": sides["right"], "right": sides["left"]}
-        for side, sin2 in sides.items():
-            if sin2 is None:
+        for side, (sin2, full) in sides.items():
+            if sin2 is None or full:
                 theta = np.full(kc, np.nan)
                 scalars[f"angle_{side}_mean_sin_k{k}"] = scalars[f"angle_{side}_max_rad_k{k}"] = float("nan")
             else:

@@ -3,10 +3,17 @@
 Each metric module exposes ``FAMILIES: tuple[MetricInfo, ...]``; a family's ``family`` is the name
 pattern used in code, in the store and in the UI, with ``{...}`` standing for one parameter
 (``sparsity_{criterion}`` → ``sparsity_abs_1e-5``). The README table is generated from these.
+
+Each family also carries its display ``label``, its ``unit`` (how every page, table and export shows
+it: see ``UNITS`` and ``opdviz.formatting``) and its ``agg``, the rule by which per-tensor values are
+pooled into a group or model-level number (``AGGREGATIONS``). ``DERIVED`` declares the same for the
+numbers the views compute from stored metrics (overlap statistics, enrichment, baselines), so that
+every number a user sees has exactly one definition of its label and unit.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import re
 from dataclasses import dataclass
@@ -14,12 +21,81 @@ from dataclasses import dataclass
 _MODULES = ("opdviz.metrics.elementwise", "opdviz.metrics.spectral", "opdviz.metrics.geometry", "opdviz.adapters")
 
 
+# unit → what a value means and how it is shown (formatting.py does the showing)
+UNITS = {
+    "fraction": "a share in [0, 1], shown in % (stored and exported as the fraction)",
+    "percent": "already a percentage (0–100), shown with %",
+    "ratio": "a dimensionless ratio, shown as a plain number (never ×100)",
+    "count": "a count or rank (number of entries, singular directions)",
+    "radians": "an angle, stored in radians, shown in degrees",
+    "weight": "in the units of the weights",
+    "weight²": "in squared weight units",
+    "bytes": "a size in bytes, shown in KiB/MiB/GiB",
+    "flag": "1 = yes, 0 = no",
+    "text": "not a number",
+}
+# agg → how per-tensor values are pooled into a group (layer, module, run)
+AGGREGATIONS = {
+    "numel": "parameter-weighted mean: Σ value·numel / Σ numel (a share of entries)",
+    "changed": "weighted by the changed entries |U| under the chosen criterion (a share of U)",
+    "changed_exact": "weighted by the bitwise-changed entries (a share of the exact U)",
+    "energy": "weighted by Σ ΔW² (a share of the update energy)",
+    "pooled": "recomputed from pooled sums: sqrt(Σ ΔW²) / sqrt(Σ W²)",
+    "sum": "summed",
+    "max": "maximum",
+    "min": "minimum",
+    "matrix_mean": "unweighted mean over matrices (each matrix counts once, whatever its size)",
+    "counts": "recomputed from summed counts (|A|, |B|, |A∩B|, numel)",
+    "none": "not aggregated (a per-tensor array)",
+}
+
+
 @dataclass(frozen=True)
 class MetricInfo:
     family: str     # name pattern, e.g. "sparsity_{criterion}", "lowmag_coverage_{alpha}"
-    kind: str       # "scalar" | "array"
+    kind: str       # "scalar" | "array" | "derived" (computed by the views, not stored per tensor)
     doc: str        # one-sentence definition, with units / range
     source: str     # e.g. "arXiv 2505.11711"
+    label: str = ""          # short display label
+    unit: str = "ratio"      # a key of UNITS
+    agg: str = "matrix_mean"  # a key of AGGREGATIONS
+
+
+_OV = "opdviz.views_across (2606.13657, 2505.11711)"
+# numbers the views derive from stored metrics or counts: declared here so they format like the rest
+DERIVED: tuple[MetricInfo, ...] = (
+    MetricInfo("p_a", "derived", "Density of run A's changed mask, |A|/numel.", _OV, "density A", "fraction", "counts"),
+    MetricInfo("p_b", "derived", "Density of run B's changed mask, |B|/numel.", _OV, "density B", "fraction", "counts"),
+    MetricInfo("jaccard", "derived", "|A∩B|/|A∪B|.", _OV, "Jaccard", "fraction", "counts"),
+    MetricInfo("jaccard_baseline", "derived", "Jaccard of independent random masks, pApB/(pA+pB−pApB).", _OV,
+               "Jaccard baseline", "fraction", "counts"),
+    MetricInfo("cov_a", "derived", "|A∩B|/|A|: share of A's changes that B made too.", _OV, "|A∩B|/|A|",
+               "fraction", "counts"),
+    MetricInfo("cov_b", "derived", "|A∩B|/|B|.", _OV, "|A∩B|/|B|", "fraction", "counts"),
+    MetricInfo("cov_a_baseline", "derived", "Independence baseline of cov_a, p_B.", _OV, "baseline p_B", "fraction",
+               "counts"),
+    MetricInfo("cov_b_baseline", "derived", "Independence baseline of cov_b, p_A.", _OV, "baseline p_A", "fraction",
+               "counts"),
+    MetricInfo("{stat}_ratio", "derived", "Observed ÷ independence baseline (1 = chance).", _OV,
+               "observed ÷ baseline", "ratio", "counts"),
+    MetricInfo("{kind}_enrichment_{alpha}", "derived", "Coverage ÷ α (1 = a random mask).", "2606.13657",
+               "enrichment", "ratio", "changed"),
+    MetricInfo("random_baseline_{alpha}", "derived", "Coverage of a random mask of α·numel entries: α.",
+               "2606.13657", "random baseline", "fraction", "none"),
+    MetricInfo("energy_share", "derived", "Group Σ ΔW² / the run's Σ ΔW² over the selection.", "2606.13657",
+               "share of ‖ΔW‖²F", "fraction", "sum"),
+    MetricInfo("numel", "derived", "Number of entries.", "opdviz", "entries", "count", "sum"),
+    MetricInfo("changed", "derived", "Number of changed entries under the criterion.", "opdviz", "changed entries",
+               "count", "sum"),
+    MetricInfo("n_tensors", "derived", "Number of tensors.", "opdviz", "tensors", "count", "sum"),
+    MetricInfo("{x}_bytes", "derived", "A size in bytes.", "opdviz", "bytes", "bytes", "sum"),
+    MetricInfo("accuracy", "derived", "Task accuracy from the run's training metadata.", "runs.extra", "accuracy",
+               "fraction", "none"),
+    MetricInfo("base_accuracy", "derived", "Base model's task accuracy from the training metadata.", "runs.extra",
+               "base accuracy", "fraction", "none"),
+    MetricInfo("accuracy_gain", "derived", "accuracy − base_accuracy.", "runs.extra", "accuracy gain", "fraction",
+               "none"),
+)
 
 
 def all_families() -> tuple[MetricInfo, ...]:
@@ -41,13 +117,15 @@ def _pattern(family: str) -> re.Pattern:
     return re.compile("(.+?)".join(re.escape(p) for p in parts) + r"\Z")
 
 
-def family_of(metric_name: str) -> MetricInfo:
+@functools.lru_cache(maxsize=4096)
+def family_of(metric_name: str, derived: bool = False) -> MetricInfo:
     """The family a concrete metric name belongs to. A literal family (no ``{...}``) wins over a
     pattern, and among patterns the one with the longest literal text wins, so
     ``lowmag_coverage_exact_10pct`` maps to ``lowmag_coverage_exact_{alpha}``, not
-    ``lowmag_coverage_{alpha}``. Raises KeyError for an unknown name."""
+    ``lowmag_coverage_{alpha}``. With ``derived``, the view-level numbers of ``DERIVED`` are matched too.
+    Raises KeyError for an unknown name."""
     best: tuple[int, MetricInfo] | None = None
-    for info in all_families():
+    for info in all_families() + (DERIVED if derived else ()):
         if info.family == metric_name:
             return info
         if "{" in info.family and _pattern(info.family).match(metric_name):
@@ -57,3 +135,12 @@ def family_of(metric_name: str) -> MetricInfo:
     if best is None:
         raise KeyError(f"no metric family matches {metric_name!r}")
     return best[1]
+
+
+def markdown_table(families: tuple[MetricInfo, ...] | None = None) -> str:
+    """The README's metric table: name, kind, unit, how groups pool it, definition, source."""
+    rows = ["| metric | kind | unit | pooled over a group | definition | source |", "|---|---|---|---|---|---|"]
+    for f in (all_families() if families is None else families):
+        agg = "—" if f.agg == "none" else f.agg.replace("_", " ")
+        rows.append(f"| `{f.family}` | {f.kind} | {f.unit} | {agg} | {f.doc} | {f.source} |")
+    return "\n".join(rows)
