@@ -12,6 +12,7 @@ same table, so no finding is typed by hand. A finding says "does not reproduce" 
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -371,9 +372,21 @@ def finding_subnetwork(table: pd.DataFrame) -> str:
             + "; ".join(parts[:4]) + ("; …" if len(parts) > 4 else "") + ").")
 
 
+def markdown_escape(text: str) -> str:
+    """``text`` with Markdown's special characters backslash-escaped, for ``st.markdown`` of sentences that
+    quote run names and labels from the store (untrusted)."""
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|<>$~])", r"\\\1", text)
+
+
+def _range_pct(values) -> str:
+    lo, hi = min(values), max(values)
+    return _pct(lo) if round(100 * lo) == round(100 * hi) else f"{100 * lo:.0f}–{100 * hi:.0f} %"
+
+
 def overview_sentence(store: Store) -> str:
-    """One sentence for the Overview: what the stored runs are, computed from the store — each run's
-    bf16-exact unchanged share and accuracy change, with the lab settings that produced it when known."""
+    """One sentence for the Overview, computed from the store: the post-trained runs grouped by their training
+    settings (from ``runs.extra``: lr, precision, weight decay), each group's share of bit-identical
+    coordinates and accuracy before → after. Empty when no finished run is stored."""
     runs = Q.runs(store)
     if runs.empty:
         return ""
@@ -381,22 +394,33 @@ def overview_sentence(store: Store) -> str:
     if summary.empty:
         return ""
     spars = dict(zip(summary["run_id"], summary["sparsity"]))
-    parts = []
-    for r in runs[runs["kind"] == "pair"].itertuples():
-        if r.run_id not in spars:
-            continue
+    groups: dict[str, list] = {}
+    for r in runs[(runs["kind"] == "pair") & runs["run_id"].isin(list(spars))].itertuples():
         e = _json(r.extra)
-        setting = ""
+        if e.get("mask"):
+            continue
         if e.get("lr") is not None:
             prec = e.get("precision") or "fp32"
-            setting = f" (lr {_lr(float(e['lr']))}, {prec}" + (
-                f", wd {float(e['weight_decay']):g}" if e.get("weight_decay") is not None else "") + ")"
-        acc = ""
-        if e.get("accuracy") is not None and e.get("base_accuracy") is not None:
-            acc = f", accuracy {_pct(float(e['base_accuracy']))} → {_pct(float(e['accuracy']))}"
-        parts.append(f"{r.run_id}{setting}: {_pct(spars[r.run_id])} unchanged{acc}")
-    if not parts:
+            how = "weights in bf16 throughout" if prec == "bf16" else "fp32 master weights saved as bf16"
+            wd = e.get("weight_decay")
+            key = f"at lr {_lr(float(e['lr']))} with {how}" + (
+                "" if wd is None else (", no weight decay" if float(wd) == 0 else f", weight decay {float(wd):g}"))
+        else:
+            key = "with no recorded training settings"
+        acc = (float(e["base_accuracy"]), float(e["accuracy"])) if e.get("accuracy") is not None and \
+            e.get("base_accuracy") is not None else None
+        groups.setdefault(key, []).append((r.run_id, spars[r.run_id], acc))
+    if not groups:
         return ""
-    return ("You are looking at " + f"{len(parts)} post-trained run{'s' if len(parts) != 1 else ''} against their "
-            "base; share of coordinates left bit-identical: " + "; ".join(parts[:8])
-            + ("; …" if len(parts) > 8 else "") + ".")
+    parts = []
+    for key, items in groups.items():
+        names = ", ".join(n for n, _, _ in items[:4]) + (", …" if len(items) > 4 else "")
+        text = f"{key} ({names}) {_range_pct([s for _, s, _ in items])} of coordinates stay bit-identical"
+        accs = [a for _, _, a in items if a is not None]
+        if accs:
+            text += (f" and held-out accuracy goes from {_range_pct([a[0] for a in accs])} to "
+                     f"{_range_pct([a[1] for a in accs])}")
+        parts.append(text)
+    n = sum(len(v) for v in groups.values())
+    return (f"You are looking at {n} post-trained run{'s' if n != 1 else ''} compared with their base: "
+            + "; ".join(parts[:4]) + (f"; and {len(parts) - 4} more settings" if len(parts) > 4 else "") + ".")

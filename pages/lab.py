@@ -1,7 +1,5 @@
 """Lab page: when does the update become sparse? The `opdviz lab sweep` runs against learning rate."""
 
-import re
-
 import streamlit as st
 
 from opdviz import views_lab as VL
@@ -15,11 +13,6 @@ learning rates, two ways of keeping the weights — **fp32** master weights roun
 Each point is the mean over seeds; bars span the lowest to the highest seed. **Unchanged** is the share of
 coordinates of $W_\text{post}$ equal to $W_\text{base}$ (bf16-exact: the stored bits; or $|\Delta W| \le \varepsilon$),
 numel-weighted over all tensors. The sentences below are computed from the stored runs.""")
-
-
-def _md(text: str) -> str:
-    """Markdown-escaped: the sentences quote method labels from the store, which are untrusted."""
-    return re.sub(r"([\\`*_{}\[\]()#+\-.!|<>$~])", r"\\\1", text)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -43,7 +36,7 @@ st.subheader("Findings")
 sub = VL.subnetwork_table(runs)
 for sentence in (VL.finding_sparse_regime(runs), VL.finding_precision(runs), VL.finding_methods(runs),
                  VL.finding_blocks(runs), VL.finding_principal(runs), VL.finding_subnetwork(sub)):
-    st.markdown(f"- {_md(sentence)}")
+    st.markdown(f"- {VL.markdown_escape(sentence)}")
 
 criteria = list(VL.CRITERIA)
 criterion = st.selectbox("Unchanged under", criteria, format_func=lambda c: VL.CRITERIA[c], key="p_lab_crit")

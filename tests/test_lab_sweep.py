@@ -258,3 +258,16 @@ def test_lab_page_renders_the_sweep(monkeypatch, sweep):
     assert len(charts) == 5
     text = " ".join(m.value for m in at.markdown)
     assert "Subnetwork claim" in text and "Keeping the weights in bf16" in text
+
+
+def test_overview_sentence_groups_runs_by_their_settings(sweep):
+    _, db, _ = sweep
+    text = VL.overview_sentence(Store(db))
+    assert text.startswith("You are looking at 8 post-trained runs")      # masked retrainings left out
+    assert "at lr 3e-2 with weights in bf16 throughout, no weight decay" in text
+    assert "at lr 1e-7 with fp32 master weights saved as bf16" in text
+    assert VL.overview_sentence(Store(db.parent / "missing.duckdb")) == ""
+
+
+def test_markdown_escape_neutralises_links_and_emphasis():
+    assert VL.markdown_escape("[x](javascript:1) *a* `b`") == "\\[x\\]\\(javascript:1\\) \\*a\\* \\`b\\`"

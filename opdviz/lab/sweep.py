@@ -53,15 +53,16 @@ class LabInputs:
     base_accuracy: float
 
     @classmethod
-    def load(cls, lab: Path, data_seed: int = 0) -> "LabInputs":
-        """Read ``lab/base`` and ``lab/teacher`` (folders written by ``opdviz lab``) and the task of ``lab.json``."""
+    def load(cls, lab: Path, data_seed: int = 0, task: tuple[int, int] | None = None) -> "LabInputs":
+        """Read ``lab/base`` and ``lab/teacher`` (folders written by ``opdviz lab``) and the task
+        (``task`` = (digits, test_size), else from ``lab/lab.json``, else the lab's defaults)."""
         lab = Path(lab)
         try:
             settings = json.loads((lab / "lab.json").read_text())["settings"]
-            digits, test_size = int(settings["digits"]), int(settings["test_size"])
+            digits, test_size = task or (int(settings["digits"]), int(settings["test_size"]))
         except (OSError, ValueError, KeyError, TypeError):
             defaults = LabSettings()
-            digits, test_size = defaults.digits, defaults.test_size
+            digits, test_size = task or (defaults.digits, defaults.test_size)
         base, teacher = load_hf(lab / "base"), load_hf(lab / "teacher")
         teacher.eval()
         task = AdditionTask(digits=digits, test_size=test_size)
@@ -184,3 +185,45 @@ def _acc(row: dict) -> float | None:
         return json.loads(row.get("extra") or "{}").get("accuracy")
     except ValueError:
         return None
+
+
+def sparse_points(s: LabSettings, seed: int = 0) -> tuple[SweepPoint, ...]:
+    """The lab's sparse-regime runs: OPD, RL, SFT with weights in bf16 throughout at ``s.sparse_lr`` (a rate
+    where accuracy still rises; measured with `opdviz lab sweep`, see README "Demo"), no weight decay."""
+    return tuple(SweepPoint(m, s.sparse_lr, "bf16", 0.0, seed, s.sparse_steps, s.sparse_batch, s.group)
+                 for m in ("opd", "rl", "sft"))
+
+
+# what data/demo/sparse/<method>/ holds
+DEMO_SPARSE = sparse_points(LabSettings())
+
+
+def write_demo_sparse(lab: Path, points: tuple[SweepPoint, ...] = DEMO_SPARSE,
+                      progress: Callable[[str], None] | None = None, data_seed: int = 0,
+                      task: tuple[int, int] | None = None) -> dict[str, dict]:
+    """Train the sparse-regime ``points`` from ``lab/base`` and write them to ``lab/sparse/<method>/``
+    (``task`` = (digits, test_size) of the lab; default: from ``lab/lab.json``).
+
+    Deterministic (one thread, deterministic algorithms, fixed generators): rerunning writes
+    byte-identical checkpoints. Returns method → metrics.json dict.
+    """
+    lab = Path(lab)
+    prev = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(1)
+    out = {}
+    try:
+        inputs = LabInputs.load(lab, data_seed, task)
+        for p in points:
+            if progress:
+                progress(f"[lab] sparse regime: {p.label}")
+            model, metrics = train_point(p, inputs)
+            metrics["method"] = METHODS[p.method]
+            metrics.pop("train_s", None)         # wall time would make metrics.json differ between reruns
+            save_hf(model, lab / "sparse" / p.method, {"lab_tokenizer.json": inputs.task.tokenizer.to_json(),
+                                                        "metrics.json": metrics})
+            out[p.method] = metrics
+    finally:
+        torch.use_deterministic_algorithms(prev[0])
+        torch.set_num_threads(prev[1])
+    return out
