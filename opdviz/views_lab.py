@@ -132,8 +132,9 @@ def _lines_vs_lr(stats: pd.DataFrame, title: str, ylabel: str, scale: float = 10
                              arrayminus=(s["mean"] - s["min"]) * scale, thickness=1, width=3),
                 customdata=s["n"], hovertemplate=f"{name}<br>lr %{{x:.0e}}<br>{ylabel}: %{{y:.1f}}"
                                                   f"<br>seeds: %{{customdata}}<extra></extra>"), row=1, col=col)
-    fig.update_xaxes(type="log", title_text="learning rate", exponentformat="power")
+    fig.update_xaxes(type="log", title_text="learning rate", exponentformat="power", dtick=1)
     fig.update_yaxes(title_text=ylabel, row=1, col=1)
+    fig.update_layout(margin=dict(t=90), height=420)
     return fig
 
 
@@ -284,15 +285,18 @@ def finding_precision(runs: pd.DataFrame) -> str:
     if both.empty:
         return "No pair of runs differs only in precision yet."
     more = int((both["bf16"] > both["fp32"]).sum())
+    verdict = ("rounding each step's update to bf16 is what makes the update sparse here" if more > len(both) / 2
+               else "keeping the weights in bf16 does not make the update sparser here")
     return (f"Keeping the weights in bf16 throughout leaves {_pct(both['bf16'].mean())} of coordinates bit-identical "
             f"on average, against {_pct(both['fp32'].mean())} with fp32 master weights rounded to bf16 at the end "
-            f"(bf16 is sparser in {more} of {len(both)} matched runs): rounding each step's update away, not the "
-            f"method, is what makes the update sparse here.")
+            f"(bf16 is sparser in {more} of {len(both)} matched runs): {verdict}.")
 
 
 def _spread_compare(stats_a: pd.DataFrame, stats_b: pd.DataFrame, keys: list[str]) -> tuple[int, int, int]:
-    """Settings where a's seed range lies above b's, below it, and all settings compared."""
+    """Settings where a's seed range lies above b's, below it, and all settings compared (only settings
+    with at least two seeds on both sides: one seed has no range to compare against)."""
     m = stats_a.merge(stats_b, on=keys, suffixes=("_a", "_b"))
+    m = m[(m["n_a"] >= 2) & (m["n_b"] >= 2)]
     return int((m["min_a"] > m["max_b"]).sum()), int((m["max_a"] < m["min_b"]).sum()), len(m)
 
 
@@ -315,7 +319,8 @@ def finding_methods(runs: pd.DataFrame) -> str:
         out.append(f"{method} sparser than SFT beyond the seed range in {above} of {n} settings "
                    f"(denser in {below}): the claim {verdict} for {method}")
     if not out:
-        return "No setting has both SFT and OPD or RL runs yet."
+        return ("The claim that OPD and RL leave more coordinates unchanged than SFT needs settings with at least two "
+                "seeds of SFT and of OPD or RL; none are stored yet.")
     return "Paper claim 'OPD and RL leave more coordinates unchanged than SFT': " + "; ".join(out) + "."
 
 
@@ -386,7 +391,8 @@ def _range_pct(values) -> str:
 def overview_sentence(store: Store) -> str:
     """One sentence for the Overview, computed from the store: the post-trained runs grouped by their training
     settings (from ``runs.extra``: lr, precision, weight decay), each group's share of bit-identical
-    coordinates and accuracy before → after. Empty when no finished run is stored."""
+    coordinates and accuracy before → after; runs still computing are left out (their numbers are partial).
+    Empty when no finished run is stored."""
     runs = Q.runs(store)
     if runs.empty:
         return ""
@@ -395,7 +401,8 @@ def overview_sentence(store: Store) -> str:
         return ""
     spars = dict(zip(summary["run_id"], summary["sparsity"]))
     groups: dict[str, list] = {}
-    for r in runs[(runs["kind"] == "pair") & runs["run_id"].isin(list(spars))].itertuples():
+    done = runs[(runs["kind"] == "pair") & (runs["status"] == "done") & runs["run_id"].isin(list(spars))]
+    for r in done.itertuples():
         e = _json(r.extra)
         if e.get("mask"):
             continue

@@ -45,14 +45,15 @@ PLOT = {"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale":
 left, right = st.columns(2)
 left.plotly_chart(VL.fig_unchanged(runs, criterion), width="stretch", theme=None, key="fig_lab_unchanged", config=PLOT)
 right.plotly_chart(VL.fig_accuracy(runs), width="stretch", theme=None, key="fig_lab_accuracy", config=PLOT)
-st.caption("Left: share of coordinates unchanged against learning rate; right: exact-match accuracy on 500 held-out "
-           "problems (dotted: the base). Same runs, same colours.")
+st.caption("Left: share of coordinates unchanged against learning rate; right: exact-match accuracy on the held-out "
+           "problems (dotted: the base). Same runs, same colours; one panel per precision and weight decay.")
 left, right = st.columns(2)
 left.plotly_chart(VL.fig_blocks(runs), width="stretch", theme=None, key="fig_lab_blocks", config=PLOT)
 right.plotly_chart(VL.fig_principal(runs), width="stretch", theme=None, key="fig_lab_principal", config=PLOT)
 st.caption("Left: bf16-exact unchanged share of the FFN matrices (solid) and the attention matrices (dashed). Right: "
            "share of ‖ΔW‖² inside the top-10 % singular subspaces of W_base (joint projection ‖U_kᵀΔW V_k‖²/‖ΔW‖², "
-           "weighted by each matrix's ‖ΔW‖²); an isotropic random update of a square matrix puts 1 % there.")
+           "weighted by each matrix's ‖ΔW‖²); an isotropic random update puts about r² = 1 % there for a square "
+           "matrix (k²/mn for m×n).")
 
 st.subheader("Subnetwork: retraining on the coordinates OPD changed")
 base_acc = runs["base_accuracy"].dropna()
