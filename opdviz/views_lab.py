@@ -341,15 +341,25 @@ def finding_blocks(runs: pd.DataFrame) -> str:
 
 def finding_principal(runs: pd.DataFrame) -> str:
     """OPD/RL against SFT on the share of ‖ΔW‖² inside the base's top-10 % principal subspaces (the paper:
-    on-policy updates avoid the principal directions more than SFT does)."""
+    on-policy updates avoid the principal directions more than SFT does), over runs matched on precision,
+    weight decay, rate and seed."""
     full = full_runs(runs).dropna(subset=["principal_proj_10pct"])
-    means = full.groupby("method")["principal_proj_10pct"].mean()
-    if "SFT" not in means or not ({"OPD", "RL"} & set(means.index)):
-        return "The sweep needs SFT and OPD or RL runs to compare their principal-subspace overlap."
-    parts = [f"{m} {100 * means[m]:.2f} %" for m in METHOD_ORDER if m in means]
-    on_policy = [means[m] for m in ("OPD", "RL") if m in means]
-    verdict = "reproduces" if all(v < means["SFT"] for v in on_policy) else "does not reproduce"
-    return (f"Share of ‖ΔW‖² inside the base's top-10 % principal subspaces, mean over runs: " + ", ".join(parts)
+    keys = ["precision", "weight_decay", "lr", "seed"]
+    sft = full[full["method"] == "SFT"].set_index(keys)["principal_proj_10pct"]
+    parts, verdicts = [], []
+    for method in ("OPD", "RL"):
+        mine = full[full["method"] == method].set_index(keys)["principal_proj_10pct"]
+        both = mine.to_frame("a").join(sft.to_frame("sft"), how="inner")
+        if both.empty:
+            continue
+        below = int((both["a"] < both["sft"]).sum())
+        parts.append(f"{method} puts less of its update there than SFT in {below} of {len(both)} matched runs "
+                     f"(means {100 * both['a'].mean():.1f} % against {100 * both['sft'].mean():.1f} %)")
+        verdicts.append(below > len(both) / 2)
+    if not parts:
+        return "The sweep needs SFT and OPD or RL runs with the same settings to compare their principal-subspace overlap."
+    verdict = "reproduces" if all(verdicts) else "does not reproduce"
+    return ("Share of ‖ΔW‖² inside the base's top-10 % principal subspaces: " + "; ".join(parts)
             + f". Paper claim 'on-policy updates stay further from the principal subspaces than SFT': {verdict} here.")
 
 
@@ -364,17 +374,21 @@ def finding_subnetwork(table: pd.DataFrame) -> str:
     if not need <= set(piv.columns.get_level_values(1)):
         return "Masked and random-mask retrainings are not both stored yet."
     piv = piv.dropna()
-    mask_ok = (piv[("accuracy_max", "OPD mask")] >= piv[("accuracy_min", "full OPD")])
-    random_worse = piv[("accuracy_max", "random mask")] < piv[("accuracy_min", "OPD mask")]
-    n = len(piv)
-    parts = [f"{p}, lr {_lr(lr)}: full {_pct(r[('accuracy_mean', 'full OPD')])}, OPD mask "
-             f"{_pct(r[('accuracy_mean', 'OPD mask')])}, random mask {_pct(r[('accuracy_mean', 'random mask')])}"
-             for (p, wd, lr), r in piv.iterrows()]
-    verdict = "reproduces" if int((mask_ok & random_worse).sum()) > n / 2 else "does not reproduce"
-    return (f"Subnetwork claim (the changed coordinates suffice; a random mask of the same size does not): the OPD "
-            f"mask matches full OPD within the seed range in {int(mask_ok.sum())} of {n} settings and the random "
-            f"mask falls below the OPD mask's range in {int(random_worse.sum())} of {n}; the claim {verdict} here ("
-            + "; ".join(parts[:4]) + ("; …" if len(parts) > 4 else "") + ").")
+    if piv.empty:
+        return "No setting has full, masked and random-mask OPD runs all stored yet."
+    density = table.groupby(["precision", "weight_decay", "lr"])["mask_density"].first()
+    holds, parts = 0, []
+    for (p, wd, lr), r in piv.iterrows():
+        mask_ok = r[("accuracy_max", "OPD mask")] >= r[("accuracy_min", "full OPD")]
+        random_worse = r[("accuracy_max", "random mask")] < r[("accuracy_min", "OPD mask")]
+        ok = bool(mask_ok and random_worse)
+        holds += ok
+        parts.append(f"{p}, lr {_lr(lr)}, mask {_pct(density.get((p, wd, lr), np.nan))} of coordinates: full "
+                     f"{_pct(r[('accuracy_mean', 'full OPD')])}, OPD mask {_pct(r[('accuracy_mean', 'OPD mask')])}, "
+                     f"random mask {_pct(r[('accuracy_mean', 'random mask')])} — {'holds' if ok else 'fails'}")
+    return (f"Subnetwork claim (retraining only the coordinates full OPD changed matches full OPD, and a random mask "
+            f"of the same size per tensor falls below it, beyond the seed range): holds in {holds} of {len(piv)} "
+            f"settings (" + "; ".join(parts[:4]) + ("; …" if len(parts) > 4 else "") + ").")
 
 
 def markdown_escape(text: str) -> str:

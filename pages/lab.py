@@ -62,9 +62,12 @@ st.plotly_chart(VL.fig_subnetwork(sub, float(base_acc.iloc[0]) if len(base_acc) 
 st.caption("As 2606.13657 and 2505.11711 test it: OPD retrained from the base with gradients masked to the coordinates "
            "full OPD changed (bf16 bits differ) and frozen coordinates restored after each step; the control is a random "
            "mask with the same count per tensor. Bars: mean over seeds, whiskers: min–max.")
-st.dataframe(ui.percent(sub, ("accuracy_", "mask_density", "unchanged_exact")), hide_index=True, width="stretch")
+LR = {"lr": st.column_config.NumberColumn("lr", format="%.0e")}
+st.dataframe(ui.percent(sub, ("accuracy_", "mask_density", "unchanged_exact")), hide_index=True, width="stretch",
+             column_config={**LR, **{c: st.column_config.NumberColumn(format="%.1f %%") for c in
+                                     ("accuracy_mean", "accuracy_min", "accuracy_max", "mask_density", "unchanged_exact")}})
 
 with st.expander("Every sweep run"):
-    st.dataframe(runs, hide_index=True, width="stretch")
+    st.dataframe(runs, hide_index=True, width="stretch", column_config=LR)
     st.download_button("Sweep runs as CSV", data=lambda: runs.to_csv(index=False).encode(), file_name="opdviz_lab_sweep.csv",
                        mime="text/csv", on_click="ignore", key="dl_lab_runs")

@@ -204,12 +204,14 @@ def test_ffn_claim(ffn, attn, verdict):
 
 @pytest.mark.parametrize("opd, sft, verdict", [(0.01, 0.05, "reproduces"), (0.08, 0.05, "does not reproduce")])
 def test_principal_claim(opd, sft, verdict):
+    """Matched runs (same precision, rate, seed): OPD below SFT in all 3 or in none."""
     a = _grid({("OPD", "bf16", 1e-5): 0.5}, {("OPD", "bf16", 1e-5): 0.4}, principal_proj_10pct=opd)
     b = _grid({("SFT", "bf16", 1e-5): 0.5}, {("SFT", "bf16", 1e-5): 0.4}, principal_proj_10pct=sft)
     assert f"{verdict} here" in VL.finding_principal(pd.concat([a, b], ignore_index=True))
 
 
-@pytest.mark.parametrize("masked, rand, verdict", [(0.5, 0.32, "reproduces"), (0.5, 0.5, "does not reproduce")])
+@pytest.mark.parametrize("masked, rand, verdict", [(0.5, 0.32, "holds in 1 of 1"), (0.5, 0.5, "holds in 0 of 1"),
+                                                   (0.3, 0.2, "holds in 0 of 1")])
 def test_subnetwork_claim(masked, rand, verdict):
     rows = []
     for s in (0, 1, 2):
@@ -219,7 +221,8 @@ def test_subnetwork_claim(masked, rand, verdict):
     table = VL.subnetwork_table(_runs(rows))
     assert list(table["training"]) == ["full OPD", "OPD mask", "random mask"]
     assert table["seeds"].tolist() == [3, 3, 3] and table["mask_density"].iloc[0] == pytest.approx(0.2)
-    assert f"the claim {verdict} here" in VL.finding_subnetwork(table)
+    text = VL.finding_subnetwork(table)
+    assert verdict in text and "mask 20 % of coordinates" in text
 
 
 def test_empty_sweep_says_so():
