@@ -116,7 +116,7 @@ def _lines_vs_lr(stats: pd.DataFrame, title: str, ylabel: str, scale: float = 10
         return F.empty_figure("no lab sweep runs in this store: run `opdviz lab sweep`", title)
     panels = _panels(stats)
     fig = F._figure(title, rows=1, cols=len(panels), shared_yaxes=True,
-                    subplot_titles=[f"{p}, weight decay {wd:g}" for p, wd in panels])
+                    subplot_titles=[f"{p}, wd {wd:g}" for p, wd in panels])
     names = [m for m in METHOD_ORDER if m in set(stats[series])] + sorted(set(stats[series]) - set(METHOD_ORDER))
     for col, (prec, wd) in enumerate(panels, 1):
         part = stats[(stats["precision"] == prec) & (stats["weight_decay"] == wd)]
