@@ -23,6 +23,7 @@ PAGES = {
         st.Page("pages/compare.py", title="Compare", icon=":material/compare:"),
         st.Page("pages/overlap.py", title="Overlap", icon=":material/join_inner:"),
         st.Page("pages/trajectory.py", title="Trajectory", icon=":material/timeline:"),
+        st.Page("pages/lab.py", title="Lab sweep", icon=":material/science:"),
     ],
     "Compute": [
         st.Page("pages/new_analysis.py", title="New analysis", icon=":material/add_circle:"),

@@ -3,6 +3,8 @@
 import streamlit as st
 
 from opdviz import figexport
+from opdviz import views_lab
+from opdviz.store import Store
 from pages import ui
 
 view = ui.begin("Overview", r"""
@@ -13,6 +15,16 @@ $\lVert\Delta W\rVert_F^2$ in its 16 largest singular directions; **coverage at 
 entries that fall among the 10 % smallest-magnitude (or principal) entries of $W_\text{base}$, against a random
 baseline of 10 %. Definitions follow *Dense Supervision, Sparse Updates* (arXiv 2606.13657) and *RL Finetunes Small
 Subnetworks* (arXiv 2505.11711).""")
+
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _sentence(db: str, stamp: tuple) -> str:
+    return views_lab.overview_sentence(Store(db))
+
+
+if sentence := _sentence(view.db, view.stamp):
+    st.info(views_lab.markdown_escape(sentence), icon=":material/visibility:")
 
 table = ui.query("overview_table", view.db, view.stamp, view.sel, view.ctx)
 ui.numbers_table(table, {

@@ -90,7 +90,7 @@ def test_every_page_renders_its_figures(monkeypatch, db, page):
     assert any("zip" in label for label in labels)
 
 
-@pytest.mark.parametrize("page", ("overlap", "trajectory", "new_analysis"))
+@pytest.mark.parametrize("page", ("overlap", "trajectory", "new_analysis", "lab"))
 def test_the_other_routed_pages_open_with_the_sidebar(monkeypatch, db, page):
     at = _app(monkeypatch, db, page)
     assert at.sidebar.selectbox(key="f_db").value == db

@@ -105,7 +105,7 @@ def assert_matches(res, ref):
 # ------------------------------------------------------------------ tests
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(257, 131), (40, 300), (1000,)])
+@pytest.mark.parametrize("shape", [(257, 131), (40, 300), (1000,), (300, 257)])  # the last > _SMALL_EXACT
 def test_matches_reference(dtype, shape):
     opts = AnalysisOptions(map_size=16)      # 257 and 131 are not multiples of the block size
     wb, wp = make_pair(shape, dtype)

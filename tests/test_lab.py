@@ -158,7 +158,8 @@ def test_tiny_lab_is_deterministic(tiny_lab, tmp_path):
     out, summary, _ = tiny_lab
     run_lab(tmp_path / "again", seed=0, settings=tiny_settings())
     files = sorted(p.relative_to(out) for p in out.rglob("model.safetensors"))
-    assert len(files) == 5 + 3 * 2
+    assert len(files) == 5 + 3 * 2 + 3     # teacher, base, 3 runs × (final + 2 intermediates), sparse/{opd,rl,sft}
+    assert {f.parts[0] for f in files} >= {"sparse"}
     for rel in files:
         assert (out / rel).read_bytes() == (tmp_path / "again" / rel).read_bytes(), rel
 

@@ -51,6 +51,10 @@ class LabSettings:
     weight_decay: float = dataclasses.field(default=0.01, metadata={"help": "AdamW decoupled weight decay"})
     group: int = dataclasses.field(default=8, metadata={"help": "GRPO samples per prompt"})
     intermediates: int = dataclasses.field(default=5, metadata={"help": "checkpoints kept per run before the final"})
+    # the sparse regime (sparse/<method>): weights in bf16 throughout, no weight decay, a lower rate
+    sparse_lr: float = dataclasses.field(default=3e-5, metadata={"help": "AdamW lr of the sparse-regime runs"})
+    sparse_steps: int = dataclasses.field(default=60, metadata={"help": "steps of every sparse-regime run"})
+    sparse_batch: int = dataclasses.field(default=32, metadata={"help": "sequences per sparse-regime step"})
 
     def scaled(self, steps: int) -> "LabSettings":
         """Post-training runs of ``steps`` steps; teacher and base steps scaled by the same factor."""
@@ -58,7 +62,8 @@ class LabSettings:
             raise OptionsError(f"--steps must be at least 1, got {steps}")
         f = steps / self.post_steps
         return dataclasses.replace(self, post_steps=steps, teacher_steps=max(1, round(self.teacher_steps * f)),
-                                   base_steps=max(1, round(self.base_steps * f)))
+                                   base_steps=max(1, round(self.base_steps * f)),
+                                   sparse_steps=max(1, round(self.sparse_steps * f)))
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -97,7 +102,7 @@ def run_lab(out: Path, seed: int = 0, steps: int | None = None,
 def _run(out: Path, seed: int, s: LabSettings, clock: Clock) -> dict:
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    for sub in ("teacher", "base", *METHODS):
+    for sub in ("teacher", "base", "sparse", *METHODS):
         shutil.rmtree(out / sub, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     task = AdditionTask(digits=s.digits, test_size=s.test_size)
@@ -186,6 +191,13 @@ def _run(out: Path, seed: int, s: LabSettings, clock: Clock) -> dict:
                      "OPD subnetwork": m_opd["accuracy"], "OPD random mask": m_rand["accuracy"]},
         "opd_changed_fraction": sub["density"],
     }
+    # the sparse regime next to the runs above: bf16 throughout at a lower rate (opdviz.lab.sweep)
+    from .sweep import sparse_points, write_demo_sparse
+
+    sparse = write_demo_sparse(out, sparse_points(s, seed), progress=clock.emit, data_seed=seed,
+                               task=(s.digits, s.test_size))
+    summary["accuracy"].update({f"{METHODS[m]} sparse": r["accuracy"] for m, r in sparse.items()})
+    summary["wall_s"] = round(time.perf_counter() - t0, 1)
     (out / "lab.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "README.md").write_text(README_TEXT.format(**_readme_fields(s, summary)))
     if clock.emit:
@@ -205,7 +217,13 @@ def _readme_fields(s: LabSettings, summary: dict) -> dict:
             "n_inter": s.intermediates, "student_params": s.student.n_params(),
             "teacher_params": s.teacher.n_params(), "lr": s.post_lr, "batch": s.post_batch,
             "group": s.group, "t_stop": s.teacher_stop, "b_stop": s.base_stop, "wd": s.weight_decay, "seed": summary["seed"], "wall_s": summary["wall_s"],
+            "sparse_desc": _sparse_desc(s),
             "acc_table": "\n".join(f"| {k} | {v:.3f} |" for k, v in acc.items())}
+
+
+def _sparse_desc(s: LabSettings) -> str:
+    return (f"AdamW lr {s.sparse_lr:g}, no weight decay, {s.sparse_steps} steps of {s.sparse_batch} "
+            "sequences (`opdviz.lab.sweep.sparse_points`)")
 
 
 README_TEXT = """\
@@ -232,6 +250,9 @@ bf16 `model.safetensors`), plus `lab_tokenizer.json` and `metrics.json`.
     opd/checkpoint-<step>/   {n_inter} intermediate checkpoints
     sft/, sft/checkpoint-*/  off-policy distillation: CE on the teacher's greedy completions
     rl/,  rl/checkpoint-*/   GRPO, exact-match reward
+    sparse/opd, sparse/rl, sparse/sft
+                             the sparse regime: the same methods with weights kept in bf16 throughout,
+                             {sparse_desc}
     subnetwork.json          OPD retrained on only the coordinates full OPD changed, and on a random mask
     lab.json                 settings, versions, accuracies, wall time
 
