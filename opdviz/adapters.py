@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import math
 import re
 from dataclasses import dataclass, replace
@@ -40,11 +41,11 @@ import torch
 from .errors import CheckpointError
 from .metrics.registry import MetricInfo
 from .reader import Checkpoint, TensorInfo, _read_header, _stored_order, canonical_name
+from .safefiles import Limits, checked_file, read_json
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-MAX_CONFIG_BYTES = 1 << 20          # adapter_config.json is untrusted input: a few KiB in practice
 _MERGE_HINT = ("merge it with PEFT (model = PeftModel.from_pretrained(base, path).merge_and_unload(); "
                "model.save_pretrained(out)) and analyse the merged folder")
 _REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
@@ -133,16 +134,19 @@ class LoraAdapter:
 
         Raises CheckpointError for unreadable files and for variants opdviz cannot reproduce exactly."""
         folder = Path(folder)
-        config = _read_config(folder / CONFIG_NAME)
+        limits = Limits.from_env()
+        config = _read_config(folder, limits)
         _refuse_variants(folder, config)
         wpath = folder / WEIGHTS_NAME
-        if not wpath.is_file():
+        if not os.path.lexists(wpath):
             bins = [p.name for p in folder.glob("adapter_model.bin")]
             raise CheckpointError(f"{folder}: no {WEIGHTS_NAME}" + (f" (found {bins[0]}, a pickled file opdviz does "
                                   "not read; re-save the adapter with safe_serialization=True)" if bins else
                                   "; the adapter folder is incomplete"))
+        wpath = checked_file(folder, WEIGHTS_NAME)     # a regular file of the folder (or of its HF cache repo)
         _check_inside(wpath, folder)
-        weights = Checkpoint(folder, (wpath,), _stored_order(_read_header(wpath)), None, "safetensors")
+        weights = Checkpoint(folder, (wpath,), _stored_order(_read_header(wpath, limits, limits.tensors)), None,
+                             "safetensors")
         return cls(folder, config, weights)
 
     # PEFT's own rule (peft.utils.other.get_pattern_key): the first pattern key k with
@@ -303,16 +307,16 @@ def check_post(path, *, allow_pickle: bool = False) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _read_config(path: Path) -> dict:
+def _read_config(folder: Path, limits: Limits) -> dict:
+    """``adapter_config.json``, read like every checkpoint side file (``opdviz.safefiles``: no symlink out of
+    the folder, size and nesting caps)."""
+    path = folder / CONFIG_NAME
     try:
-        size = path.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            raise CheckpointError(f"{path}: {size} bytes, more than the {MAX_CONFIG_BYTES}-byte limit for an "
-                                  "adapter config; the file is not a PEFT adapter_config.json")
-        _check_inside(path, path.parent)
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        config = read_json(folder, CONFIG_NAME, limits)
+    except UnicodeDecodeError as exc:
         raise CheckpointError(f"{path}: cannot read the adapter config ({exc}); re-save the adapter") from None
+    if config is None:
+        raise CheckpointError(f"{path}: missing; a PEFT adapter folder holds adapter_config.json")
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: not a JSON object; re-save the adapter")
     return config

@@ -207,3 +207,27 @@ def test_dashboard_validation_reads_adapters(tmp_path, monkeypatch):
     dora = tmp_path / "dora"
     make_adapter(dora, tiny_llama(torch.float32), peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
     assert not uploads.validate_pair(base_dir, dora / "adapter").ok
+
+
+@pytest.mark.parametrize("which", ["adapter_config.json", "adapter_model.safetensors"])
+def test_symlinked_adapter_files_are_refused(tmp_path, which):
+    """Issue 12: an adapter file that is a symlink (here to a copy outside the folder) is refused, and nothing of
+    the outside file is read."""
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"])
+    base_dir, ad_dir, _ = make_adapter(tmp_path, tiny_llama(torch.float32), cfg)
+    outside = tmp_path / "outside" / which
+    outside.parent.mkdir()
+    (ad_dir / which).rename(outside)
+    (ad_dir / which).symlink_to(outside)
+    with pytest.raises(CheckpointError, match="symlink"):
+        with Checkpoint.open(base_dir) as b:
+            open_post(ad_dir, b)
+
+
+def test_deeply_nested_adapter_config_is_a_clear_error(tmp_path):
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"])
+    base_dir, ad_dir, _ = make_adapter(tmp_path, tiny_llama(torch.float32), cfg)
+    (ad_dir / "adapter_config.json").write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(CheckpointError, match="nest"):
+        with Checkpoint.open(base_dir) as b:
+            open_post(ad_dir, b)
