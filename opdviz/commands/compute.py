@@ -56,7 +56,9 @@ def register(sub) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from ..job import JobSpec, run_jobs
+    from ..threads import apply_threads
 
+    apply_threads(args.threads)
     opts = options_from_args(args)
     posts = [Path(x) for x in args.post]
     names = args.name or [_default_name(x) for x in posts]
@@ -74,9 +76,8 @@ def main(args: argparse.Namespace) -> int:
                              ray_cpus_per_task=args.ray_cpus_per_task)
     specs = [JobSpec(base=Path(args.base), post=post, run_id=name, method=method, db=Path(args.db), options=opts)
              for post, name, method in zip(posts, names, methods)]
-    # local: one run after the other (each finishes before the next starts); ray: one pool for all runs
-    groups = [specs] if args.executor == "ray" else [[s] for s in specs]
-    for group in groups:
+    # one job for all runs: local reads and decomposes each base tensor once for every post; ray: one pool
+    for group in [specs]:
         rows = run_jobs(group, progress=not args.no_progress, overwrite=args.overwrite, executor=executor)
         for spec, row in zip(group, rows):
             print(f"{spec.run_id}: {row['status']} — {row['n_done']} tensors ({row['n_skipped']} skipped, "
