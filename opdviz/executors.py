@@ -44,6 +44,7 @@ class Work:
     items: list[PairItem]                 # "ok" items still to compute, in stored order
     seq: dict[str, int]                   # tensor name → position in the run's plan (stored as tensors.seq)
     checkpoints: tuple | None = field(default=None, repr=False)   # already open (base, post): local reuse
+    cache: object | None = field(default=None, repr=False)        # opdviz.basecache.BaseCache of the base
 
 
 # on_result(work key, tensor name, (tensors, metrics, arrays, failures) rows, bytes of the pair)
@@ -64,14 +65,15 @@ def compute_items(base: Checkpoint, post: Checkpoint, items: list[PairItem], opt
 
 
 def compute_shared(base: Checkpoint, posts: list[tuple[int, Checkpoint, list[PairItem], dict[str, int]]],
-                   opts: AnalysisOptions, device, stages: dict | None = None
+                   opts: AnalysisOptions, device, stages: dict | None = None, cache=None
                    ) -> Iterator[tuple[int, PairItem, tuple]]:
     """The one computing loop every executor runs: iterate the base tensors, each read once, and for
     each analyse every post that has it (``opdviz.job.analyse_items``: base work shared).
 
     ``posts``: (key, post checkpoint, its todo items, its seq map) per post-trained checkpoint of this
     base. Yields (key, item, rows) per post and tensor. Base tensors are visited in the first post's
-    plan order (base shard, post shard, offset); each post tensor is read once.
+    plan order (base shard, post shard, offset); each post tensor is read once. ``cache``: the base's
+    ``opdviz.basecache.BaseCache`` (factors reused from and kept for other jobs), or None.
     """
     from .job import analyse_items
 
@@ -90,7 +92,7 @@ def compute_shared(base: Checkpoint, posts: list[tuple[int, Checkpoint, list[Pai
         if stages is not None:
             stages["read"] = stages.get("read", 0.0) + time.perf_counter() - t0
         loaders = [(item, functools.partial(ck.load, item.post.name, device), seq) for _, ck, item, seq in group]
-        results = analyse_items(wb, loaders, opts, base.config, stages)
+        results = analyse_items(wb, loaders, opts, base.config, stages, cache)
         del wb, loaders
         release_memory()
         for (key, _, item, _), rows in zip(group, results):
@@ -140,7 +142,7 @@ class LocalExecutor:
                 post = (w.checkpoints[1] if w.checkpoints
                         else Checkpoint.open(w.post, allow_pickle=w.options.allow_pickle))
                 posts.append((w.key, post, w.items, w.seq))
-            for key, item, rows in compute_shared(base, posts, w0.options, device, self.stages):
+            for key, item, rows in compute_shared(base, posts, w0.options, device, self.stages, w0.cache):
                 on_result(key, item.name, rows, pair_bytes(item))
 
 

@@ -8,7 +8,8 @@ job goes on.
 
 ``run_jobs`` runs several runs as one job; where the tensors are computed is the executor's business
 (``opdviz.executors``: the local loop, or a Ray cluster with ``--executor ray``) — this process stays the
-only writer of the store.
+only writer of the store. Locally, runs that share a base are computed together: the loop iterates base
+tensors and ``analyse_items`` analyses every post that has the tensor against one shared base work.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 from . import __version__
 from .errors import OpdvizError, OptionsError, StoreError
 from .executors import LocalExecutor, Work
-from .metrics import add_coverage, analyse_pair, base_work
+from .metrics import add_coverage, analyse_pair, base_work, is_matrix_pair, timed
 from .naming import fused_parts, matrix_view, parse_name, split_part
 from .options import AnalysisOptions
 from .reader import Checkpoint, PairItem, plan_pairs
@@ -188,7 +189,8 @@ COVERAGE_BATCH_BYTES = 1 << 30    # packed masks (1 B/coordinate per post) held 
 
 
 def analyse_items(wb: torch.Tensor, posts: list[tuple[PairItem, Callable[[], torch.Tensor], int]],
-                  opts: AnalysisOptions, config: dict | None, stages: dict | None = None) -> list[tuple]:
+                  opts: AnalysisOptions, config: dict | None, stages: dict | None = None,
+                  cache=None) -> list[tuple]:
     """Rows (tensors, metrics, arrays, failures) of one base tensor against each of several posts.
 
     ``posts``: (item, loader of the post tensor, seq) per post, all items naming the base tensor ``wb``.
@@ -196,6 +198,8 @@ def analyse_items(wb: torch.Tensor, posts: list[tuple[PairItem, Callable[[], tor
     done once per unit (the tensor and its fused parts) and shared; each post tensor is loaded once,
     analysed, and dropped before the next. Results equal ``analyse_item`` of each pair alone.
     ``stages``: seconds by stage are added to it (read, elementwise, base_decomposition, ...).
+    ``cache``: an ``opdviz.basecache.BaseCache`` of this base: factors found there are used, costly
+    ones computed here are kept there for later jobs.
     """
     item0 = posts[0][0]
     parsed = parse_name(item0.name)
@@ -257,7 +261,7 @@ def analyse_items(wb: torch.Tensor, posts: list[tuple[PairItem, Callable[[], tor
                 stage = "metrics"
                 if u not in bases:
                     try:
-                        bases[u] = base_work(b, opts, matrix=is_matrix, stages=stages)
+                        bases[u] = _base_work(name or item0.name, b, opts, is_matrix, stages, cache)
                     except Exception:   # each post then computes alone and reports the error itself
                         bases[u] = None
                     # the base's time is shared by the posts of this job: charge it to the first
@@ -300,6 +304,19 @@ def analyse_items(wb: torch.Tensor, posts: list[tuple[PairItem, Callable[[], tor
                                "values": v.astype("float64", copy=False).ravel().tolist()})
         rows.append((tensors, metrics, arrays, failures))
     return rows
+
+
+def _base_work(name: str, b: torch.Tensor, opts: AnalysisOptions, is_matrix: bool, stages: dict | None, cache):
+    """``base_work`` of one unit, through the base cache when there is one."""
+    cached = None
+    if cache is not None and is_matrix_pair(b, is_matrix):
+        with timed(stages, "base_cache"):
+            cached = cache.load(name, b)
+    work = base_work(b, opts, matrix=is_matrix, stages=stages, factors=cached)
+    if cache is not None and cached is None and work.factors is not None:
+        with timed(stages, "base_cache"):
+            cache.save(name, b, work.factors)
+    return work
 
 
 def _add(stages: dict | None, key: str, seconds: float) -> None:
@@ -408,6 +425,8 @@ def run_jobs(specs: list[JobSpec], *, progress: bool = True, overwrite: bool = F
         finally:
             total.close()
             stages = {**getattr(executor, "stages", {}), "store": stored_s[0], "wall": time.time() - t_start}
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                stages["gpu_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
             for run in runs:
                 run.bar.state["job_stages_s"] = stages     # the job's profile (shared by its runs)
                 # a run whose every tensor was written is done even when another run of the job failed
@@ -475,8 +494,13 @@ def _open_run(spec: JobSpec, key: int, stack: contextlib.ExitStack, executor, ov
         writer.write_tensor(item.name, [_tensor_row(item.name, "", "", parsed, info.shape, info.dtype,
                                                     "skipped", item.reason, seq_of[item.name])], [], [], [])
         bar.advance(0)
+    cache = None
+    if opts.base_cache and getattr(executor, "name", "") == "local":
+        from .basecache import BaseCache, cache_root
+
+        cache = BaseCache(cache_root(spec.db), base_fp, opts, executor.device_label(opts))
     work = Work(key=key, base=Path(spec.base), post=Path(spec.post), options=opts,
-                items=[i for i in todo if i.status == "ok"], seq=seq_of, checkpoints=(base, post))
+                items=[i for i in todo if i.status == "ok"], seq=seq_of, checkpoints=(base, post), cache=cache)
     return _Run(spec, store, writer, row, bar, work, prior_wall)
 
 

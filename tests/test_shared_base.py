@@ -17,6 +17,8 @@ import torch
 
 import factory
 from opdviz import job as job_mod
+from opdviz.basecache import cache_root
+from opdviz.metrics import geometry
 from opdviz.executors import LocalExecutor
 from opdviz.job import JobSpec, run_jobs
 from opdviz.metrics import analyse_pair, base_work
@@ -25,7 +27,8 @@ from opdviz.options import AnalysisOptions
 from opdviz.store import Store
 
 # big enough that the FFN and embedding matrices (≥ 49152 entries) take the histogram selection
-CFG = factory.llama_config(layers=1, hidden=128, ffn=384, heads=4, kv_heads=2, vocab=300)
+# and the vocabulary matrices tall enough (m ≥ 8n + 8) for their factors to enter the base cache
+CFG = factory.llama_config(layers=1, hidden=128, ffn=384, heads=4, kv_heads=2, vocab=1100)
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +68,9 @@ def _same(left, right) -> None:
                     assert u == v, (col, u, v)
 
 
-def _specs(base, posts, db, names):
-    return [JobSpec(base=base, post=p, run_id=n, method="OPD", db=db) for p, n in zip(posts, names)]
+def _specs(base, posts, db, names, **opts):
+    return [JobSpec(base=base, post=p, run_id=n, method="OPD", db=db, options=AnalysisOptions(**opts))
+            for p, n in zip(posts, names)]
 
 
 def test_three_posts_together_equal_each_alone(family, tmp_path, monkeypatch):
@@ -128,3 +132,37 @@ def test_analyse_pair_with_shared_base_is_identical():
     for k, v in alone.arrays.items():
         np.testing.assert_array_equal(v, shared.arrays[k])
     assert coverage_code is not None
+
+
+def test_a_later_job_reuses_the_base_cache(family, tmp_path, monkeypatch):
+    base, posts = family
+    db = tmp_path / "c.duckdb"
+    calls: list[tuple] = []
+    real = geometry.linalg_base
+    monkeypatch.setattr(geometry, "linalg_base", lambda wb, opts: calls.append(tuple(wb.shape)) or real(wb, opts))
+    run_jobs(_specs(base, posts[:1], db, ["first"]), progress=False)
+    files = sorted(p.name for p in cache_root(db).rglob("*.safetensors"))
+    # only the tall vocabulary matrices are worth keeping (factors ≤ the tensor's own bytes)
+    assert len(files) == 2 and all(f.startswith(("model.embed_tokens", "lm_head")) for f in files), files
+    first = list(calls)
+    assert (1100, 128) in first
+    calls.clear()
+    run_jobs(_specs(base, posts[:1], db, ["second"]), progress=False)
+    assert (1100, 128) not in calls and len(calls) == len(first) - 2          # the two came from the cache
+    off = tmp_path / "off.duckdb"
+    run_jobs(_specs(base, posts[:1], off, ["nocache"], base_cache=False), progress=False)
+    assert not cache_root(off).exists()
+    _same(_results(db, "second"), _results(off, "nocache"))
+    _same(_results(db, "first"), _results(off, "nocache"))
+
+    # an entry that holds another tensor's factors (same key, other bytes) is detected and not used
+    emb, head = (next(cache_root(db).rglob(f"{p}*.safetensors")) for p in ("model.embed_tokens", "lm_head"))
+    emb.write_bytes(head.read_bytes())
+    calls.clear()
+    run_jobs(_specs(base, posts[:1], db, ["third"]), progress=False)
+    assert calls.count((1100, 128)) == 1
+    _same(_results(db, "third"), _results(off, "nocache"))
+    # a corrupt entry is ignored too
+    emb.write_bytes(b"not a safetensors file")
+    run_jobs(_specs(base, posts[:1], db, ["fourth"]), progress=False)
+    _same(_results(db, "fourth"), _results(off, "nocache"))

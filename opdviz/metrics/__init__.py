@@ -4,6 +4,11 @@
 magnitudes, coverage of low-magnitude coordinates, maps) on any tensor, then — for matrices —
 the linear-algebra pass (ΔW spectrum, ranks, geometry relative to the base), which reuses the
 changed masks of the first pass. Definitions live in each module's ``FAMILIES`` and the README.
+
+Base work once: ``base_work`` is everything that depends on W_base alone (the elementwise prepass,
+the base factorization); ``analyse_pair(…, base=…, coverage=False)`` then analyses one post against
+it, and ``add_coverage`` computes the principal coverage of several posts of one base in one sweep
+over the base's reconstructions. A pair alone runs the same code, so results are identical.
 """
 
 from __future__ import annotations
@@ -56,8 +61,10 @@ def timed(stages: dict | None, key: str):
         stages[key] = stages.get(key, 0.0) + time.perf_counter() - t0
 
 
-def base_work(wb: torch.Tensor, opts: AnalysisOptions, *, matrix: bool, stages: dict | None = None) -> BaseWork:
-    """The base-only work of ``analyse_pair`` for the base view ``wb`` (same arguments)."""
+def base_work(wb: torch.Tensor, opts: AnalysisOptions, *, matrix: bool, stages: dict | None = None,
+              factors=None) -> BaseWork:
+    """The base-only work of ``analyse_pair`` for the base view ``wb`` (same arguments). ``factors``: the
+    base factorization when already known (``opdviz.basecache``), else computed."""
     from .elementwise import base_stats
 
     with timed(stages, "elementwise"):
@@ -66,7 +73,7 @@ def base_work(wb: torch.Tensor, opts: AnalysisOptions, *, matrix: bool, stages: 
         from .geometry import linalg_base
 
         with timed(stages, "base_decomposition"):
-            work.factors = linalg_base(wb, opts)
+            work.factors = factors if factors is not None else linalg_base(wb, opts)
     return work
 
 

@@ -153,9 +153,10 @@ def base_factors(wb: torch.Tensor, exact: bool, q: int, seed: int) -> BaseFactor
     if exact:
         gb = base_gram(wb)
         sig, v = eigh_desc(gb)
-        return BaseFactors(True, sig, v, gram=gb)
+        # row-major like a reloaded cache entry: BLAS rounds differently for other layouts (last bits)
+        return BaseFactors(True, sig, v.contiguous(), gram=gb)
     u, s, v = lowrank(wb.float(), q, seed)
-    return BaseFactors(False, s, v, u=u)
+    return BaseFactors(False, s.contiguous(), v.contiguous(), u=u.contiguous())
 
 
 @dataclass
