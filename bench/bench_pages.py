@@ -1,7 +1,10 @@
 """Time every dashboard page on a 7B-sized store (Llama-2-7B shapes: 32 layers × 7 projections + embed/head,
 3 runs, every metric and array), with Streamlit's AppTest — no browser, so this is server-side time.
 
-    .venv/bin/python bench/bench_pages.py [--out bench/out] [--repeat 3] [--browser]
+    .venv/bin/python bench/bench_pages.py [--out bench/out] [--repeat 3] [--browser] [--runs 3] [--layers 32]
+
+``--runs N`` builds the store with N runs (a sweep: OPD, RL, SFT, … cycling method labels) to check
+that a store with many runs stays as responsive as one with 3; ``--layers`` shrinks the model.
 
 Columns:
   cold   first render with empty caches (st.cache_data and the query memo cleared: every query runs;
@@ -34,14 +37,23 @@ STORE_LAYOUT = "v3"
 PAGES = ("overview", "sparsity", "spectra", "geometry", "tensor", "compare")
 
 
-def build_store(out: Path) -> Path:
+def sweep_runs(n: int) -> tuple:
+    """3 runs: OPD, RL, SFT (as before); more: a sweep of (run id, method) pairs cycling the three."""
+    if n == 3:
+        return ("OPD", "RL", "SFT")
+    return tuple((f"{m}-{i:02d}", m) for i, m in zip(range(n), ("OPD", "RL", "SFT") * n))
+
+
+def build_store(out: Path, runs: int = 3, layers: int | None = None) -> Path:
     from synthetic import SEVEN_B, make_synthetic_store
 
-    db = out / f"pages_7b_{STORE_LAYOUT}.duckdb"
+    shape = {**SEVEN_B, **({"layers": layers} if layers else {})}
+    tag = "" if (runs, shape["layers"]) == (3, SEVEN_B["layers"]) else f"_{runs}runs_{shape['layers']}l"
+    db = out / f"pages_7b_{STORE_LAYOUT}{tag}.duckdb"
     if not db.exists():
         out.mkdir(parents=True, exist_ok=True)
         t = time.perf_counter()
-        make_synthetic_store(db, runs=("OPD", "RL", "SFT"), seed=0, **SEVEN_B)
+        make_synthetic_store(db, runs=sweep_runs(runs), seed=0, **shape)
         print(f"built {db} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     return db
 
@@ -133,8 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--browser", action="store_true", help="also time page switches in Chromium (see above)")
+    ap.add_argument("--runs", type=int, default=3, help="runs in the store (default 3; e.g. 50 for a sweep)")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: Llama-2-7B's 32)")
     args = ap.parse_args(argv)
-    db = build_store(args.out)
+    db = build_store(args.out, args.runs, args.layers)
     os.environ["OPDVIZ_DB"] = str(db)
     os.environ["OPDVIZ_PREWARM"] = "0"        # background warming would blur "cold"
     import logging
@@ -147,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         cw = [cold_and_warm(page) for _ in range(args.repeat)]
         rows.append((page, len(figures_for(page)), statistics.median(c for c, _ in cw),
                      statistics.median(w for _, w in cw)))
-    print(f"store: {db} ({db.stat().st_size / 2**20:.0f} MiB), 3 runs × {32 * 7 + 2} matrices; "
+    print(f"store: {db} ({db.stat().st_size / 2**20:.0f} MiB), {args.runs} runs × "
+          f"{(args.layers or 32) * 7 + 2} matrices, load {os.getloadavg()[0]:.1f}; "
           f"median of {args.repeat}; seconds per page render (AppTest, server side)")
     print(f"{'page':<10} {'figures':>7} {'cold':>7} {'warm':>7}")
     for page, n, cold, warm in rows:

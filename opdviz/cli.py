@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .threads import passive_wait
+
+    passive_wait()             # before any subcommand imports torch: OpenMP reads it once, at start
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -15,6 +15,7 @@ makes the first task that finds no file at PATH create it and kill its own worke
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass, field
@@ -24,7 +25,8 @@ from typing import Callable, Iterator
 from .adapters import open_post
 from .errors import OpdvizError, OptionsError
 from .options import AnalysisOptions, finite_number
-from .reader import Checkpoint, PairItem, iter_pairs, plan_pairs
+from .reader import Checkpoint, PairItem, plan_pairs
+from .threads import child_env
 
 EXECUTORS = ("local", "ray")
 RAY_MAX_RETRIES = 3          # reruns of a task whose worker died (application errors are not retried)
@@ -43,6 +45,7 @@ class Work:
     items: list[PairItem]                 # "ok" items still to compute, in stored order
     seq: dict[str, int]                   # tensor name → position in the run's plan (stored as tensors.seq)
     checkpoints: tuple | None = field(default=None, repr=False)   # already open (base, post): local reuse
+    cache: object | None = field(default=None, repr=False)        # opdviz.basecache.BaseCache of the base
 
 
 # on_result(work key, tensor name, (tensors, metrics, arrays, failures) rows, bytes of the pair)
@@ -56,17 +59,47 @@ def pair_bytes(item: PairItem) -> int:
 
 
 def compute_items(base: Checkpoint, post: Checkpoint, items: list[PairItem], opts: AnalysisOptions,
-                  seq: dict[str, int], device) -> Iterator[tuple[PairItem, tuple]]:
-    """Yield (item, rows) for each item: the one computing loop every executor runs."""
-    from .job import analyse_item
-
-    for item, wb, wp in iter_pairs(base, post, items, device=device):
-        rows = analyse_item(item, wb, wp, opts, base.config, seq[item.name])
-        if hasattr(post, "extra_rows"):           # a LoRA adapter: rank and exact low-rank spectrum
-            post.extra_rows(item, rows, device)
-        del wb, wp
-        release_memory()
+                  seq: dict[str, int], device, stages: dict | None = None) -> Iterator[tuple[PairItem, tuple]]:
+    """Yield (item, rows) for each item of one pair (``compute_shared`` with one post)."""
+    for _, item, rows in compute_shared(base, [(0, post, items, seq)], opts, device, stages):
         yield item, rows
+
+
+def compute_shared(base: Checkpoint, posts: list[tuple[int, Checkpoint, list[PairItem], dict[str, int]]],
+                   opts: AnalysisOptions, device, stages: dict | None = None, cache=None
+                   ) -> Iterator[tuple[int, PairItem, tuple]]:
+    """The one computing loop every executor runs: iterate the base tensors, each read once, and for
+    each analyse every post that has it (``opdviz.job.analyse_items``: base work shared).
+
+    ``posts``: (key, post checkpoint, its todo items, its seq map) per post-trained checkpoint of this
+    base. Yields (key, item, rows) per post and tensor. Base tensors are visited in the first post's
+    plan order (base shard, post shard, offset); each post tensor is read once. ``cache``: the base's
+    ``opdviz.basecache.BaseCache`` (factors reused from and kept for other jobs), or None.
+    """
+    from .job import analyse_items
+
+    by_name: dict[str, list[tuple[int, Checkpoint, PairItem, int]]] = {}
+    order: dict[str, tuple] = {}
+    for key, ck, items, seq in posts:
+        for item in items:
+            if item.status != "ok":
+                continue
+            by_name.setdefault(item.name, []).append((key, ck, item, seq[item.name]))
+            order.setdefault(item.name, (str(item.base.file), str(item.post.file), item.base.offset))
+    for name in sorted(by_name, key=order.__getitem__):
+        group = by_name[name]
+        t0 = time.perf_counter()
+        wb = base.load(group[0][2].base.name, device)
+        if stages is not None:
+            stages["read"] = stages.get("read", 0.0) + time.perf_counter() - t0
+        loaders = [(item, functools.partial(ck.load, item.post.name, device), seq) for _, ck, item, seq in group]
+        results = analyse_items(wb, loaders, opts, base.config, stages, cache)
+        del wb, loaders
+        release_memory()
+        for (key, ck, item, _), rows in zip(group, results):
+            if hasattr(ck, "extra_rows"):           # a LoRA adapter: rank and exact low-rank spectrum
+                ck.extra_rows(item, rows, device)
+            yield key, item, rows
 
 
 def release_memory() -> None:
@@ -82,12 +115,17 @@ def release_memory() -> None:
 
 
 class LocalExecutor:
-    """Today's loop, in this process, one run after the other."""
+    """The plain loop, in this process. Runs that share a base checkpoint and options are computed
+    together: each base tensor is read and decomposed once for all of them (``compute_shared``).
+
+    ``stages``: seconds by stage (read, elementwise, base_decomposition, update_decomposition,
+    geometry), summed over every ``run`` call, for profiles (``bench/bench_engine.py``)."""
 
     name = "local"
 
     def __init__(self, device=None):
         self.device = device
+        self.stages: dict[str, float] = {}
 
     def device_label(self, opts: AnalysisOptions) -> str:
         from .job import resolve_device
@@ -97,15 +135,27 @@ class LocalExecutor:
     def run(self, works: list[Work], on_result: ResultSink, on_tasks: TaskSink | None = None) -> None:
         from .job import resolve_device
 
-        for w in works:
-            device = self.device or resolve_device(w.options.device)
-            if w.checkpoints:
-                base, post = w.checkpoints
-            else:
-                base = Checkpoint.open(w.base, allow_pickle=w.options.allow_pickle)
-                post = open_post(w.post, base, allow_pickle=w.options.allow_pickle)
-            for item, rows in compute_items(base, post, w.items, w.options, w.seq, device):
-                on_result(w.key, item.name, rows, pair_bytes(item))
+        for group in group_by_base(works):
+            w0 = group[0]
+            device = self.device or resolve_device(w0.options.device)
+            base = (w0.checkpoints[0] if w0.checkpoints
+                    else Checkpoint.open(w0.base, allow_pickle=w0.options.allow_pickle))
+            posts = []
+            for w in group:
+                post = (w.checkpoints[1] if w.checkpoints
+                        else open_post(w.post, base, allow_pickle=w.options.allow_pickle))
+                posts.append((w.key, post, w.items, w.seq))
+            for key, item, rows in compute_shared(base, posts, w0.options, device, self.stages, w0.cache):
+                on_result(key, item.name, rows, pair_bytes(item))
+
+
+def group_by_base(works: list[Work]) -> list[list[Work]]:
+    """Works that can share their base work: the same base checkpoint (resolved path) and options, in
+    the order of their first work."""
+    groups: dict[tuple, list[Work]] = {}
+    for w in works:
+        groups.setdefault((str(Path(w.base).resolve()), w.options), []).append(w)
+    return list(groups.values())
 
 
 # ---------------------------------------------------------------------------------------------- planning
@@ -249,7 +299,9 @@ class RayExecutor:
             try:
                 # a local Ray started for this job needs no dashboard; a cluster keeps its own settings
                 extra = {} if self.address else {"include_dashboard": False, "configure_logging": False}
-                ray.init(address=self.address, log_to_driver=False, **extra)
+                # workers start torch themselves: give them passive OpenMP waiting (opdviz.threads)
+                env = {"OMP_WAIT_POLICY": child_env()["OMP_WAIT_POLICY"]}
+                ray.init(address=self.address, log_to_driver=False, runtime_env={"env_vars": env}, **extra)
             except ConnectionError as exc:
                 raise OptionsError(f"cannot reach the Ray cluster at {self.address!r}: {exc}. Start it with "
                                    "`ray start --head` (and `ray start --address HEAD:6379` on the other "
@@ -363,6 +415,9 @@ def add_executor_flags(parser) -> None:
                         "or use $RAY_ADDRESS")
     g.add_argument("--ray-gpus-per-task", type=finite_number(0), default=1.0, metavar="N",
                    help="GPUs per Ray task when the cluster has GPUs (default: 1; 0.5 puts two tasks on a GPU)")
+    g.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads of the job (default: $OPDVIZ_THREADS, else the cores this process may "
+                        "run on); OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE unless set)")
     g.add_argument("--ray-cpus-per-task", type=int, default=None, metavar="N",
                    help="CPUs (and torch threads) per Ray task on CPU workers (default: this machine's torch "
                         "thread count, so results equal --executor local bit for bit)")

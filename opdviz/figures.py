@@ -138,6 +138,11 @@ def _ordered(values, kind: str) -> list:
     return vals
 
 
+def _vspace(preferred: float, nrows: int) -> float:
+    """Row spacing of a facet grid: plotly refuses more than 1/(rows − 1) (a sweep of 50 runs → 17 rows)."""
+    return preferred if nrows <= 1 else min(preferred, 0.5 / (nrows - 1))
+
+
 def _lines(df: pd.DataFrame, x: str, y: str, color: str, title: str, xlabel: str, ylabel: str,
            dash: str | None = None, facet: str | None = None, log_x: bool = False, log_y: bool = False,
            markers: bool = False, hover: str | None = None, max_cols: int = 3) -> go.Figure:
@@ -148,7 +153,7 @@ def _lines(df: pd.DataFrame, x: str, y: str, color: str, title: str, xlabel: str
     nrows = math.ceil(len(facets) / ncols)
     titles = [_facet_title(df, facet, f) for f in facets] if facet else None
     fig = _figure(title, nrows, ncols, shared_yaxes=True, shared_xaxes=True, subplot_titles=titles,
-                  horizontal_spacing=0.04, vertical_spacing=0.12) if facet else _figure(title)
+                  horizontal_spacing=0.04, vertical_spacing=_vspace(0.12, nrows)) if facet else _figure(title)
     colors = _ordered(df[color], color)
     dashes = _ordered(df[dash], dash) if dash else [None]
     dash_of = {d: DASHES[i % len(DASHES)] for i, d in enumerate(dashes)}
@@ -243,7 +248,7 @@ def heatmap(df: pd.DataFrame, z: str, zlabel: str, title: str, x: str = "module"
     titles = [_facet_title(df, facet, f) for f in facets] if facet else None
     # rows of panels leave room for the slanted module labels and the next row's panel titles
     fig = _figure(title, nrows, ncols, shared_yaxes=True, subplot_titles=titles, horizontal_spacing=0.03,
-                  vertical_spacing=0.1 if nrows == 1 else 0.22) if facet else _figure(title)
+                  vertical_spacing=_vspace(0.1, nrows)) if facet else _figure(title)
     if nrows > 1:
         fig.update_layout(height=340 * nrows)
     xs = _ordered(df[x], x)

@@ -8,7 +8,8 @@ job goes on.
 
 ``run_jobs`` runs several runs as one job; where the tensors are computed is the executor's business
 (``opdviz.executors``: the local loop, or a Ray cluster with ``--executor ray``) — this process stays the
-only writer of the store.
+only writer of the store. Locally, runs that share a base are computed together: the loop iterates base
+tensors and ``analyse_items`` analyses every post that has the tensor against one shared base work.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -33,7 +35,7 @@ from . import __version__
 from .adapters import open_post
 from .errors import CheckpointError, DiskFullError, OpdvizError, OptionsError, StoreError
 from .executors import LocalExecutor, Work
-from .metrics import analyse_pair
+from .metrics import add_coverage, analyse_pair, base_work, is_matrix_pair, timed
 from .naming import fused_parts, matrix_view, parse_name, split_part
 from .options import AnalysisOptions, check_label
 from .reader import Checkpoint, PairItem, plan_pairs
@@ -205,49 +207,146 @@ def _tensor_row(name: str, parent: str, part: str, parsed, shape, dtype: str, st
 def analyse_item(item: PairItem, wb: torch.Tensor, wp: torch.Tensor, opts: AnalysisOptions,
                  config: dict | None, seq: int) -> tuple[list, list, list, list]:
     """Rows (tensors, metrics, arrays, failures) for one stored tensor and its fused parts."""
-    tensors, metrics, arrays, failures = [], [], [], []
-    parsed = parse_name(item.name)
-    dtype = item.base.dtype
-    units = [("", "", None, None)]
+    return analyse_items(wb, [(item, lambda: wp, seq)], opts, config)[0]
+
+
+COVERAGE_BATCH_BYTES = 1 << 30    # packed masks (1 B/coordinate per post) held for a shared coverage pass
+
+
+def analyse_items(wb: torch.Tensor, posts: list[tuple[PairItem, Callable[[], torch.Tensor], int]],
+                  opts: AnalysisOptions, config: dict | None, stages: dict | None = None,
+                  cache=None) -> list[tuple]:
+    """Rows (tensors, metrics, arrays, failures) of one base tensor against each of several posts.
+
+    ``posts``: (item, loader of the post tensor, seq) per post, all items naming the base tensor ``wb``.
+    The base-only work (elementwise prepass, base factorization, principal-coverage reconstructions) is
+    done once per unit (the tensor and its fused parts) and shared; each post tensor is loaded once,
+    analysed, and dropped before the next. Results equal ``analyse_item`` of each pair alone.
+    ``stages``: seconds by stage are added to it (read, elementwise, base_decomposition, ...).
+    ``cache``: an ``opdviz.basecache.BaseCache`` of this base: factors found there are used, costly
+    ones computed here are kept there for later jobs.
+    """
+    item0 = posts[0][0]
+    parsed = parse_name(item0.name)
+    dtype = item0.base.dtype
+    units: list[tuple[str, str, object]] = [("", "", None)]
     if opts.split_fused and wb.dim() >= 2:
-        for part in fused_parts(item.name, tuple(wb.shape), config):
-            units.append((part.name(item.name), part.suffix, part, None))
-    for name, suffix, part, _ in units:
+        for part in fused_parts(item0.name, tuple(wb.shape), config):
+            units.append((part.name(item0.name), part.suffix, part))
+
+    def base_view(part):
+        if part is None:
+            # a 3-D stack of expert matrices is not one matrix: its parts get the spectra
+            return matrix_view(item0.name, wb, config), tuple(wb.shape), wb.dim() == 2 or wb.dim() >= 4
+        b = split_part(item0.name, wb, part, config)
+        return b, tuple(b.shape), b.dim() == 2
+
+    bases: dict[int, object] = {}                   # unit → BaseWork (None: base work failed)
+    out: list[list] = [[None] * len(units) for _ in posts]   # [post][unit] → ("ok", res, s, shape) | failure
+    pending: dict[int, list[int]] = {u: [] for u in range(len(units))}   # posts awaiting coverage
+
+    def fail(pi: int, u: int, stage: str, exc: BaseException, seconds: float) -> None:
+        name, suffix, part = units[u]
+        message = str(exc) if isinstance(exc, OpdvizError) else traceback.format_exception(exc, limit=8)
+        if isinstance(message, list):
+            message = "".join(message)
+        out[pi][u] = ("failed", {"tensor": name or item0.name, "stage": stage, "error": type(exc).__name__,
+                                 "message": message},
+                      f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", seconds)
+
+    def flush(u: int) -> None:
+        todo = pending[u]
+        pending[u] = []
+        if not todo:
+            return
         t0 = time.perf_counter()
-        stage = "prepare"
         try:
-            if part is None:
-                b, p = matrix_view(item.name, wb, config), matrix_view(item.name, wp, config)
-                shape = tuple(wb.shape)
-                # a 3-D stack of expert matrices is not one matrix: its parts get the spectra
-                is_matrix = wb.dim() == 2 or wb.dim() >= 4
-            else:
-                b, p = split_part(item.name, wb, part, config), split_part(item.name, wp, part, config)
-                shape = tuple(b.shape)
-                is_matrix = b.dim() == 2
-            stage = "metrics"
-            res = analyse_pair(b, p, opts, matrix=is_matrix)
-        except Exception as exc:  # recorded with stage and traceback; the job goes on
-            seconds = time.perf_counter() - t0
-            message = str(exc) if isinstance(exc, OpdvizError) else traceback.format_exc(limit=8)
-            failures.append({"tensor": name or item.name, "stage": stage, "error": type(exc).__name__,
-                             "message": message})
-            tensors.append(_tensor_row(name or item.name, item.name if part else "", suffix, parsed,
-                                       tuple(wb.shape) if part is None else (), dtype, "failed",
-                                       f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                                       seq, seconds=seconds, expert=part.expert if part else None,
-                                       module=part.module if part else None))
-            continue
-        seconds = time.perf_counter() - t0
-        key = name or item.name
-        tensors.append(_tensor_row(key, item.name if part else "", suffix, parsed, shape, dtype, "ok", "", seq,
-                                   exact=res.exact, seconds=seconds, expert=part.expert if part else None,
-                                   module=part.module if part else None))
-        metrics.extend({"tensor": key, "metric": m, "value": float(v)} for m, v in res.scalars.items())
-        for a, v in res.arrays.items():
-            arrays.append({"tensor": key, "name": a, "shape": list(v.shape),
-                           "values": v.astype("float64", copy=False).ravel().tolist()})
-    return tensors, metrics, arrays, failures
+            b, _, _ = base_view(units[u][2])
+            add_coverage(b, bases[u], [out[pi][u][1] for pi in todo], opts, stages)
+        except Exception as exc:   # recorded for every post of the batch; the job goes on
+            share = (time.perf_counter() - t0) / len(todo)
+            for pi in todo:
+                fail(pi, u, "metrics", exc, out[pi][u][2] + share)
+            return
+        share = (time.perf_counter() - t0) / len(todo)
+        for pi in todo:
+            kind, res, seconds, shape = out[pi][u]
+            out[pi][u] = (kind, res, seconds + share, shape)
+
+    for pi, (item, load, _) in enumerate(posts):
+        t_read = time.perf_counter()
+        wp = load()
+        _add(stages, "read", time.perf_counter() - t_read)
+        for u, (name, suffix, part) in enumerate(units):
+            t0 = time.perf_counter()
+            stage = "prepare"
+            try:
+                b, shape, is_matrix = base_view(part)
+                p = matrix_view(item.name, wp, config) if part is None else split_part(item.name, wp, part, config)
+                stage = "metrics"
+                if u not in bases:
+                    try:
+                        bases[u] = _base_work(name or item0.name, b, opts, is_matrix, stages, cache)
+                    except Exception:   # each post then computes alone and reports the error itself
+                        bases[u] = None
+                    # the base's time is shared by the posts of this job: charge it to the first
+                if bases[u] is None:
+                    res = analyse_pair(b, p, opts, matrix=is_matrix, stages=stages)
+                else:
+                    res = analyse_pair(b, p, opts, matrix=is_matrix, base=bases[u], coverage=False, stages=stages)
+            except Exception as exc:  # recorded with stage and traceback; the job goes on
+                fail(pi, u, stage, exc, time.perf_counter() - t0)
+                continue
+            out[pi][u] = ("ok", res, time.perf_counter() - t0, shape)
+            if res.code is not None:
+                pending[u].append(pi)
+                if sum(out[i][u][1].code.numel() for i in pending[u]) >= COVERAGE_BATCH_BYTES:
+                    flush(u)
+        del wp
+    for u in range(len(units)):
+        flush(u)
+
+    rows = []
+    for pi, (item, _, seq) in enumerate(posts):
+        tensors, metrics, arrays, failures = [], [], [], []
+        for u, (name, suffix, part) in enumerate(units):
+            key = name or item.name
+            expert, module = (part.expert, part.module) if part else (None, None)
+            entry = out[pi][u]
+            if entry[0] == "failed":
+                _, failure, reason, seconds = entry
+                failures.append(failure)
+                tensors.append(_tensor_row(key, item.name if part else "", suffix, parsed,
+                                           tuple(wb.shape) if part is None else (), dtype, "failed", reason, seq,
+                                           seconds=seconds, expert=expert, module=module))
+                continue
+            _, res, seconds, shape = entry
+            tensors.append(_tensor_row(key, item.name if part else "", suffix, parsed, shape, dtype, "ok", "", seq,
+                                       exact=res.exact, seconds=seconds, expert=expert, module=module))
+            metrics.extend({"tensor": key, "metric": m, "value": float(v)} for m, v in res.scalars.items())
+            for a, v in res.arrays.items():
+                arrays.append({"tensor": key, "name": a, "shape": list(v.shape),
+                               "values": v.astype("float64", copy=False).ravel().tolist()})
+        rows.append((tensors, metrics, arrays, failures))
+    return rows
+
+
+def _base_work(name: str, b: torch.Tensor, opts: AnalysisOptions, is_matrix: bool, stages: dict | None, cache):
+    """``base_work`` of one unit, through the base cache when there is one."""
+    cached = None
+    if cache is not None and is_matrix_pair(b, is_matrix):
+        with timed(stages, "base_cache"):
+            cached = cache.load(name, b)
+    work = base_work(b, opts, matrix=is_matrix, stages=stages, factors=cached)
+    if cache is not None and cached is None and work.factors is not None:
+        with timed(stages, "base_cache"):
+            cache.save(name, b, work.factors)
+    return work
+
+
+def _add(stages: dict | None, key: str, seconds: float) -> None:
+    if stages is not None:
+        stages[key] = stages.get(key, 0.0) + seconds
 
 
 def training_metadata(post: Path, log=None) -> dict:
@@ -337,14 +436,17 @@ def run_jobs(specs: list[JobSpec], *, progress: bool = True, overwrite: bool = F
         total = _TotalBar(runs, progress and len(specs) > 1)
         stores = {str(r.store.db_path): r.store for r in runs}
         last_fold = time.time()
+        stored_s = [0.0]
 
         def on_result(key: int, name: str, rows: tuple, nbytes: int) -> None:
             nonlocal last_fold
             run = runs[key]
             run.bar.start(name)
             _maybe_fault(run.writer, name, rows, run.bar.state["n_done"] + 1)
+            t0 = time.perf_counter()
             run.writer.write_tensor(name, *rows)
             run.count(rows[0])
+            stored_s[0] += time.perf_counter() - t0
             run.bar.advance(nbytes)
             total.advance(nbytes)
             if time.time() - last_fold > FOLD_EVERY_S:
@@ -376,7 +478,11 @@ def run_jobs(specs: list[JobSpec], *, progress: bool = True, overwrite: bool = F
             raise
         finally:
             total.close()
+            stages = {**getattr(executor, "stages", {}), "store": stored_s[0], "wall": time.time() - t_start}
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                stages["gpu_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
             for run in runs:
+                run.bar.state["job_stages_s"] = stages     # the job's profile (shared by its runs)
                 # a run whose every tensor was written is done even when another run of the job failed
                 finished = run.bar.state["n_done"] >= run.bar.state["n_total"]
                 try:
@@ -462,8 +568,13 @@ def _open_run(spec: JobSpec, key: int, stack: contextlib.ExitStack, executor, ov
                                                     "skipped", item.reason, seq_of[item.name])], [], [], [])
         counts["skipped"] = counts.get("skipped", 0) + 1
         bar.advance(0)
+    cache = None
+    if opts.base_cache and getattr(executor, "name", "") == "local":
+        from .basecache import BaseCache, cache_root
+
+        cache = BaseCache(cache_root(spec.db), base_fp, opts, executor.device_label(opts))
     work = Work(key=key, base=Path(spec.base), post=Path(spec.post), options=opts,
-                items=[i for i in todo if i.status == "ok"], seq=seq_of, checkpoints=(base, post))
+                items=[i for i in todo if i.status == "ok"], seq=seq_of, checkpoints=(base, post), cache=cache)
     return _Run(spec, store, writer, row, bar, work, prior_wall, counts={k: int(v) for k, v in counts.items()})
 
 

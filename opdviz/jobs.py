@@ -530,7 +530,9 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _child_env() -> dict:
-    env = dict(os.environ)
+    from .threads import child_env
+
+    env = child_env()          # passive OpenMP waiting for the compute children (set before torch starts)
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
@@ -554,13 +556,17 @@ def run_child(db: str | Path, job_id: str) -> int:
         return 2
     runs: list[dict] = []
     try:
-        from .job import JobSpec, run_job
+        from .job import JobSpec, run_jobs
+        from .threads import apply_threads
 
+        apply_threads()
         opts = AnalysisOptions.from_json(job["options"])
-        for post, name, method in job["posts"]:
-            row = run_job(JobSpec(base=Path(job["base"]), post=Path(post), run_id=name, method=method,
-                                  db=Path(db), options=opts), progress=False,
-                          log=lambda m: print(m, file=sys.stderr, flush=True))
+        # one job for every post: each base tensor is read and decomposed once for all of them
+        specs = [JobSpec(base=Path(job["base"]), post=Path(post), run_id=name, method=method, db=Path(db),
+                         options=opts) for post, name, method in job["posts"]]
+        rows = run_jobs(specs, progress=False, log=lambda m: print(m, file=sys.stderr, flush=True))
+        for spec, row in zip(specs, rows):
+            name = spec.run_id
             runs.append({"run_id": name, **{k: row.get(k) for k in ("status", "n_done", "n_skipped", "n_failed",
                                                                      "wall_s")}})
             print(f"{name}: {row['status']} — {row['n_done']} tensors ({row['n_skipped']} skipped, "

@@ -55,6 +55,8 @@ class AnalysisOptions:
     exclude: str = _opt("", "Skip tensors whose name matches this regular expression.")
     chunk_elems: int = _opt(1 << 22, "Elements per chunk in elementwise passes (bounds temporary memory).")
     seed: int = _opt(0, "Seed for randomized solvers, so reruns give identical results.")
+    base_cache: bool = _opt(True, "Keep costly base factorizations beside the store (<db>.cache/base/) and reuse "
+                            "them in later jobs on the same base.")
 
     def __post_init__(self) -> None:
         """Every value is checked here, before any work: numbers (NaN, infinities, ranges), patterns."""
@@ -110,9 +112,9 @@ class AnalysisOptions:
         return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in known})
 
     def result_key(self) -> str:
-        """The options that change stored numbers (not device/chunking); resuming requires them equal."""
+        """The options that change stored numbers (not device/chunking/caching); resuming requires them equal."""
         d = dataclasses.asdict(self)
-        for k in ("device", "chunk_elems"):
+        for k in ("device", "chunk_elems", "base_cache"):
             d.pop(k)
         return json.dumps(d, sort_keys=True)
 

@@ -40,7 +40,7 @@ import torch
 
 from .adapters import open_post
 from .errors import OpdvizError, OptionsError
-from .job import JobSpec, Progress, resolve_device, run_job, run_lock
+from .job import JobSpec, Progress, resolve_device, run_jobs, run_lock
 from .masks import changed_chunks
 from .metrics.linalg import VALID_REL, chunk_rows, eigh_desc, lowrank
 from .naming import matrix_view
@@ -258,10 +258,11 @@ def run_trajectory(spec: TrajectorySpec, *, progress: bool = True, overwrite: bo
     store.check()          # before any work: a foreign or broken --db is refused untouched
     steps = [s for s, _ in spec.checkpoints]
     extra = {"trajectory_k": spec.k, "hill_frac": spec.hill_frac, "steps": steps}
-    for step, path in spec.checkpoints:
-        row = run_job(JobSpec(base=Path(spec.base), post=Path(path), run_id=f"{spec.name}@{step}", method=spec.method,
-                              db=Path(spec.db), options=opts, trajectory=spec.name, step=step, extra=extra),
-                      progress=progress, overwrite=overwrite, log=log)
+    # one job for every step: each base tensor is read and decomposed once for all of them
+    specs = [JobSpec(base=Path(spec.base), post=Path(path), run_id=f"{spec.name}@{step}", method=spec.method,
+                     db=Path(spec.db), options=opts, trajectory=spec.name, step=step, extra=extra)
+             for step, path in spec.checkpoints]
+    for (step, _), row in zip(spec.checkpoints, run_jobs(specs, progress=progress, overwrite=overwrite, log=log)):
         log(f"{spec.name}@{step}: {row['status']} — {row['n_done']} tensors in {row['wall_s']:.1f} s")
 
     device = resolve_device(opts.device)

@@ -203,3 +203,15 @@ def test_cumulative_energy_of_truncated_spectrum_uses_exact_norm():
     df = _curves("index", "sigma", range(1, 9), lambda i, r: 1.0, label="L1 q").assign(delta_sq_sum=16.0)
     lines = [t for t in F.cumulative_energy(df, "t").data if t.showlegend is False]
     assert all(t.y[-1] == pytest.approx(50) for t in lines)        # 8 of 16 units of ‖ΔW‖²_F
+
+
+def test_facet_grids_hold_a_sweep_of_50_runs():
+    """50 runs faceted 3 per row is 17 rows: the row spacing must shrink (plotly refuses > 1/(rows − 1))."""
+    import pandas as pd
+
+    from opdviz import figures
+
+    df = pd.DataFrame({"run_id": [f"r{i:02d}" for i in range(50) for _ in range(2)],
+                       "method": ["OPD"] * 100, "x": [1, 2] * 50, "y": [0.1, 0.2] * 50})
+    fig = figures._lines(df, "x", "y", "run_id", "t", "x", "y", facet="run_id")
+    assert {t.name for t in fig.data if t.name} >= {f"r{i:02d} (OPD)" for i in range(50)}

@@ -48,6 +48,8 @@ def register(sub) -> None:
     t.add_argument("--overwrite", action="store_true", help="replace stored results of this trajectory")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_download_flag(t)
+    t.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads (default: $OPDVIZ_THREADS, else the cores this process may run on)")
     add_option_flags(t)
     t.set_defaults(func=trajectory_main)
 
@@ -83,9 +85,11 @@ def overlap_main(args: argparse.Namespace) -> int:
 
 
 def trajectory_main(args: argparse.Namespace) -> int:
+    from ..threads import apply_threads
     from ..trajectory import TrajectorySpec, find_checkpoints, run_trajectory
 
     prefetch([args.base, *args.checkpoints], args.download)
+    apply_threads(args.threads)
     cks = find_checkpoints([Path(p) for p in args.checkpoints], args.steps)
     spec = TrajectorySpec(base=Path(args.base), checkpoints=cks, name=args.name, method=args.method, db=Path(args.db),
                           options=options_from_args(args), k=args.k, hill_frac=args.hill_frac)

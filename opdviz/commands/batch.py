@@ -34,6 +34,9 @@ def main(args: argparse.Namespace) -> int:
             print(f"{s.run_id}\t{s.method}\t{s.base}\t{s.post}")
         print(f"{args.file}: {len(batch.specs)} runs, {len(batch.trajectories)} trajectories — ok")
         return 0
+    from ..threads import apply_threads
+
+    apply_threads(args.threads)
     executor = make_executor(args.executor, ray_address=args.ray_address, ray_gpus_per_task=args.ray_gpus_per_task,
                              ray_cpus_per_task=args.ray_cpus_per_task)
     rows = run_batch(batch, executor=executor, progress=not args.no_progress, overwrite=args.overwrite)

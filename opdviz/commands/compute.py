@@ -61,6 +61,9 @@ def register(sub) -> None:
 def main(args: argparse.Namespace) -> int:
     from ..api import analyze
 
+    from ..threads import apply_threads
+
+    apply_threads(args.threads)
     prefetch([args.base, *args.post], args.download)
     executor = make_executor(args.executor, ray_address=args.ray_address,
                              ray_gpus_per_task=args.ray_gpus_per_task,

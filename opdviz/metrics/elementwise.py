@@ -114,21 +114,41 @@ _LITTLE = sys.byteorder == "little"
 
 
 @dataclass
+class BaseStats:
+    """The base-only part of the elementwise pass (its prepass), computed once per base tensor and shared
+    by every post of a job: Σ W_base² and, for 16-bit floats, the exact histogram of the 15-bit |W_base|
+    patterns that gives RMS(W_base) and the rank thresholds of the low-magnitude masks and deciles."""
+
+    base_sq: float
+    hist: np.ndarray | None            # int64[32768] (bf16/fp16), None for fp32/fp64
+
+
+@dataclass
 class ElementwiseResult:
     scalars: dict[str, float]
     arrays: dict[str, np.ndarray]          # float64 numpy arrays
     masks: dict[str, torch.Tensor]         # bool, input's shape and device: "default" and "exact"
 
 
-def elementwise_metrics(wb: torch.Tensor, wp: torch.Tensor, opts: AnalysisOptions) -> ElementwiseResult:
+def elementwise_metrics(wb: torch.Tensor, wp: torch.Tensor, opts: AnalysisOptions,
+                        base: BaseStats | None = None) -> ElementwiseResult:
     """Every elementwise metric of one pair (names in ``FAMILIES``).
 
     ``wb``, ``wp``: same shape (1-D, or 2-D [out, in], any strides) and stored dtype (bf16, fp16,
-    fp32, fp64), on one device; all work runs there. Returns float64 scalars/arrays and the
-    "default" (``opts.criterion``) and "exact" changed masks. Raises TensorMismatchError for a bad
-    pair or NaN/Inf values."""
+    fp32, fp64), on one device; all work runs there. ``base``: ``base_stats(wb, opts)`` when already
+    computed (results are identical either way). Returns float64 scalars/arrays and the "default"
+    (``opts.criterion``) and "exact" changed masks. Raises TensorMismatchError for a bad pair or
+    NaN/Inf values."""
     _check_pair(wb, wp)
-    return _Pass(wb, wp, opts).run()
+    p = _Pass(wb, wp, opts)
+    return p.run(base if base is not None else p.prepass())
+
+
+def base_stats(wb: torch.Tensor, opts: AnalysisOptions) -> BaseStats:
+    """The prepass over W_base alone (see ``BaseStats``). Raises TensorMismatchError for NaN/Inf in a
+    16-bit base."""
+    _check_pair(wb, wb)
+    return _Pass(wb, wb, opts).prepass()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,8 +282,9 @@ class _Pass:
         return a.view({torch.int16: np.uint16, torch.int32: np.uint32, torch.int64: np.uint64}[self.idt])
 
     # -- the passes ------------------------------------------------------------------------------
-    def run(self) -> ElementwiseResult:
-        base_sq = self._prepass()
+    def run(self, stats: BaseStats) -> ElementwiseResult:
+        base_sq = stats.base_sq
+        self.H = stats.hist
         self.base_rms = math.sqrt(base_sq / self.n)
         self.base_sq = base_sq
         self._plan_criteria()
@@ -275,14 +296,14 @@ class _Pass:
         masks = {"default": self.mask_d.view(shape), "exact": self.mask_e.view(shape)}
         return ElementwiseResult(scalars, arrays, masks)
 
-    def _prepass(self) -> float:
+    def prepass(self) -> BaseStats:
         if not self.hist16:
             tot = 0.0
             for off, L, i, j in self._chunks():
                 fb = self.fb[:L]
                 fb.copy_(self._raw(self.w2b, self.raw_b, i, j))
                 tot += _sumsq(_arr(fb), _arr(self.fd[:L]))
-            return tot
+            return BaseStats(tot, None)
         H = np.zeros(32768, dtype=np.int64)
         for off, L, i, j in self._chunks():
             key = self._key(self._raw(self.w2b, self.raw_b, i, j), L)
@@ -290,8 +311,7 @@ class _Pass:
         lim = _NONFINITE_KEY[self.dtype]
         if H[lim:].any():
             self._raise_nonfinite()
-        self.H = H
-        return float(np.dot(H[:lim].astype(np.float64), self._key_values()[:lim] ** 2))
+        return BaseStats(float(np.dot(H[:lim].astype(np.float64), self._key_values()[:lim] ** 2)), H)
 
     def _key(self, raw: torch.Tensor, L: int) -> torch.Tensor:
         """15-bit |x| pattern of 16-bit floats into self.key (monotone in |x|)."""

@@ -21,7 +21,8 @@ import torch
 from ..errors import TensorMismatchError
 from ..options import AnalysisOptions, fmt_pct
 from ..rankgrid import rank_grid
-from .linalg import (MetricInfo, Factors, approx_factors, chunk_rows, exact_factors, floor_frac)
+from .linalg import (MetricInfo, BaseFactors, Factors, approx_factors, base_factors, chunk_rows, exact_factors,
+                     floor_frac)
 from .spectral import spectrum_metrics
 
 _PROJ_SRC = "2511.08567"
@@ -100,24 +101,51 @@ class LinalgResult:
     exact: bool                        # False when randomized top-k was used
 
 
-def linalg_metrics(wb: torch.Tensor, wp: torch.Tensor, masks: dict[str, torch.Tensor],
-                   opts: AnalysisOptions) -> LinalgResult:
-    """Spectrum and geometry metrics of one 2-D pair [out, in], computed on ``wb``'s device.
-
-    ``masks``: bool changed masks of the same shape, keys "default" and "exact". Spectra are exact
-    unless ``opts.spectrum`` is "approx", or "auto" on CPU with min(m, n) > ``opts.exact_max_dim``."""
+def _check(wb: torch.Tensor, wp: torch.Tensor) -> None:
     if wb.dim() != 2 or wb.shape != wp.shape:
         raise TensorMismatchError(f"linalg_metrics needs two 2-D tensors of one shape, got "
                                   f"{tuple(wb.shape)} and {tuple(wp.shape)}")
-    rows, cols = wb.shape
-    transposed = rows < cols
-    w_b, w_p = (wb.T, wp.T) if transposed else (wb, wp)
-    mn = min(rows, cols)
-    exact = opts.spectrum == "exact" or (
+
+
+def _is_exact(wb: torch.Tensor, opts: AnalysisOptions) -> bool:
+    mn = min(wb.shape)
+    return opts.spectrum == "exact" or (
         opts.spectrum == "auto" and not (wb.device.type == "cpu" and mn > opts.exact_max_dim))
+
+
+def _working(wb: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    transposed = wb.shape[0] < wb.shape[1]
+    return (wb.T if transposed else wb), transposed
+
+
+def linalg_base(wb: torch.Tensor, opts: AnalysisOptions) -> BaseFactors:
+    """The base-only factorization of one 2-D base matrix [out, in] (working orientation), computed once
+    and passed as ``base`` to ``linalg_metrics`` / ``principal_coverage`` for every post of that base."""
+    _check(wb, wb)
+    w_b, _ = _working(wb)
+    mn = min(wb.shape)
+    return base_factors(w_b, _is_exact(wb, opts), min(opts.approx_rank, mn), opts.seed)
+
+
+def linalg_metrics(wb: torch.Tensor, wp: torch.Tensor, masks: dict[str, torch.Tensor] | None,
+                   opts: AnalysisOptions, base: BaseFactors | None = None) -> LinalgResult:
+    """Spectrum and geometry metrics of one 2-D pair [out, in], computed on ``wb``'s device.
+
+    ``masks``: bool changed masks of the same shape, keys "default" and "exact"; None leaves the
+    principal coverage out (``principal_coverage`` computes it for several posts of one base at once).
+    ``base``: ``linalg_base(wb, opts)`` when already computed (results are identical either way).
+    Spectra are exact unless ``opts.spectrum`` is "approx", or "auto" on CPU with min(m, n) >
+    ``opts.exact_max_dim``."""
+    _check(wb, wp)
+    rows, cols = wb.shape
+    w_b, transposed = _working(wb)
+    w_p = wp.T if transposed else wp
+    mn = min(rows, cols)
+    exact = _is_exact(wb, opts)
+    base = base if base is not None else linalg_base(wb, opts)
     ks = sorted({min(k, mn) for k in opts.angle_ks})
     q = min(opts.approx_rank, mn)
-    f = exact_factors(w_b, w_p, ks) if exact else approx_factors(w_b, w_p, ks, q, opts.seed)
+    f = exact_factors(w_b, w_p, ks, base) if exact else approx_factors(w_b, w_p, ks, q, opts.seed, base)
 
     scalars = spectrum_metrics(f.delta_sigma, f.delta_fro2, rows, cols, exact)
     arrays = {"spectrum": f.delta_sigma, "base_spectrum": f.base_sigma, "post_spectrum": f.post_sigma}
@@ -127,8 +155,26 @@ def linalg_metrics(wb: torch.Tensor, wp: torch.Tensor, masks: dict[str, torch.Te
         scalars["nss"] = float(np.linalg.norm(f.post_sigma - f.base_sigma) / np.linalg.norm(f.base_sigma))
     else:
         scalars["nss"] = float("nan")
-    scalars.update(_principal_coverage(w_b, f, masks, transposed, mn, opts))
+    if masks is not None:
+        scalars.update(principal_coverage(wb, base, [coverage_code(masks)], opts)[0])
     return LinalgResult(scalars, {k: np.asarray(v, dtype=np.float64) for k, v in arrays.items()}, exact)
+
+
+def principal_coverage(wb: torch.Tensor, base: BaseFactors, codes: list[torch.Tensor],
+                       opts: AnalysisOptions) -> list[dict[str, float]]:
+    """The principal-coverage scalars of several posts of one base matrix ``wb`` [out, in]: the rank-r
+    reconstructions of W_base and their top-K selections are built once, each post's changed masks
+    (``coverage_code``) are counted in the same sweeps. Returns one dict per entry of ``codes``."""
+    w_b, transposed = _working(wb)
+    return _principal_coverage(w_b, base.v, codes, transposed, min(wb.shape), opts)
+
+
+def coverage_code(masks: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One post's changed masks packed for ``principal_coverage``: uint8 in working orientation, bit 1 =
+    default mask, bit 0 = exact mask (1 byte per coordinate, kept while the other posts are computed)."""
+    md = masks["default"]
+    transposed = md.shape[0] < md.shape[1]
+    return _mask_code(masks, transposed, *((md.shape[1], md.shape[0]) if transposed else md.shape))
 
 
 def _projections(f: Factors, transposed: bool, mn: int, opts: AnalysisOptions, scalars, arrays) -> None:
@@ -175,13 +221,13 @@ def _angles(f: Factors, transposed: bool, shape: tuple[int, int], opts: Analysis
 _BUCKETS = 1 << 15            # |R| float32 bit patterns >> 16: sign dropped, 8 exponent + 7 mantissa bits
 
 
-def _principal_coverage(w_b: torch.Tensor, f: Factors, masks: dict[str, torch.Tensor], transposed: bool,
-                        mn: int, opts: AnalysisOptions) -> dict[str, float]:
+def _principal_coverage(w_b: torch.Tensor, base_v: torch.Tensor, codes: list[torch.Tensor],
+                        transposed: bool, mn: int, opts: AnalysisOptions) -> list[dict[str, float]]:
     m, n = w_b.shape
     numel = m * n
     plan: dict[int, list[tuple[str, str, int]]] = {}     # rank → [(name default, name exact, K)]
     nan_names: list[str] = []
-    avail = f.base_v.shape[1]
+    avail = base_v.shape[1]
     for a in opts.coverage_alphas:
         K, lab = floor_frac(a, numel), fmt_pct(a)
         fixed = opts.coverage_fixed_rank
@@ -193,16 +239,15 @@ def _principal_coverage(w_b: torch.Tensor, f: Factors, masks: dict[str, torch.Te
                 nan_names += [d_name, e_name]
             else:
                 plan.setdefault(r, []).append((d_name, e_name, K))
-    out = {name: float("nan") for name in nan_names}
-    if not plan:
-        return out
-    code = _mask_code(masks, transposed, m, n)
+    outs = [{name: float("nan") for name in nan_names} for _ in codes]
+    if not plan or not codes:
+        return outs
     select = _topk_mask_counts_sorted if numel <= SMALL_SELECT else _topk_mask_counts
-    counts, tot_d, tot_e = select(w_b, f.base_v, plan, code, transposed)
-    for (d_name, e_name), (c_d, c_e) in counts.items():
-        out[d_name] = c_d / tot_d if tot_d else float("nan")
-        out[e_name] = c_e / tot_e if tot_e else float("nan")
-    return out
+    for out, (counts, tot_d, tot_e) in zip(outs, select(w_b, base_v, plan, codes, transposed)):
+        for (d_name, e_name), (c_d, c_e) in counts.items():
+            out[d_name] = c_d / tot_d if tot_d else float("nan")
+            out[e_name] = c_e / tot_e if tot_e else float("nan")
+    return outs
 
 
 def _mask_code(masks: dict[str, torch.Tensor], transposed: bool, m: int, n: int) -> torch.Tensor:
@@ -221,14 +266,14 @@ SMALL_SELECT = 1 << 15        # below this many entries a stable sort beats the 
 
 
 def _topk_mask_counts_sorted(w: torch.Tensor, v: torch.Tensor, plan: dict[int, list[tuple[str, str, int]]],
-                             code: torch.Tensor, transposed: bool):
+                             codes: list[torch.Tensor], transposed: bool):
     """Small-matrix twin of ``_topk_mask_counts`` (same results, same tie rule): a stable sort of
-    -|R| in the original [out, in] flat order per rank, then prefix counts of the mask bits."""
+    -|R| in the original [out, in] flat order per rank, then prefix counts of each code's mask bits."""
     wf = w.to(torch.float32)
     R = torch.zeros(wf.shape, dtype=torch.float32, device=w.device)
-    code_o = (code.T if transposed else code).reshape(-1).to(torch.int64)
-    totals = (int(((code_o & 2) > 0).sum()), int((code_o & 1).sum()))
-    results: dict[tuple[str, str], tuple[int, int]] = {}
+    codes_o = [(code.T if transposed else code).reshape(-1).to(torch.int64) for code in codes]
+    totals = [(int(((c & 2) > 0).sum()), int((c & 1).sum())) for c in codes_o]
+    results: list[dict[tuple[str, str], tuple[int, int]]] = [{} for _ in codes]
     prev_r = 0
     for r in sorted(plan):
         vs = v[:, prev_r:r].to(torch.float32)
@@ -236,45 +281,51 @@ def _topk_mask_counts_sorted(w: torch.Tensor, v: torch.Tensor, plan: dict[int, l
         prev_r = r
         a = (R.T if transposed else R).reshape(-1).abs().neg()
         order = torch.sort(a, stable=True).indices
-        c = code_o[order]
-        cd, ce = ((c & 2) > 0).cumsum(0), (c & 1).cumsum(0)
-        for d_name, e_name, K in plan[r]:
-            K = min(K, c.numel())
-            results[(d_name, e_name)] = (int(cd[K - 1]), int(ce[K - 1])) if K > 0 else (0, 0)
-    return results, totals[0], totals[1]
+        for res, code_o in zip(results, codes_o):
+            c = code_o[order]
+            cd, ce = ((c & 2) > 0).cumsum(0), (c & 1).cumsum(0)
+            for d_name, e_name, K in plan[r]:
+                K = min(K, c.numel())
+                res[(d_name, e_name)] = (int(cd[K - 1]), int(ce[K - 1])) if K > 0 else (0, 0)
+    return [(res, t[0], t[1]) for res, t in zip(results, totals)]
 
 
 def _topk_mask_counts(w: torch.Tensor, v: torch.Tensor, plan: dict[int, list[tuple[str, str, int]]],
-                      code: torch.Tensor, transposed: bool):
+                      codes: list[torch.Tensor], transposed: bool):
     """For each rank r in ``plan`` and each K there: how many of the K largest |W V_r V_rᵀ| entries
     (ties → smaller original flat index first, like numpy argsort(-x, kind="stable")) lie in the
-    default and in the exact mask. Returns ({(d_name, e_name): (count_d, count_e)}, |U_d|, |U_e|).
+    default and in the exact mask of each code. Returns, per code, ({(d_name, e_name): (count_d,
+    count_e)}, |U_d|, |U_e|).
 
-    One float32 reconstruction buffer R is grown in place over increasing r (R += (W V_j) V_jᵀ), never
-    an m×n float64. Selection is exact on the float32 values in two fused sweeps per rank: a
-    histogram of (|R| bits >> 16, mask code) while R is built, then — in the next rank's sweep,
-    before R changes — the members of the one bucket holding the K-th value are gathered and
-    resolved on their low 16 bits and flat indices."""
+    The selection depends on the base only, so the posts of one base share it: one float32
+    reconstruction buffer R is grown in place over increasing r (R += (W V_j) V_jᵀ), never an m×n
+    float64. Selection is exact on the float32 values in two fused sweeps per rank: a histogram of
+    (|R| bits >> 16, mask code) per code while R is built, then — in the next rank's sweep, before R
+    changes — the members of the one bucket holding the K-th value are gathered (with every code's
+    bits) and resolved on their low 16 bits and flat indices."""
     m, n = w.shape
     dev = w.device
     rows = min(m, max(16, chunk_rows(n, dev) // 4))   # small chunks: temporaries stay cache-sized
     numel = m * n
+    P = len(codes)
     R = torch.zeros(m, n, dtype=torch.float32, device=dev)
     wbuf = torch.empty(rows, n, dtype=torch.float32, device=dev)
     ib = torch.empty(rows, n, dtype=torch.int32, device=dev)
+    ic = torch.empty(rows, n, dtype=torch.int32, device=dev) if P > 1 else None
     ranks = sorted(plan)
-    results: dict[tuple[str, str], tuple[int, int]] = {}
-    totals = None
+    results: list[dict[tuple[str, str], tuple[int, int]]] = [{} for _ in codes]
+    totals: list[tuple[int, int]] | None = None
     pending: list[dict] = []           # targets of the previous rank awaiting their bucket members
     prev_r = 0
     for r in ranks + [None]:
         vs = v[:, prev_r:r].to(torch.float32) if r is not None else None
-        hist = torch.zeros(_BUCKETS * 4, dtype=torch.int64, device=dev) if r is not None else None
+        hists = [torch.zeros(_BUCKETS * 4, dtype=torch.int64, device=dev) for _ in codes] if r is not None else []
         buckets = sorted({t["bucket"] for t in pending if t["bucket"] is not None})
-        members: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {b: [] for b in buckets}
+        members: dict[int, list[tuple]] = {b: [] for b in buckets}
         for i in range(0, m, rows):
             c = min(rows, m - i)
-            rc, cc, kb = R[i:i + c], code[i:i + c], ib[:c]
+            rc, kb = R[i:i + c], ib[:c]
+            ccs = [code[i:i + c] for code in codes]
             bits = rc.view(torch.int32)
             if buckets:
                 torch.bitwise_right_shift(bits, 16, out=kb)
@@ -282,49 +333,61 @@ def _topk_mask_counts(w: torch.Tensor, v: torch.Tensor, plan: dict[int, list[tup
                 for b in buckets:
                     idx = (kb == b).view(-1).nonzero().squeeze(1)
                     if idx.numel():
-                        members[b].append((bits.view(-1)[idx] & 0xFFFF, cc.view(-1)[idx], idx + i * n))
+                        members[b].append((bits.view(-1)[idx] & 0xFFFF, [cc.view(-1)[idx] for cc in ccs],
+                                           idx + i * n))
             if r is not None:
                 wc = wbuf[:c]
                 wc.copy_(w[i:i + c])
                 rc.addmm_(wc @ vs, vs.T)
                 torch.bitwise_right_shift(bits, 14, out=kb)
                 kb.bitwise_and_(0x1FFFC)          # bucket·4; the sign bit (→ |R|) and low bits dropped
-                kb.bitwise_or_(cc)
-                hist += torch.bincount(kb.view(-1), minlength=_BUCKETS * 4)
+                if P == 1:
+                    kb.bitwise_or_(ccs[0])
+                    hists[0] += torch.bincount(kb.view(-1), minlength=_BUCKETS * 4)
+                else:
+                    kc = ic[:c]
+                    for hist, cc in zip(hists, ccs):
+                        torch.bitwise_or(kb, cc, out=kc)
+                        hist += torch.bincount(kc.view(-1), minlength=_BUCKETS * 4)
         for t in pending:
-            results[t["names"]] = _resolve(t, members.get(t["bucket"], []), transposed, m, n)
+            mem = members.get(t["bucket"], [])
+            for p in range(P):
+                results[p][t["names"]] = _resolve(t, p, mem, transposed, m, n)
         pending = []
         if r is None:
             break
-        h = hist.view(_BUCKETS, 4)
+        hs = [hist.view(_BUCKETS, 4) for hist in hists]
         if totals is None:
-            per_code = h.sum(0)
-            totals = (int(per_code[2] + per_code[3]), int(per_code[1] + per_code[3]))
-        tot = h.sum(1)
+            totals = []
+            for h in hs:
+                per_code = h.sum(0)
+                totals.append((int(per_code[2] + per_code[3]), int(per_code[1] + per_code[3])))
+        tot = hs[0].sum(1)                            # elements per bucket: the same for every code
         ge = tot.flip(0).cumsum(0).flip(0)            # elements in buckets ≥ b
-        hge = h.flip(0).cumsum(0).flip(0)
+        hges = [h.flip(0).cumsum(0).flip(0) for h in hs]
         for d_name, e_name, K in plan[r]:
             t = {"names": (d_name, e_name), "K": K, "bucket": None}
             if K <= 0:
-                t["fixed"] = (0, 0)
+                t["fixed"] = [(0, 0)] * P
             elif K >= numel:
-                t["fixed"] = totals
+                t["fixed"] = list(totals)
             else:
                 b = int((ge >= K).sum()) - 1
-                above = hge[b] - h[b]
+                aboves = [hge[b] - h[b] for hge, h in zip(hges, hs)]
                 t.update(bucket=b, need=K - int(ge[b] - tot[b]),
-                         above=(int(above[2] + above[3]), int(above[1] + above[3])))
+                         above=[(int(a[2] + a[3]), int(a[1] + a[3])) for a in aboves])
             pending.append(t)
         prev_r = r
-    return results, totals[0], totals[1]
+    return [(res, t[0], t[1]) for res, t in zip(results, totals)]
 
 
-def _resolve(t: dict, members, transposed: bool, m: int, n: int) -> tuple[int, int]:
-    """Finish one K: pick the ``need`` largest members of the threshold bucket (ties by flat index)."""
+def _resolve(t: dict, p: int, members, transposed: bool, m: int, n: int) -> tuple[int, int]:
+    """Finish one K for code ``p``: pick the ``need`` largest members of the threshold bucket (ties by
+    flat index) and count that code's mask bits among them."""
     if t["bucket"] is None:
-        return t["fixed"]
+        return t["fixed"][p]
     low = torch.cat([x[0] for x in members]).long()
-    codes = torch.cat([x[1] for x in members]).long()
+    codes = torch.cat([x[1][p] for x in members]).long()
     widx = torch.cat([x[2] for x in members])
     need = t["need"]
     cnt = torch.bincount(low, minlength=1 << 16)
@@ -338,4 +401,5 @@ def _resolve(t: dict, members, transposed: bool, m: int, n: int) -> tuple[int, i
         flat = wj * m + wi if transposed else widx[ties]     # order of the original [out, in] layout
         ties = ties[torch.argsort(flat)[:take]]
     chosen = torch.cat([codes[sel], codes[ties]])
-    return (t["above"][0] + int(((chosen & 2) > 0).sum()), t["above"][1] + int((chosen & 1).sum()))
+    above = t["above"][p]
+    return (above[0] + int(((chosen & 2) > 0).sum()), above[1] + int((chosen & 1).sum()))

@@ -35,15 +35,31 @@ def chunk_rows(n: int, device: torch.device) -> int:
     return max(16, elems // max(n, 1))
 
 
-def grams(wb: torch.Tensor, wp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """float64 (W_bᵀW_b, W_bᵀΔ, ΔᵀΔ) of m×n working views, Δ = float32(W_p) − float32(W_b).
+def base_gram(wb: torch.Tensor) -> torch.Tensor:
+    """float64 W_bᵀW_b of an m×n working view, row-chunked (never an m×n float64 copy)."""
+    m, n = wb.shape
+    dev = wb.device
+    rows = min(m, chunk_rows(n, dev))
+    gb = torch.zeros(n, n, dtype=torch.float64, device=dev)
+    b64 = torch.empty(rows, n, dtype=torch.float64, device=dev)
+    for i in range(0, m, rows):
+        r = min(rows, m - i)
+        b = b64[:r]
+        b.copy_(wb[i:i + r])
+        gb.addmm_(b.T, b)
+    return gb
+
+
+def cross_grams(wb: torch.Tensor, wp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 (W_bᵀΔ, ΔᵀΔ) of m×n working views, Δ = float32(W_p) − float32(W_b): the post's share of
+    the Grams (W_bᵀW_b is the base's, ``base_gram``, computed once per base tensor).
 
     Row-chunked so temporary memory is a few chunks, never an m×n float64 copy."""
     m, n = wb.shape
     dev = wb.device
     rows = min(m, chunk_rows(n, dev))
     f64 = dict(dtype=torch.float64, device=dev)
-    gb, x, gd = (torch.zeros(n, n, **f64) for _ in range(3))
+    x, gd = (torch.zeros(n, n, **f64) for _ in range(2))
     b64 = torch.empty(rows, n, **f64)
     d64 = torch.empty(rows, n, **f64)
     d32 = torch.empty(rows, n, dtype=torch.float32, device=dev)
@@ -54,10 +70,14 @@ def grams(wb: torch.Tensor, wp: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
         d.sub_(wb[i:i + r])             # exact upcast of the stored values, difference in float32
         b.copy_(wb[i:i + r])
         dd.copy_(d)
-        gb.addmm_(b.T, b)
         x.addmm_(b.T, dd)
         gd.addmm_(dd.T, dd)
-    return gb, x, gd
+    return x, gd
+
+
+def grams(wb: torch.Tensor, wp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float64 (W_bᵀW_b, W_bᵀΔ, ΔᵀΔ) of m×n working views (``base_gram`` + ``cross_grams``)."""
+    return (base_gram(wb), *cross_grams(wb, wp))
 
 
 def eigh_desc(g: torch.Tensor, vectors: bool = True):
@@ -113,6 +133,33 @@ def cum_joint(z2: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
+class BaseFactors:
+    """The base-only factorization of one matrix (working orientation, m ≥ n), computed once per base
+    tensor and shared by every post of a job. exact: G_b = W_bᵀW_b and its eigen-decomposition (σ, V
+    descending, float64); approx: the seeded randomized top-q SVD (U, σ, V float32) of W_b."""
+
+    exact: bool
+    sig: torch.Tensor
+    v: torch.Tensor
+    gram: torch.Tensor | None = None     # exact only
+    u: torch.Tensor | None = None        # approx only
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.sig, self.v, self.gram, self.u) if t is not None)
+
+
+def base_factors(wb: torch.Tensor, exact: bool, q: int, seed: int) -> BaseFactors:
+    """Factorize the m×n working view of W_base: exact (float64 Gram + eigh) or approx (top-q)."""
+    if exact:
+        gb = base_gram(wb)
+        sig, v = eigh_desc(gb)
+        # row-major like a reloaded cache entry: BLAS rounds differently for other layouts (last bits)
+        return BaseFactors(True, sig, v.contiguous(), gram=gb)
+    u, s, v = lowrank(wb.float(), q, seed)
+    return BaseFactors(False, s.contiguous(), v.contiguous(), u=u.contiguous())
+
+
+@dataclass
 class Factors:
     """Results of the one pass over a pair, working orientation (m ≥ n); numpy float64 where final."""
 
@@ -131,12 +178,13 @@ class Factors:
     sin2_right: dict[int, np.ndarray | None]
 
 
-def exact_factors(wb: torch.Tensor, wp: torch.Tensor, ks: list[int]) -> Factors:
-    """Gram path. ``ks``: capped angle sizes."""
+def exact_factors(wb: torch.Tensor, wp: torch.Tensor, ks: list[int], base: BaseFactors | None = None) -> Factors:
+    """Gram path. ``ks``: capped angle sizes; ``base``: ``base_factors(wb, True, …)`` if already computed."""
     m, n = wb.shape
-    gb, x, gd = grams(wb, wp)
+    base = base if base is not None else base_factors(wb, True, 0, 0)
+    gb, bsig, vb = base.gram, base.sig, base.v
+    x, gd = cross_grams(wb, wp)
     dsig, _ = eigh_desc(gd, vectors=False)
-    bsig, vb = eigh_desc(gb)
     gp = gb + x + x.T + gd
     psig, vp = eigh_desc(gp)
     del gp
@@ -181,10 +229,12 @@ def exact_factors(wb: torch.Tensor, wp: torch.Tensor, ks: list[int]) -> Factors:
                    _np(left), _np(right), _np(joint), sl, sr)
 
 
-def approx_factors(wb: torch.Tensor, wp: torch.Tensor, ks: list[int], q: int, seed: int) -> Factors:
+def approx_factors(wb: torch.Tensor, wp: torch.Tensor, ks: list[int], q: int, seed: int,
+                   base: BaseFactors | None = None) -> Factors:
     """Randomized top-q path (flagged approx). Angles for k > q are undefined (None)."""
     m, n = wb.shape
-    ub, bs, vb = lowrank(wb.float(), q, seed)
+    base = base if base is not None else base_factors(wb, False, q, seed)
+    ub, bs, vb = base.u, base.sig, base.v
     d = wp.to(torch.float32, copy=True)     # never .float(): that aliases a float32 input
     d.sub_(wb)
     fro2 = float(torch.linalg.vector_norm(d, dtype=torch.float64) ** 2)
