@@ -177,17 +177,13 @@ def analyze(base: PathLike, post: PathLike | Sequence[PathLike], *, db: PathLike
     if len(set(names)) != len(names):
         raise OptionsError(f"run names must differ: got {names}; pass one name per checkpoint")
     if isinstance(executor, str):
-        executor_name, executor = executor, make_executor(executor)
-    else:
-        executor_name = getattr(executor, "name", "custom")
+        executor = make_executor(executor)
     specs = [JobSpec(base=Path(base), post=p, run_id=n, method=m, db=Path(db), options=opts)
              for p, n, m in zip(posts, names, methods)]
-    # local: one run after the other (each finishes before the next starts); ray: one pool for all runs
-    groups = [specs] if executor_name == "ray" else [[s] for s in specs]
-    out: list[RunSummary] = []
-    for group in groups:
-        rows = run_jobs(group, progress=progress, overwrite=overwrite, executor=executor)
-        out += [_run_summary(spec, row) for spec, row in zip(group, rows)]
+    # one job for all runs: the local executor reads and decomposes each base tensor once for every post
+    # (results equal each pair alone); ray: one pool for all runs
+    rows = run_jobs(specs, progress=progress, overwrite=overwrite, executor=executor)
+    out = [_run_summary(spec, row) for spec, row in zip(specs, rows)]
     return out if many else out[0]
 
 
