@@ -476,7 +476,8 @@ def bars(df: pd.DataFrame, x: str, y: str, title: str, xlabel: str, ylabel: str,
         part = df[df["run_id"] == run_id].set_index(x).reindex(xs)
         color, dash = styles[run_id]
         fig.add_trace(go.Bar(x=[escape(v) for v in xs], y=scale * part[y].astype(float), name=_name(df, "run_id", run_id),
-                             marker=dict(color=color, pattern=dict(shape=patterns[dash], fgcolor="white")),
+                             marker=dict(color=color, pattern=dict(shape=patterns[dash], fgcolor="white", fillmode="overlay",
+                                                                    solidity=0.35)),
                              hovertemplate=f"%{{x}}<br>{ylabel}: %{{y:.4g}}<extra>{escape(run_id)}</extra>"))
     if baseline is not None:
         fig.add_hline(y=scale * baseline, line=dict(color=BASELINE_COLOR, dash="dot", width=1.5))

@@ -215,3 +215,14 @@ def test_facet_grids_hold_a_sweep_of_50_runs():
                        "method": ["OPD"] * 100, "x": [1, 2] * 50, "y": [0.1, 0.2] * 50})
     fig = figures._lines(df, "x", "y", "run_id", "t", "x", "y", facet="run_id")
     assert {t.name for t in fig.data if t.name} >= {f"r{i:02d} (OPD)" for i in range(50)}
+
+
+def test_second_run_of_a_method_keeps_a_filled_bar():
+    """Two runs of one method share its colour; the second is hatched *over* its colour, never an empty
+    outline (a white pattern on a transparent fill made its bars invisible on the page)."""
+    df = pd.DataFrame({"run_id": ["a", "a", "b", "b"], "method": ["OPD"] * 4, "module": ["q", "k", "q", "k"],
+                       "energy_share": [0.4, 0.6, 0.5, 0.5]})
+    fig = F.energy_shares(df, "t")
+    first, second = fig.data
+    assert first.marker.color == second.marker.color
+    assert second.marker.pattern.shape and second.marker.pattern.fillmode == "overlay"
