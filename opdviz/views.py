@@ -596,7 +596,7 @@ FIGURES: tuple[FigureSpec, ...] = (
                _principal_projection),
     FigureSpec("geometry.angles", "geometry", "Principal angles",
                "Principal angles (degrees) between the top-k left and right singular subspaces of W_base and "
-               "W_post, computed in float64, for the chosen tensor (the largest stored k below min(m, n): a k that spans the whole space gives all-zero angles).", _angles),
+               "W_post, computed in float64, for the chosen tensor (the largest stored k below min(m, n): at a k that spans a side's whole space the angles are undefined and stored as NaN).", _angles),
     FigureSpec("geometry.nss_heatmap", "geometry", "Normalised spectral shift",
                "NSS = ‖σ(W_post) − σ(W_base)‖ / ‖σ(W_base)‖ per layer and module (×10⁻³), one panel per run.",
                _nss_heatmap),
