@@ -44,12 +44,7 @@ ctx = VA.AcrossContext(criterion=view.ctx.criterion, run_a=row.run_a, run_b=row.
 
 for i, spec in enumerate(VA.figures_for("overlap")):
     fig, df = _q(spec.key, view.db, view.stamp, view.sel, ctx)
-    if i:
-        st.divider()
-    st.plotly_chart(fig, width="stretch", theme=None, key=f"fig_{spec.key}",
-                    config={"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2}})
-    st.caption(spec.caption)
-    ui.export_row(spec.key, fig, df, manifest=lambda: ui.provenance_manifest(view, ctx))
+    ui.chart(i, spec.key, fig, df, spec.caption, manifest=lambda: ui.provenance_manifest(view, ctx))
 
 st.divider()
 st.subheader("Tensors that overlap most beyond chance")

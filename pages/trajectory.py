@@ -74,12 +74,7 @@ def _figures(stamp: tuple) -> None:
             st.dataframe(log, hide_index=True, width="stretch")
     for i, spec in enumerate(VA.figures_for("trajectory")):
         fig, df = _q(spec.key, view.db, stamp, view.sel, ctx)
-        if i:
-            st.divider()
-        st.plotly_chart(fig, width="stretch", theme=None, key=f"fig_{spec.key}",
-                        config={"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2}})
-        st.caption(spec.caption)
-        ui.export_row(spec.key, fig, df, manifest=lambda: ui.provenance_manifest(view, ctx))
+        ui.chart(i, spec.key, fig, df, spec.caption, manifest=lambda: ui.provenance_manifest(view, ctx))
 
 
 if running:   # re-query with a fresh stamp every few seconds while the worker adds steps

@@ -40,7 +40,7 @@ import pandas as pd
 import streamlit as st
 from streamlit.runtime.scriptrunner import add_script_run_ctx, get_script_run_ctx
 
-from opdviz import figexport, queries, roots, views
+from opdviz import figexport, formatting, queries, roots, views
 from opdviz.errors import OpdvizError
 from opdviz.options import DEFAULT_CRITERIA
 from opdviz.queries import Selection
@@ -669,12 +669,7 @@ def provenance_rows(prov: dict, keys: Iterable[str]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["field", "value"]).set_index("field")
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)
+_human_bytes = formatting.human_bytes     # one byte formatter (opdviz.formatting)
 
 
 def compare_metrics(names: list[str]) -> list[str]:
@@ -716,3 +711,13 @@ def approx_notice(view: View) -> None:
                 "matrices. Their spectra, ranks, energies, projections, angles and principal coverage are "
                 "approximate (errors measured in the README, *Exact and approximate spectra*); recompute with "
                 "`--spectrum exact` (or on a GPU) for exact values.", icon=":material/info:")
+
+
+def chart(i: int, key: str, fig, df: pd.DataFrame, caption: str, manifest: Callable[[], dict] | None = None) -> None:
+    """One figure of a page: a divider before all but the first, the chart, its caption and export row."""
+    if i:
+        st.divider()
+    st.plotly_chart(fig, width="stretch", theme=None, key=f"fig_{key}",
+                    config={"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2}})
+    st.caption(caption)
+    export_row(key, fig, df, manifest=manifest)

@@ -10,7 +10,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import duckdb
@@ -22,19 +21,14 @@ from opdviz import jobs
 from opdviz.cli import main as cli
 from opdviz.jobs import JobRequest
 from opdviz.store import Store, computing
+from waiting import wait_for as _wait_for
 
 LONG_CFG = factory.llama_config(layers=8, hidden=128, ffn=352, heads=4, kv_heads=2, vocab=160)
 
 
+
 def wait_for(predicate, timeout=240.0, what="condition"):
-    """Poll ``predicate`` until it returns a truthy value or the deadline passes."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+    return _wait_for(predicate, timeout, what)
 
 
 def compute_cmd(base, post, db, name="run1", *extra) -> list[str]:

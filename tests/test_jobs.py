@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -20,19 +19,14 @@ from opdviz.commands import jobs as jobs_cmd
 from opdviz.errors import OptionsError, StoreError
 from opdviz.jobs import JobRequest
 from opdviz.store import Store
+from waiting import wait_for as _wait_for
 
 N_TENSORS = len(factory.make_llama_state())
 
 
+
 def wait_for(predicate, timeout=180.0, what="condition"):
-    """Poll ``predicate`` until it returns a truthy value or the deadline passes."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+    return _wait_for(predicate, timeout, what)
 
 
 def states(db) -> dict[str, str]:

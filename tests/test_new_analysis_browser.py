@@ -12,13 +12,13 @@ import re
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 import factory
+from waiting import wait_for as _wait_for
 
 CHROMIUM = "/usr/bin/chromium"
 REPO = Path(__file__).resolve().parent.parent
@@ -36,14 +36,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+
 def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+    return _wait_for(predicate, timeout, what, every=0.2)
 
 
 @pytest.fixture(scope="module")
