@@ -76,17 +76,17 @@ def agg_of(name: str) -> str:
     return i.agg if i else "matrix_mean"
 
 
-def axis_title(name: str, pooled: bool = True, member: bool = False) -> str:
+def axis_title(name: str, pooled: bool = True, member: bool = False, sep: str = ", ") -> str:
     """An axis or colour-bar title for one catalog metric: its label and unit (``label_of``), and with
     ``pooled`` what a group's number is, from the catalog's rule (``stable rank, mean over matrices``,
     ``sparsity (%), parameter-weighted``). ``member`` names the member of a parametrised family
-    (``top-k energy [top16_energy] (%)``)."""
+    (``top-k energy [top16_energy] (%)``); ``sep`` joins label and rule (``"<br>"``: two lines on an axis)."""
     i = info(name)
     label = label_of(name)
     if i is not None and member and "{" in i.family:
         label = label.replace(i.label, f"{i.label} [{name}]", 1)
     agg = agg_of(name)
-    return f"{label}, {agg_label(agg)}" if pooled and agg not in ("none", "counts") else label
+    return f"{label}{sep}{agg_label(agg)}" if pooled and agg not in ("none", "counts") else label
 
 
 def format_value(name: str, value, approx: bool = False) -> str:

@@ -72,8 +72,9 @@ def catalog_name(metric: str, criterion: str = "abs_1e-5") -> str:
 
 def metric_label(metric: str, criterion: str = "abs_1e-5") -> str:
     """Axis title of a Compare-page metric, all from the catalog: label, unit and how a group pools it
-    (``sparsity (%), parameter-weighted``, ``stable rank, mean over matrices``: ``formatting.axis_title``)."""
-    return formatting.axis_title(catalog_name(metric, criterion), member=metric != "sparsity")
+    on a second line (``sparsity (%)<br>parameter-weighted``: ``formatting.axis_title``). The figure's title
+    names the metric itself (``top16_energy per module``)."""
+    return formatting.axis_title(catalog_name(metric, criterion), sep="<br>")
 
 
 def _unit(metric: str) -> str:

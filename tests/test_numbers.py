@@ -269,7 +269,7 @@ def test_compare_figures_pool_by_the_catalog_rule(real, metric, agg):
 
     # per module: one bar per (run, module)
     fig, _ = views.figure_spec("compare.bars").build(store, SEL, ctx)
-    assert fig.layout.yaxis.title.text.endswith(", " + agg_label(agg))     # the axis says how it is pooled
+    assert fig.layout.yaxis.title.text == formatting.label_of(name) + "<br>" + agg_label(agg)   # says how it pools
     got = pd.DataFrame([{"run": _trace_run(t), "module": x, "got": y} for t in fig.data if t.type == "bar"
                         for x, y in zip(t.x, t.y)])
     r = ref(["run", "module"])
