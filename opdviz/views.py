@@ -44,7 +44,7 @@ class ViewContext:
     criterion: str = "abs_1e-5"
     tensor: str | None = None                 # Tensor page drill-down (None → largest layer matrix)
     tensors: tuple[str, ...] = ()             # Spectra/Geometry chosen tensors (empty → middle-layer q and down)
-    metric: str = "sparsity"                  # Compare page metric (a group_summary column or a matrix metric)
+    metric: str = "sparsity"                  # Compare page metric (a group_summary column or a catalog metric)
     run_a: str | None = None                  # Compare difference heatmap: run_b − run_a
     run_b: str | None = None
 
@@ -347,7 +347,7 @@ def _topk(store, sel, ctx):
 
 def _stable_rank(store, sel, ctx):
     df = Q.group_summary(store, sel, by="layer_module", criterion=ctx.criterion, matrix_metrics=("stable_rank",))
-    fig = F.layerwise_lines(df, "stable_rank_mean", formatting.label_of("stable_rank"),
+    fig = F.layerwise_lines(df, "stable_rank", formatting.label_of("stable_rank"),
                             "Stable rank of ΔW by layer and module", log_y=True)
     return fig, df
 
@@ -412,7 +412,7 @@ def _angles_for(store, sel, tensors, title, fetch=None):
 
 def _nss_heatmap(store, sel, ctx):
     df = Q.group_summary(store, sel, by="layer_module", criterion=ctx.criterion, matrix_metrics=("nss",))
-    df["nss_1e3"] = 1e3 * df["nss_mean"] if len(df) else []
+    df["nss_1e3"] = 1e3 * df["nss"] if len(df) else []
     return F.heatmap(df, "nss_1e3", formatting.label_of("nss", with_unit=False) + " (×10⁻³)",
                      "Normalised spectral shift by layer and module"), df
 
