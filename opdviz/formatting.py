@@ -22,7 +22,7 @@ import html
 import math
 import re
 
-from .metrics.registry import MetricInfo, family_of
+from .metrics.registry import MetricInfo, agg_label, family_of
 
 SCALE = {"fraction": 100.0, "radians": 180.0 / math.pi}
 SUFFIX = {"fraction": " %", "percent": " %", "radians": "°"}
@@ -67,6 +67,26 @@ def label_of(name: str, with_unit: bool = True) -> str:
     unit = {"fraction": "%", "percent": "%", "radians": "degrees", "ratio": "", "flag": "", "count": "",
             "text": ""}.get(i.unit, i.unit)
     return f"{label} ({unit})" if unit else label
+
+
+def agg_of(name: str) -> str:
+    """The catalog's pooling rule (a key of ``AGGREGATIONS``) of a metric; ``matrix_mean`` for a name the
+    catalog does not know (each matrix counts once)."""
+    i = info(name)
+    return i.agg if i else "matrix_mean"
+
+
+def axis_title(name: str, pooled: bool = True, member: bool = False, sep: str = ", ") -> str:
+    """An axis or colour-bar title for one catalog metric: its label and unit (``label_of``), and with
+    ``pooled`` what a group's number is, from the catalog's rule (``stable rank, mean over matrices``,
+    ``sparsity (%), parameter-weighted``). ``member`` names the member of a parametrised family
+    (``top-k energy [top16_energy] (%)``); ``sep`` joins label and rule (``"<br>"``: two lines on an axis)."""
+    i = info(name)
+    label = label_of(name)
+    if i is not None and member and "{" in i.family:
+        label = label.replace(i.label, f"{i.label} [{name}]", 1)
+    agg = agg_of(name)
+    return f"{label}{sep}{agg_label(agg)}" if pooled and agg not in ("none", "counts") else label
 
 
 def format_value(name: str, value, approx: bool = False) -> str:

@@ -32,10 +32,9 @@ PAGES = ("overview", "sparsity", "spectra", "geometry", "tensor", "compare")
 CRITERIA = DEFAULT_CRITERIA
 ALPHAS = (1, 5, 10, 20, 30, 50)
 TOPK = (1, 2, 4, 8, 16, 32, 64)
-# group_summary columns a Compare page may show; any other name is read as a per-matrix metric
-GROUP_COLUMNS = {"sparsity": "entries unchanged (%)", "energy_share": "share of the run's ‖ΔW‖²<sub>F</sub> (%)",
-                 "rel_change": "relative change ‖ΔW‖<sub>F</sub> / ‖W<sub>base</sub>‖<sub>F</sub>",
-                 "changed": "entries changed (count)", "numel": "entries (count)"}
+# group_summary columns a Compare page may show ("sparsity" under the sidebar criterion); any other name is a
+# stored catalog metric, pooled by its catalog rule
+GROUP_COLUMNS = ("sparsity", "energy_share", "rel_change", "changed", "numel")
 
 
 @dataclass(frozen=True)
@@ -45,7 +44,7 @@ class ViewContext:
     criterion: str = "abs_1e-5"
     tensor: str | None = None                 # Tensor page drill-down (None → largest layer matrix)
     tensors: tuple[str, ...] = ()             # Spectra/Geometry chosen tensors (empty → middle-layer q and down)
-    metric: str = "sparsity"                  # Compare page metric (a group_summary column or a matrix metric)
+    metric: str = "sparsity"                  # Compare page metric (a group_summary column or a catalog metric)
     run_a: str | None = None                  # Compare difference heatmap: run_b − run_a
     run_b: str | None = None
 
@@ -66,22 +65,20 @@ def _criterion_label(c: str) -> str:
             "bf16": f"|ΔW| > {val}·max|W|"}.get(kind, c)
 
 
-def metric_label(metric: str) -> str:
-    """Axis title (with unit) of a Compare-page metric: a group column's own title, else the metric
-    catalog's label and unit (``opdviz.formatting``), as a mean over the group's matrices."""
-    if metric in GROUP_COLUMNS:
-        return GROUP_COLUMNS[metric]
-    info = formatting.info(metric)
-    if info is None:
-        return f"{metric} (per-matrix mean)"
-    label = formatting.label_of(metric)
-    if "{" in info.family:               # a parametrised family: say which member
-        label = label.replace(info.label, f"{info.label} [{metric}]", 1)
-    return label + ", mean over matrices"        # what metric_frame computes for every catalog metric
+def catalog_name(metric: str, criterion: str = "abs_1e-5") -> str:
+    """The catalog name of a Compare-page metric: ``sparsity`` is ``sparsity_<criterion>``."""
+    return f"sparsity_{criterion}" if metric == "sparsity" else metric
+
+
+def metric_label(metric: str, criterion: str = "abs_1e-5") -> str:
+    """Axis title of a Compare-page metric, all from the catalog: label, unit and how a group pools it
+    on a second line (``sparsity (%)<br>parameter-weighted``: ``formatting.axis_title``). The figure's title
+    names the metric itself (``top16_energy per module``)."""
+    return formatting.axis_title(catalog_name(metric, criterion), sep="<br>")
 
 
 def _unit(metric: str) -> str:
-    return "fraction" if metric == "sparsity" else formatting.unit_of(metric)
+    return formatting.unit_of(catalog_name(metric))
 
 
 def _is_fraction(metric: str) -> bool:
@@ -169,7 +166,7 @@ def _with_label(df: pd.DataFrame) -> pd.DataFrame:
 def _sparsity_heatmap(store, sel, ctx):
     df = Q.group_summary(store, sel, by="layer_module", criterion=ctx.criterion)
     df["sparsity_pct"] = 100 * df["sparsity"] if len(df) else []
-    fig = F.heatmap(df, "sparsity_pct", "entries unchanged (%)",
+    fig = F.heatmap(df, "sparsity_pct", formatting.label_of(f"sparsity_{ctx.criterion}"),
                     f"Sparsity of ΔW by layer and module ({_criterion_label(ctx.criterion)} counts as changed)")
     return fig, df
 
@@ -193,7 +190,7 @@ def _criteria(store, sel, ctx):
     agg["criterion_label"] = agg["criterion"].map(_criterion_label)
     agg = agg[["run_id", "method", "criterion", "criterion_label", "sparsity", "numel"]]
     fig = F.bars(agg, "criterion_label", "sparsity", "Sparsity of ΔW under each criterion (numel-weighted)",
-                 "entry counts as changed when", "entries unchanged (%)", percent=True)
+                 "entry counts as changed when", formatting.axis_title("sparsity_exact"), percent=True)
     fig.update_xaxes(tickangle=-30)
     return fig, agg
 
@@ -201,7 +198,7 @@ def _criteria(store, sel, ctx):
 def _layerwise(store, sel, ctx):
     df = Q.group_summary(store, sel, by="layer_module", criterion=ctx.criterion)
     df["sparsity_pct"] = 100 * df["sparsity"] if len(df) else []
-    fig = F.layerwise_lines(df, "sparsity_pct", "entries unchanged (%)",
+    fig = F.layerwise_lines(df, "sparsity_pct", formatting.label_of(f"sparsity_{ctx.criterion}"),
                             f"Layerwise sparsity per projection ({_criterion_label(ctx.criterion)})")
     return fig, df
 
@@ -246,7 +243,7 @@ def _deciles(store, sel, ctx):
 def _rel_change_heatmap(store, sel, ctx):
     df = Q.group_summary(store, sel, by="layer_module", criterion=ctx.criterion)
     df["rel_change_1e3"] = 1e3 * df["rel_change"] if len(df) else []
-    return F.heatmap(df, "rel_change_1e3", "‖ΔW‖<sub>F</sub>/‖W<sub>base</sub>‖<sub>F</sub> (×10⁻³)",
+    return F.heatmap(df, "rel_change_1e3", formatting.label_of("rel_change", with_unit=False) + " (×10⁻³)",
                      "Relative change by layer and module"), df
 
 
@@ -350,7 +347,7 @@ def _topk(store, sel, ctx):
 
 def _stable_rank(store, sel, ctx):
     df = Q.group_summary(store, sel, by="layer_module", criterion=ctx.criterion, matrix_metrics=("stable_rank",))
-    fig = F.layerwise_lines(df, "stable_rank_mean", "stable rank ‖ΔW‖²<sub>F</sub>/σ₁² (count)",
+    fig = F.layerwise_lines(df, "stable_rank", formatting.label_of("stable_rank"),
                             "Stable rank of ΔW by layer and module", log_y=True)
     return fig, df
 
@@ -415,8 +412,8 @@ def _angles_for(store, sel, tensors, title, fetch=None):
 
 def _nss_heatmap(store, sel, ctx):
     df = Q.group_summary(store, sel, by="layer_module", criterion=ctx.criterion, matrix_metrics=("nss",))
-    df["nss_1e3"] = 1e3 * df["nss_mean"] if len(df) else []
-    return F.heatmap(df, "nss_1e3", "NSS ‖σ<sub>post</sub>−σ<sub>base</sub>‖/‖σ<sub>base</sub>‖ (×10⁻³)",
+    df["nss_1e3"] = 1e3 * df["nss"] if len(df) else []
+    return F.heatmap(df, "nss_1e3", formatting.label_of("nss", with_unit=False) + " (×10⁻³)",
                      "Normalised spectral shift by layer and module"), df
 
 
@@ -504,16 +501,22 @@ def _tensor_deciles(store, sel, ctx):
 
 # ------------------------------------------------------------------------------------ builds: compare
 def metric_frame(store: Store, sel: Selection, ctx: ViewContext, by: str) -> pd.DataFrame:
-    """``ctx.metric`` per run and group ``by`` in a column ``value`` (display units: % where a share)."""
-    if ctx.metric in GROUP_COLUMNS:
-        df = Q.group_summary(store, sel, by=by, criterion=ctx.criterion)
-        col = ctx.metric
-    else:
-        df = Q.group_summary(store, sel, by=by, criterion=ctx.criterion, matrix_metrics=(ctx.metric,))
-        col = f"{ctx.metric}_mean"
+    """``ctx.metric`` per run and group ``by`` in a column ``value`` (display units: % where a share), pooled
+    over the group by the metric's catalog rule (``queries.pool_sql``): sparsity parameter-weighted, coverage
+    by the changed entries, relative change from pooled sums, spectral scalars as the mean over matrices."""
+    mm = () if ctx.metric in GROUP_COLUMNS else (ctx.metric,)
+    df = Q.group_summary(store, sel, by=by, criterion=ctx.criterion, matrix_metrics=mm)
+    col = ctx.metric
+    if mm and ctx.metric in Q.SUMMARY_COLUMNS:       # a key or bookkeeping column (layer, delta_sq…): no metric
+        df = df.iloc[:0]
     if df.empty or col not in df:
         return pd.DataFrame(columns=list(df.columns) + ["value"])
     return df.assign(value=_scale(ctx.metric) * df[col].astype(float))
+
+
+def _compare_name(ctx) -> str:
+    """The metric in a Compare title; sparsity says which entries count as changed."""
+    return f"sparsity ({_criterion_label(ctx.criterion)})" if ctx.metric == "sparsity" else ctx.metric
 
 
 def _compare_bars(store, sel, ctx):
@@ -522,13 +525,14 @@ def _compare_bars(store, sel, ctx):
         df = df.assign(module=df["module"].astype(str))
         order = sorted(df["module"].unique(), key=F.module_sort_key)
         df = df.set_index("module").loc[order].reset_index()
-    return F.bars(df, "module", "value", f"{ctx.metric} per module", "module", metric_label(ctx.metric)), df
+    return F.bars(df, "module", "value", f"{_compare_name(ctx)} per module", "module",
+                  metric_label(ctx.metric, ctx.criterion)), df
 
 
 def _compare_layerwise(store, sel, ctx):
     df = metric_frame(store, sel, ctx, "layer")
-    return F.layerwise_lines(df, "value", metric_label(ctx.metric), f"{ctx.metric} by layer", color="run_id",
-                             facet=None), df
+    return F.layerwise_lines(df, "value", metric_label(ctx.metric, ctx.criterion), f"{_compare_name(ctx)} by layer",
+                             color="run_id", facet=None), df
 
 
 def _compare_difference(store, sel, ctx):
@@ -536,7 +540,7 @@ def _compare_difference(store, sel, ctx):
     runs = list(dict.fromkeys(df["run_id"])) if len(df) else []
     a = ctx.run_a or (runs[0] if runs else None)
     b = ctx.run_b or next((r for r in runs if r != a), None)
-    title = f"Difference in {ctx.metric}: {b} − {a}"
+    title = f"Difference in {_compare_name(ctx)}: {b} − {a}"
     if a is None or b is None or a == b or a not in runs or b not in runs:
         return F.empty_figure("pick two different runs with data (run A and run B)", title=title), pd.DataFrame()
     keys = ["layer", "block", "module"]
@@ -545,7 +549,7 @@ def _compare_difference(store, sel, ctx):
     m["difference"] = m["value_b"] - m["value_a"]
     m.insert(0, "run_b", b)
     m.insert(0, "run_a", a)
-    return F.difference_heatmap(m, "difference", f"Δ {metric_label(ctx.metric)}", title,
+    return F.difference_heatmap(m, "difference", f"Δ {metric_label(ctx.metric, ctx.criterion)}", title,
                                 text=m["layer"].nunique() <= 8), m
 
 
@@ -619,10 +623,13 @@ FIGURES: tuple[FigureSpec, ...] = (
                "Update density per decile of |W_base| for the chosen tensor, relative to its mean (1 = uniform).",
                _tensor_deciles),
     FigureSpec("compare.bars", "compare", "Metric per module",
-               "The chosen metric per module for each run (pooled for sparsity, energy share and relative change; "
-               "mean over matrices otherwise).", _compare_bars),
+               "The chosen metric per module for each run, pooled over the module's matrices by the metric's own "
+               "rule from the catalog (the axis says which: parameter-weighted for sparsity, weighted by the changed "
+               "entries for coverage, energy-weighted for coordinate energy, pooled sums for relative change, the "
+               "mean over matrices for spectral and geometry scalars).", _compare_bars),
     FigureSpec("compare.layerwise", "compare", "Metric by layer",
-               "The chosen metric per layer, one line per run (colour = method).", _compare_layerwise),
+               "The chosen metric per layer, one line per run (colour = method), pooled over the layer's matrices "
+               "by the metric's catalog rule.", _compare_layerwise),
     FigureSpec("compare.difference", "compare", "Difference heatmap",
                "Run B minus run A for the chosen metric, per layer and module; diverging colour scale centred on 0 "
                "(purple: B higher, orange: A higher).", _compare_difference),

@@ -24,7 +24,8 @@ from . import figures_across as FA
 from . import queries as Q
 from .queries import Selection
 from .store import Store
-from .views import FigureSpec
+from . import formatting
+from .views import FigureSpec, catalog_name, metric_label
 
 PAGES = ("overlap", "trajectory")
 GROUPS = {"all": (), "layer": ("layer",), "module": ("block", "module"), "block": ("block",),
@@ -202,8 +203,8 @@ def trajectory_by_module(store: Store, name: str, sel: Selection, metric: str, w
 
 
 def step_summary(store: Store, name: str, sel: Selection, criterion: str, metric: str) -> pd.DataFrame:
-    """A per-pair metric of every step run, per module: step, module, ``metric`` (group_summary columns
-    are numel-weighted; other names are per-matrix means)."""
+    """A per-pair metric of every step run, per module: step, module, ``metric`` (group_summary columns, or a
+    catalog metric pooled over the module by its catalog rule, as the Compare page)."""
     runs = store.query("SELECT run_id, step FROM runs WHERE trajectory = ? ORDER BY step", [name])
     if runs.empty:
         return pd.DataFrame(columns=["step", "module", metric])
@@ -214,7 +215,9 @@ def step_summary(store: Store, name: str, sel: Selection, criterion: str, metric
     df = Q.group_summary(store, s, by="module", criterion=criterion, matrix_metrics=mm)
     if df.empty:
         return pd.DataFrame(columns=["step", "module", metric])
-    col = metric if metric in group_cols else f"{metric}_mean"
+    col = metric
+    if mm and metric in Q.SUMMARY_COLUMNS:
+        return pd.DataFrame(columns=["step", "module", metric])
     df = df.merge(runs, on="run_id")
     return df.assign(**{metric: df[col]})[["step", "module", metric]]
 
@@ -289,14 +292,14 @@ def _no_traj(title: str):
 def _step_metric(store, sel, ctx):
     ctx = _ctx(ctx)
     name = _pick_trajectory(store, ctx)
-    label = STEP_METRICS.get(ctx.metric, f"{ctx.metric} (per-matrix mean)")
-    head = label.split(" (")[0]
+    head = STEP_METRICS.get(ctx.metric, ctx.metric).split(" (")[0]
     title = _traj_title(f"{head[0].upper()}{head[1:]} by step", name)
     if name is None:
         return _no_traj(title)
     df = step_summary(store, name, sel, ctx.criterion, ctx.metric)
-    pct = "%" in label
-    return FA.step_lines(df, ctx.metric, label, title, percent=pct), df
+    # the axis from the catalog: label, unit and how a module pools the metric (as on the Compare page)
+    pct = formatting.unit_of(catalog_name(ctx.metric, ctx.criterion)) == "fraction"
+    return FA.step_lines(df, ctx.metric, metric_label(ctx.metric, ctx.criterion), title, percent=pct), df
 
 
 def _sim_k(store, sel, ctx):

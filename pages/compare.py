@@ -7,8 +7,9 @@ from pages import ui
 view = ui.begin("Compare", r"""
 One metric side by side across the selected runs — per module, per layer, and as the difference
 B − A per layer and module (diverging colours centred on 0). Shares (sparsity, energy share, coverage, top-k
-energy) are in %; sparsity and energy share are numel-weighted, per-matrix metrics (stable rank, NSS, angles…)
-are averaged over the matrices of a group. A difference is only meaningful between runs that share a base: check
+energy) are in %. Each group pools the metric by its own rule from the metric catalog, and the axis says which:
+sparsity is parameter-weighted, coverage weighted by the changed entries, relative change pooled from the sums,
+per-matrix metrics (stable rank, NSS, angles…) the mean over the group's matrices. A difference is only meaningful between runs that share a base: check
 the base fingerprints on the Overview page. Metrics as in *Dense Supervision, Sparse Updates* (arXiv 2606.13657).""")
 
 metrics = ui.compare_metrics(ui.query("metric_names", view.db, view.stamp, view.sel.runs))

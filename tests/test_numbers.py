@@ -9,7 +9,9 @@ by its unit in the metric catalog; untrusted labels render literally.
 
 from __future__ import annotations
 
+import json
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -20,7 +22,7 @@ import factory
 from opdviz import cli, figexport, formatting
 from opdviz import queries as Q
 from opdviz import views, views_across
-from opdviz.metrics.registry import AGGREGATIONS, DERIVED, UNITS, all_families, family_of
+from opdviz.metrics.registry import AGGREGATIONS, DERIVED, UNITS, agg_label, all_families, family_of
 from opdviz.queries import Selection
 from opdviz.store import Store
 from opdviz.views import ViewContext
@@ -211,6 +213,99 @@ def test_per_matrix_means_equal_the_export(real, key, metric):
     _, df = views.figure_spec(key).build(store, SEL, ViewContext())
     got = df[df[f"{metric}_mean"].notna()].rename(columns={"run_id": "run"})
     _same(got.set_index(["run", "layer", "block", "module"])[f"{metric}_mean"], ref)
+
+
+# the catalog rule of each kind, recomputed in float64 from the export (numel from the store): value per tensor
+# in ``w``, the group's rows ``g`` → one number
+def _ref_pool(g: pd.DataFrame, metric: str, mask: str) -> float:
+    agg = family_of(metric).agg
+    v = g[metric].astype(float)
+    ok = v.notna()
+    weights = {"numel": g["numel"], "changed": (1 - g[f"sparsity_{mask}"]) * g["numel"],
+               "changed_exact": (1 - g["sparsity_exact"]) * g["numel"], "energy": g["delta_sq_sum"]}
+    if agg in weights:
+        wt = weights[agg].astype(float)[ok]
+        return float((v[ok] * wt).sum() / wt.sum()) if wt.sum() > 0 else float("nan")
+    if agg == "pooled" and metric == "rel_change":
+        return math.sqrt(g.loc[ok, "delta_sq_sum"].sum()) / math.sqrt(g.loc[ok, "base_sq_sum"].sum())
+    if agg == "pooled":
+        return math.sqrt((v[ok] ** 2).sum())
+    if agg in ("max", "min", "sum"):
+        return float(getattr(v[ok], agg)()) if ok.any() else float("nan")
+    assert agg == "matrix_mean", agg
+    return float(v[ok].mean()) if ok.any() else float("nan")
+
+
+COMPARE_METRICS = [          # one or more of every pooling rule a stored scalar has
+    ("sparsity", "numel"), ("lowmag_coverage_10pct", "changed"), ("principal_coverage_exact_5pct", "changed_exact"),
+    ("coord_energy_top_1pct", "energy"), ("rel_change", "pooled"), ("delta_fro", "pooled"),
+    ("delta_mean_abs", "numel"), ("stable_rank", "matrix_mean"), ("angle_left_max_rad_k16", "matrix_mean"),
+    ("delta_max_abs", "max"), ("spectrum_exact", "min")]
+
+
+def _trace_run(t) -> str:
+    """The run a Compare trace draws: bars name it in the hover's <extra>, lines in the trace name."""
+    m = re.search(r"<extra>(.*?)</extra>", t.hovertemplate or "")
+    return m.group(1) if m and m.group(1) else str(t.name).split(" ")[0]
+
+
+@pytest.mark.parametrize("metric,agg", COMPARE_METRICS, ids=[m for m, _ in COMPARE_METRICS])
+def test_compare_figures_pool_by_the_catalog_rule(real, metric, agg):
+    """The numbers the three Compare figures draw equal the catalog rule applied, in float64, to what
+    `opdviz metrics` exports (numel from the store): parameter-weighted, changed- or energy-weighted, pooled
+    sums, max/min or the mean over matrices — and the axis says which rule it is."""
+    store, export = real
+    name = "sparsity_abs_1e-5" if metric == "sparsity" else metric
+    assert family_of(name).agg == agg
+    w = _wide(_leaves(store, export))
+    mask = {r: json.loads(store.run_row(r)["options"])["criterion"] for r in ("a", "b")}
+    scale = formatting.scale_of(name)
+    ctx = ViewContext(metric=metric, run_a="a", run_b="b")
+
+    def ref(keys):
+        rows = [{**dict(zip(keys, k if isinstance(k, tuple) else (k,))), "ref": scale * _ref_pool(g, name, mask[g["run"].iloc[0]])}
+                for k, g in w.groupby(keys, dropna=False)]
+        return pd.DataFrame(rows)
+
+    # per module: one bar per (run, module)
+    fig, _ = views.figure_spec("compare.bars").build(store, SEL, ctx)
+    assert fig.layout.yaxis.title.text == formatting.label_of(name) + "<br>" + agg_label(agg)   # says how it pools
+    got = pd.DataFrame([{"run": _trace_run(t), "module": x, "got": y} for t in fig.data if t.type == "bar"
+                        for x, y in zip(t.x, t.y)])
+    r = ref(["run", "module"])
+    m = got.merge(r, on=["run", "module"], how="outer")
+    assert len(m) == len(r) == len(got), m
+    np.testing.assert_allclose(m["got"].to_numpy(float), m["ref"].to_numpy(float), rtol=1e-12, equal_nan=True)
+    # per layer: one line per run (tensors without a layer are not drawn)
+    fig, _ = views.figure_spec("compare.layerwise").build(store, SEL, ctx)
+    got = pd.DataFrame([{"run": _trace_run(t), "layer": int(x), "got": y} for t in fig.data
+                        if t.type == "scatter" and t.x is not None for x, y in zip(t.x, t.y) if x is not None])
+    r = ref(["run", "layer"]).dropna(subset=["layer"]).astype({"layer": int})
+    m = got.merge(r, on=["run", "layer"], how="inner")
+    assert len(m) == len(got) and set(m["run"]) == {"a", "b"}
+    np.testing.assert_allclose(m["got"].to_numpy(float), m["ref"].to_numpy(float), rtol=1e-12, equal_nan=True)
+    # B − A per layer and module: the heatmap cell
+    fig, _ = views.figure_spec("compare.difference").build(store, SEL, ctx)
+    hm = fig.data[0]
+    ra = ref(["run", "layer", "module"]).dropna(subset=["layer"])
+    a = ra[ra["run"] == "a"].set_index(["layer", "module"])["ref"]
+    b = ra[ra["run"] == "b"].set_index(["layer", "module"])["ref"]
+    z = np.asarray(hm.z, dtype=float)
+    cells = {(int(y), x): z[i, j] for i, y in enumerate(hm.y) for j, x in enumerate(hm.x)}
+    for (layer, module), d in (b - a).items():
+        np.testing.assert_allclose(cells[(int(layer), module)], d, rtol=1e-9, atol=1e-15 * scale, equal_nan=True)
+
+
+def test_group_summary_and_run_summary_pool_by_the_catalog(real):
+    """Every group summary that aggregates catalog metrics goes through the one rule (queries.pool_sql)."""
+    store, export = real
+    w = _wide(_leaves(store, export))
+    names = tuple(m if m != "sparsity" else "sparsity_abs_1e-5" for m, _ in COMPARE_METRICS)
+    df = Q.run_summary(store, SEL, matrix_metrics=names)
+    for run, g in w.groupby("run"):
+        row = df.set_index("run_id").loc[run]
+        for n in names:
+            assert row[n] == pytest.approx(_ref_pool(g, n, "abs_1e-5"), rel=1e-12, nan_ok=True), n
 
 
 def test_overlap_figures_equal_the_stored_counts(real):

@@ -34,20 +34,28 @@ UNITS = {
     "flag": "1 = yes, 0 = no",
     "text": "not a number",
 }
-# agg → how per-tensor values are pooled into a group (layer, module, run)
+# agg → how per-tensor values are pooled into a group (layer, module, run): "short name: rule". The short
+# name (before the colon) is what an axis says the number is (``agg_label``); opdviz.queries.pool_sql computes it.
 AGGREGATIONS = {
-    "numel": "parameter-weighted mean: Σ value·numel / Σ numel (a share of entries)",
-    "changed": "weighted by the changed entries |U| under the chosen criterion (a share of U)",
-    "changed_exact": "weighted by the bitwise-changed entries (a share of the exact U)",
-    "energy": "weighted by Σ ΔW² (a share of the update energy)",
-    "pooled": "recomputed from pooled sums: sqrt(Σ ΔW²) / sqrt(Σ W²)",
-    "sum": "summed",
-    "max": "maximum",
-    "min": "minimum",
-    "matrix_mean": "unweighted mean over matrices (each matrix counts once, whatever its size)",
-    "counts": "recomputed from summed counts (|A|, |B|, |A∩B|, numel)",
-    "none": "not aggregated (a per-tensor array)",
+    "numel": "parameter-weighted: Σ value·numel / Σ numel (a share of entries)",
+    "changed": "weighted by changed entries: Σ value·|U| / Σ |U|, U the run's changed mask (a share of U)",
+    "changed_exact": "weighted by bitwise-changed entries: Σ value·|U| / Σ |U|, U the bitwise mask",
+    "energy": "energy-weighted: Σ value·ΣΔW² / Σ ΣΔW² (a share of the update energy)",
+    "pooled": "pooled: recomputed from the group's sums, sqrt(Σ ΣΔW²) / sqrt(Σ ΣW²) for the relative change, "
+              "sqrt(Σ value²) for a Frobenius norm",
+    "sum": "summed: Σ value",
+    "max": "maximum over matrices: max value",
+    "min": "minimum over matrices: min value",
+    "matrix_mean": "mean over matrices: unweighted, each matrix counts once whatever its size",
+    "counts": "from summed counts: recomputed from Σ|A|, Σ|B|, Σ|A∩B|, Σ numel",
+    "none": "not aggregated: a per-tensor array",
 }
+
+
+def agg_label(agg: str) -> str:
+    """What a pooled number is, in a few words (``parameter-weighted``, ``pooled``, ``mean over matrices``):
+    the short name of ``AGGREGATIONS[agg]``."""
+    return AGGREGATIONS[agg].split(":", 1)[0]
 
 
 @dataclass(frozen=True)
