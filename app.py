@@ -1,12 +1,12 @@
 """The opdviz dashboard: ``streamlit run app.py`` (database: ``OPDVIZ_DB=path``, default data/opdviz.duckdb).
 
-This file only routes: page config, the shared sidebar filters (``pages/ui.py``) and the page list.
-Each page is a thin file in ``pages/`` that draws the figures ``opdviz.views`` defines for it.
+This file only routes: page config, the shared sidebar filters (``opdviz/dashboard/ui.py``) and the page list.
+Each page is a thin file in ``pages/`` that draws the figures ``opdviz.views.single`` defines for it.
 """
 
 import streamlit as st
 
-from pages import ui
+from opdviz.dashboard import ui
 
 # an emoji favicon is drawn locally (a data: URL); a :material/…: one is fetched from fonts.gstatic.com
 st.set_page_config(page_title="opdviz", page_icon="📊", layout="wide")

@@ -88,7 +88,7 @@ def generate_post(out: Path, layers: int, seed: int, i: int, cfg: dict = CFG) ->
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": layers}, indent=1))
     g = torch.Generator().manual_seed(seed + 1000 * i)
-    from opdviz.reader import Checkpoint
+    from opdviz.io.reader import Checkpoint
 
     names = shapes(layers, cfg)
     sd = {}
@@ -176,7 +176,7 @@ def floor_pass(base: Path, post: Path, device: str = "cpu") -> dict:
     """The floor: read every tensor pair; for 2-D ones the exact σ of W_base and ΔW (float64 Gram of the
     smaller side, eigvalsh), row-chunked like the job. Returns seconds and what was done."""
     from opdviz.metrics.linalg import chunk_rows
-    from opdviz.reader import Checkpoint, plan_pairs
+    from opdviz.io.reader import Checkpoint, plan_pairs
 
     dev = torch.device("cuda" if device in ("cuda", "auto") and torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
@@ -235,7 +235,7 @@ def measure(cmd: list[str], env: dict) -> dict:
 
 
 def job_stages(db: Path, run: str) -> dict:
-    from opdviz.store import _slug
+    from opdviz.store.core import _slug
 
     path = Path(str(db) + ".staging") / "progress" / f"{_slug(run)}.json"
     return json.loads(path.read_text()).get("job_stages_s") or {}
@@ -262,7 +262,7 @@ def main() -> int:
     root = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(root))
     if args.floor:                      # child mode: the floor pass, one JSON line
-        from opdviz.threads import apply_threads
+        from opdviz.engine.threads import apply_threads
 
         apply_threads(args.threads)
         print(json.dumps(floor_pass(*args.floor, device=args.device)))
@@ -274,7 +274,7 @@ def main() -> int:
     base, posts = generate(args.out, args.layers, posts=max(1, args.posts), cfg=cfg)
     gen_s = time.time() - t0
     pair_bytes = sum(f.stat().st_size for d in (base, posts[0]) for f in d.glob("*.safetensors"))
-    from opdviz.threads import choose_threads
+    from opdviz.engine.threads import choose_threads
 
     threads = choose_threads(args.threads)
     model = "Qwen2.5-0.5B" if args.shape == "0.5b" else "Llama-2-7B"
@@ -328,7 +328,7 @@ def main() -> int:
             results.append({"policy": policy, "run": label, **{k: v for k, v in r.items() if k != "stdout"},
                             "stages": st, "floor": floor})
     if args.posts >= 1:
-        from opdviz.store import Store
+        from opdviz.store.core import Store
 
         st = Store(args.out / f"bench-{args.policy[0]}-one.duckdb")
         q = "FROM tensors WHERE run_id = 'bench0'"

@@ -43,7 +43,7 @@ def build(root: Path) -> tuple[Path, list[Path]]:
 
 
 def compute(base: Path, posts: list[Path], db: Path, device: str) -> None:
-    from opdviz.job import JobSpec, run_jobs
+    from opdviz.engine.runner import JobSpec, run_jobs
     from opdviz.options import AnalysisOptions
 
     opts = AnalysisOptions(device=device, spectrum="exact", base_cache=False)
@@ -56,7 +56,7 @@ def compute(base: Path, posts: list[Path], db: Path, device: str) -> None:
 
 
 def compare(cpu_db: Path, gpu_db: Path) -> list[str]:
-    from opdviz.store import Store
+    from opdviz.store.core import Store
 
     problems = []
     cpu, gpu = Store(cpu_db), Store(gpu_db)

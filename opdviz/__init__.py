@@ -14,12 +14,9 @@ this Python API (``opdviz.api``)::
 Importing opdviz is light: torch and the store load on first use.
 """
 
-import sys
-import types
-
 __version__ = "0.1.0"
 
-from .api import (  # noqa: E402  (after __version__, which the job modules import)
+from opdviz.api import (  # noqa: E402  (after __version__, which the job modules import)
     MasksSummary,
     OverlapSummary,
     Results,
@@ -34,23 +31,8 @@ from .api import (  # noqa: E402  (after __version__, which the job modules impo
     train_only_masked,
     trajectory,
 )
-from .errors import OpdvizError  # noqa: E402
+from opdviz.errors import OpdvizError  # noqa: E402
 
-
-class _Package(types.ModuleType):
-    """Keeps the API functions ``overlap``, ``trajectory`` and ``masks`` bound on the package: the modules
-    ``opdviz/overlap.py``, ``trajectory.py`` and ``masks.py`` share their names, and importing a submodule
-    rebinds the package attribute of that name to the module (``opdviz.overlap(...)`` would then fail).
-    Import the modules' own names with ``from opdviz.overlap import run_overlap``."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in _FUNCTIONS and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-_FUNCTIONS = ("overlap", "trajectory", "masks")
-sys.modules[__name__].__class__ = _Package
 
 __all__ = ["analyze", "open", "overlap", "trajectory", "masks", "figure_names", "load_masks", "train_only_masked", "Results", "RunSummary",
            "OverlapSummary", "TrajectorySummary", "MasksSummary", "OpdvizError", "__version__"]

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence, Union
 
-from .errors import OptionsError
-from .options import AnalysisOptions
-from .results import Results, _as_list, figure_names
+from opdviz.errors import OptionsError
+from opdviz.options import AnalysisOptions
+from opdviz.results import Results, _as_list, figure_names
 
 __all__ = ["analyze", "open", "overlap", "trajectory", "masks", "load_masks", "train_only_masked", "figure_names", "Results", "RunSummary",
            "OverlapSummary", "TrajectorySummary", "MasksSummary", "make_options", "DEFAULT_DB"]
@@ -146,7 +146,7 @@ def analyze(base: PathLike, post: PathLike | Sequence[PathLike], *, db: PathLike
         overwrite: replace stored runs of the same name instead of resuming them.
         progress: show a progress bar (tqdm, on stderr).
         executor: ``"local"`` (this process), ``"ray"`` (a local or ``$RAY_ADDRESS`` Ray cluster), or an
-            executor object from ``opdviz.executors``.
+            executor object from ``opdviz.engine.executors``.
         **options: fields of ``opdviz.options.AnalysisOptions`` (e.g. ``spectrum="approx"``,
             ``abs_eps=[1e-6, 1e-5]``, ``include="layers\\.0\\."``); unknown names raise ``OptionsError``.
 
@@ -158,8 +158,8 @@ def analyze(base: PathLike, post: PathLike | Sequence[PathLike], *, db: PathLike
         OptionsError for inconsistent arguments (before any work starts), CheckpointError for unreadable
         checkpoints, StoreError when ``db`` cannot be written.
     """
-    from .executors import make_executor
-    from .job import JobSpec, run_jobs
+    from opdviz.engine.executors import make_executor
+    from opdviz.engine.runner import JobSpec, run_jobs
 
     opts = make_options(device=device, **options)
     many = not isinstance(post, (str, bytes, os.PathLike))
@@ -217,7 +217,7 @@ def overlap(base: PathLike, a: PathLike, b: PathLike, *, db: PathLike = DEFAULT_
         An ``OverlapSummary``; the statistics (Jaccard, coverage, their independence baselines) are read
         with ``opdviz.open(db).overlap(run_a, run_b)``.
     """
-    from .overlap import OverlapSpec, run_overlap
+    from opdviz.engine.overlap import OverlapSpec, run_overlap
 
     spec = OverlapSpec(base=Path(base), a=Path(a), b=Path(b), run_a=run_a, run_b=run_b, db=Path(db),
                        options=make_options(**options), base_b=Path(base_b) if base_b else None,
@@ -244,7 +244,7 @@ def trajectory(base: PathLike, steps: PathLike | Sequence[PathLike] | dict[int, 
     Returns:
         A ``TrajectorySummary``; read the metrics with ``opdviz.open(db).trajectory(name)``.
     """
-    from .trajectory import TrajectorySpec, find_checkpoints, run_trajectory
+    from opdviz.engine.trajectory import TrajectorySpec, find_checkpoints, run_trajectory
 
     if isinstance(steps, dict):
         paths, numbers = [Path(p) for p in steps.values()], [int(s) for s in steps]
@@ -273,7 +273,7 @@ def masks(base: PathLike, post: PathLike, *, out: PathLike, criterion: str = "ab
         A ``MasksSummary``. Read the file back with ``opdviz.load_masks`` and train only the masked
         coordinates with ``opdviz.train_only_masked``.
     """
-    from .masks import write_masks
+    from opdviz.engine.masks import write_masks
 
     res = write_masks(base, post, out, criterion, packed=packed, allow_pickle=allow_pickle)
     return MasksSummary(out=Path(out), criterion=criterion, tensors=int(res["tensors"]), numel=int(res["numel"]),
@@ -282,7 +282,7 @@ def masks(base: PathLike, post: PathLike, *, out: PathLike, criterion: str = "ab
 
 def load_masks(path: PathLike, device: str = "cpu") -> dict:
     """Read a mask file written by ``masks`` (bool or packed) → {tensor name: bool tensor of its shape}."""
-    from .masks import load_masks as load
+    from opdviz.engine.masks import load_masks as load
 
     return load(path, device)
 
@@ -291,7 +291,7 @@ def train_only_masked(model: "torch.nn.Module", masks: dict, optimizer: "torch.o
     """Make ``model`` train only the True coordinates of ``masks`` (name → bool tensor; other parameters are
     frozen): gradients are masked and, with ``optimizer``, frozen coordinates are restored after every step
     (AdamW's decoupled weight decay would move them). Returns a handle; ``handle.remove()`` undoes it."""
-    from .masks import train_only_masked as train
+    from opdviz.engine.masks import train_only_masked as train
 
     return train(model, masks, optimizer)
 
@@ -304,7 +304,7 @@ def open(db: PathLike = DEFAULT_DB) -> Results:  # noqa: A001 — the name is th
         StoreError when ``db`` does not exist (and no job has staged results for it yet), is a folder,
         is not a DuckDB file, or is a DuckDB file without opdviz's tables.
     """
-    from .store import Store
+    from opdviz.store.core import Store
 
     store = Store(db)
     store.check_readable()

@@ -4,7 +4,7 @@ Masking gradients alone is not enough with AdamW: its decoupled weight decay (``
 moves every coordinate whatever its gradient, and Adam's moment buffers are global. So
 ``apply_masks`` zeroes gradients with hooks (the moments of frozen coordinates stay 0) *and*
 ``MaskedTrainer.step`` (or ``MaskHandle.restore``) copies the frozen coordinates back after every
-optimizer step (2606.13657). Used by ``opdviz.masks.train_only_masked`` and by the demo lab.
+optimizer step (2606.13657). Used by ``opdviz.engine.masks.train_only_masked`` and by the demo lab.
 
     trainer = MaskedTrainer(model, torch.optim.AdamW(model.parameters(), weight_decay=0.1), masks)
     loss.backward(); trainer.step()
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import OptionsError
+from opdviz.errors import OptionsError
 
 
 class MaskHandle:

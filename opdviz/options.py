@@ -13,7 +13,7 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 
-from .errors import OptionsError
+from opdviz.errors import OptionsError
 
 MAX_PATTERN_CHARS = 1000      # --include/--exclude: longer patterns are refused
 MAX_LABEL_CHARS = 200         # run names and method labels

@@ -1,7 +1,7 @@
 """Reading a store from Python: ``Results`` (what ``opdviz.open(db)`` returns) and the figure names.
 
-Read-only by construction: every method queries the store through ``opdviz.queries`` /
-``opdviz.views_across`` (the same functions the CLI and the dashboard use) and nothing here writes.
+Read-only by construction: every method queries the store through ``opdviz.store.queries`` /
+``opdviz.views.across`` (the same functions the CLI and the dashboard use) and nothing here writes.
 
     store = opdviz.open("data/opdviz.duckdb")
     store.metrics(runs="opd", layers=range(4), modules=["q", "down"], metrics="sparsity_*")
@@ -15,8 +15,8 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import OptionsError
-from .options import AnalysisOptions
+from opdviz.errors import OptionsError
+from opdviz.options import AnalysisOptions
 
 
 def figure_names() -> list[str]:
@@ -27,8 +27,8 @@ def figure_names() -> list[str]:
 
 def _registry() -> dict:
     """Figure name → (FigureSpec, kind): "run" figures take a ``ViewContext``, "across" an ``AcrossContext``."""
-    from .views import FIGURES
-    from .views_across import FIGURES as ACROSS
+    from opdviz.views.single import FIGURES
+    from opdviz.views.across import FIGURES as ACROSS
 
     out = {f.key: (f, "run") for f in FIGURES}
     for f in ACROSS:
@@ -61,7 +61,7 @@ class Results:
         """One row per run (pandas DataFrame), oldest first: run_id, method, kind (pair, trajectory,
         reference), status, counts, device, wall_s (seconds), paths, fingerprints, options (JSON)…
         A run whose process is gone reads as ``interrupted``."""
-        from .queries import runs
+        from opdviz.store.queries import runs
 
         return runs(self._store)
 
@@ -86,7 +86,7 @@ class Results:
             OptionsError when a given run, method, layer, module, block, tower or metric is not in the
             store (the message lists what is).
         """
-        from .queries import export_rows, selection_values
+        from opdviz.store.queries import export_rows, selection_values
 
         sel = {"runs": _strs(runs, "runs"), "methods": _strs(methods, "methods"), "towers": _strs(towers, "towers"),
                "layers": _ints(layers, "layers"), "blocks": _strs(blocks, "blocks"),
@@ -134,7 +134,7 @@ class Results:
         """
         import pandas as pd
 
-        from .views_across import GROUPS, overlap_groups, overlap_pairs
+        from opdviz.views.across import GROUPS, overlap_groups, overlap_pairs
 
         if by not in GROUPS:
             raise OptionsError(f"by must be one of {', '.join(GROUPS)}, not {by!r}")
@@ -150,7 +150,7 @@ class Results:
 
     def trajectories(self):
         """Stored trajectories: trajectory, method, n_steps, first, last, has_metrics."""
-        from .views_across import trajectories
+        from opdviz.views.across import trajectories
 
         return trajectories(self._store)
 
@@ -160,7 +160,7 @@ class Results:
         per-pair metric too: ``metrics(runs=[...])``. Metric definitions: README "Trajectories"."""
         import pandas as pd
 
-        from .views_across import trajectory_long
+        from opdviz.views.across import trajectory_long
 
         known = list(self.trajectories()["trajectory"])
         names = [name] if name is not None else known
@@ -175,9 +175,9 @@ class Results:
 
     # ------------------------------------------------------------------------------ figures
     def _build(self, name: str, runs, filters: dict):
-        from .queries import Selection
-        from .views import ViewContext
-        from .views_across import AcrossContext
+        from opdviz.store.queries import Selection
+        from opdviz.views.single import ViewContext
+        from opdviz.views.across import AcrossContext
 
         registry = _registry()
         if name not in registry:

@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from pages import ui
+from opdviz.dashboard import ui
 
 view = ui.begin("Compare", r"""
 One metric side by side across the selected runs — per module, per layer, and as the difference

@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from pages import ui
+from opdviz.dashboard import ui
 
 view = ui.begin("Geometry", r"""
 Where the update lands relative to the base weights. **Principal projection**: the share of

@@ -2,9 +2,9 @@
 
 import streamlit as st
 
-from opdviz import views_lab as VL
-from opdviz.store import Store
-from pages import ui
+from opdviz.views import lab as VL
+from opdviz.store.core import Store
+from opdviz.dashboard import ui
 
 view = ui.begin("Lab: when is the update sparse?", r"""
 The lab post-trains one tiny Llama base (2-digit addition) with **OPD**, **RL** (GRPO) and **SFT** over a grid of

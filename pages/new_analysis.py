@@ -1,8 +1,8 @@
 """New analysis page: pick a base and post-trained checkpoints (upload or server folder), validate them,
 queue the analysis and watch it run.
 
-Thin: uploads, confinement and validation live in ``opdviz.uploads``, the queue and its detached
-worker in ``opdviz.jobs``. Nothing is computed in the web server: the job runs in a worker process
+Thin: uploads, confinement and validation live in ``opdviz.io.uploads``, the queue and its detached
+worker in ``opdviz.engine.queue``. Nothing is computed in the web server: the job runs in a worker process
 that outlives this session (reloads, closed tabs), so this page reads its state from disk.
 
 Uploads are private to the browser session: they are stored under an unguessable id kept in
@@ -18,11 +18,14 @@ from pathlib import Path
 
 import streamlit as st
 
-from opdviz import jobs, queries, roots, uploads
+from opdviz.engine import queue as jobs
+from opdviz.store import queries
+from opdviz.io import roots
+from opdviz.io import uploads
 from opdviz.errors import OpdvizError
 from opdviz.options import AnalysisOptions
-from opdviz.store import Store
-from pages import ui
+from opdviz.store.core import Store
+from opdviz.dashboard import ui
 
 UPLOAD, SERVER = "Upload files", "Folders on this server"
 METHODS = ("OPD", "RL", "SFT", "DPO", "other")
@@ -30,7 +33,7 @@ MAX_POSTS = 8
 SHOWN_JOBS = 8
 
 ui.route_through_app()   # a deep link on a fresh server must still get app.py's navigation and sidebar
-# the store chosen in the sidebar (one of the operator's, see pages/ui.py); the queue lives in its staging folder
+# the store chosen in the sidebar (one of the operator's, see opdviz/dashboard/ui.py); the queue lives in its staging folder
 db = (st.session_state.get(ui._STATE) or {}).get("db") or roots.default_db()
 sid = st.session_state.setdefault("_na_upload_session", uploads.new_session_id())
 

@@ -2,10 +2,10 @@
 
 import streamlit as st
 
-from opdviz import figexport
-from opdviz import views_across as VA
-from opdviz.store import Store
-from pages import ui
+from opdviz.views import export as figexport
+from opdviz.views import across as VA
+from opdviz.store.core import Store
+from opdviz.dashboard import ui
 
 view = ui.begin("Overlap", r"""For two runs A and B trained from the same base, which coordinates did **both** change? With
 $A$, $B$ the changed masks under the sidebar's criterion and densities $p_A = |A|/n$, $p_B = |B|/n$:

@@ -2,10 +2,10 @@
 
 import streamlit as st
 
-from opdviz import figexport
-from opdviz import views_lab
-from opdviz.store import Store
-from pages import ui
+from opdviz.views import export as figexport
+from opdviz.views import lab as views_lab
+from opdviz.store.core import Store
+from opdviz.dashboard import ui
 
 view = ui.begin("Overview", r"""
 How each post-training run changed the base model's weights, $\Delta W = W_\text{post} - W_\text{base}$.

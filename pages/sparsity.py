@@ -1,6 +1,6 @@
 """Sparsity page: which coordinates a run changed, by layer and module, and how that depends on ε."""
 
-from pages import ui
+from opdviz.dashboard import ui
 
 view = ui.begin("Sparsity", r"""
 **Sparsity** is the share of a matrix's entries that post-training left unchanged, unchanged / numel,

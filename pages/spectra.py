@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from pages import ui
+from opdviz.dashboard import ui
 
 view = ui.begin("Spectra", r"""
 The singular values $\sigma_1 \ge \sigma_2 \ge \dots$ of each update $\Delta W$. **Top-k energy**

@@ -4,7 +4,7 @@ import dataclasses
 
 import streamlit as st
 
-from pages import ui
+from opdviz.dashboard import ui
 
 view = ui.begin("Tensor", r"""
 One weight matrix up close. The **changed-entry map** block-averages the changed mask (share of

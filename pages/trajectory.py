@@ -2,10 +2,10 @@
 
 import streamlit as st
 
-from opdviz import views_across as VA
-from opdviz.live import REFRESH_S, read_status, training_log
-from opdviz.store import Store
-from pages import ui
+from opdviz.views import across as VA
+from opdviz.engine.live import REFRESH_S, read_status, training_log
+from opdviz.store.core import Store
+from opdviz.dashboard import ui
 
 view = ui.begin("Trajectory", r"""Checkpoints of one run at steps $t$, each compared with the base: $\Delta_t = W_t -
 W_\text{base}$. **Per-pair metrics** of every step run against the step; **consecutive sparsity**, the share of

@@ -13,12 +13,12 @@ peft = pytest.importorskip("peft")
 
 from safetensors.torch import load_file  # noqa: E402
 
-from opdviz.adapters import AdapterCheckpoint, LoraAdapter, lowrank_sigma, open_post  # noqa: E402
+from opdviz.io.adapters import AdapterCheckpoint, LoraAdapter, lowrank_sigma, open_post  # noqa: E402
 from opdviz.errors import CheckpointError  # noqa: E402
-from opdviz.job import JobSpec, run_job  # noqa: E402
+from opdviz.engine.runner import JobSpec, run_job  # noqa: E402
 from opdviz.options import AnalysisOptions  # noqa: E402
-from opdviz.reader import Checkpoint  # noqa: E402
-from opdviz.store import Store  # noqa: E402
+from opdviz.io.reader import Checkpoint  # noqa: E402
+from opdviz.store.core import Store  # noqa: E402
 
 
 def tiny_llama(dtype):
@@ -194,7 +194,7 @@ def test_adapter_by_hub_id_through_the_cli(tmp_path, monkeypatch, capsys):
 
 
 def test_dashboard_validation_reads_adapters(tmp_path, monkeypatch):
-    from opdviz import uploads
+    from opdviz.io import uploads
 
     cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], use_rslora=True)
     base_dir, ad_dir, _ = make_adapter(tmp_path, tiny_llama(torch.float32), cfg)

@@ -357,8 +357,8 @@ def test_train_only_masked_freezes_the_rest():
 # ------------------------------------------------------------------------------------------ the package
 def test_import_is_light_and_the_names_stay_functions():
     code = ("import sys, opdviz; assert 'torch' not in sys.modules and 'pandas' not in sys.modules; "
-            "import opdviz.overlap, opdviz.trajectory, opdviz.masks; "
-            "from opdviz.masks import write_masks; "
+            "import opdviz.engine.overlap, opdviz.engine.trajectory, opdviz.engine.masks; "
+            "from opdviz.engine.masks import write_masks; "
             "assert callable(opdviz.overlap) and callable(opdviz.trajectory) and callable(opdviz.masks); "
             "assert opdviz.masks.__module__ == 'opdviz.api'")
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})

@@ -18,14 +18,14 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from opdviz.errors import StoreError
-from opdviz.store import RunWriter
-from opdviz.views import figures_for
+from opdviz.store.core import RunWriter
+from opdviz.views.single import figures_for
 from synthetic import make_synthetic_store
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the pages package lives next to app.py
 
-from pages import ui  # noqa: E402
+from opdviz.dashboard import ui  # noqa: E402
 
 PAGES = ("overview", "sparsity", "spectra", "geometry", "tensor", "compare")
 TIMEOUT = 120
@@ -175,7 +175,7 @@ def test_a_run_whose_process_died_says_so(monkeypatch, tmp_path):
     import subprocess
     import sys
 
-    from opdviz.store import Store, computing, lock_path
+    from opdviz.store.core import Store, computing, lock_path
 
     path = tmp_path / "killed.duckdb"
     store = make_synthetic_store(path, finished=False)
@@ -215,8 +215,8 @@ def test_a_store_error_is_shown_without_a_traceback(monkeypatch, db):
 
 
 def test_the_warmer_builds_the_other_pages_once(monkeypatch, db):
-    from opdviz.queries import Selection
-    from opdviz.views import FIGURES, ViewContext
+    from opdviz.store.queries import Selection
+    from opdviz.views.single import FIGURES, ViewContext
 
     built = []
     build = ui.QUERIES["figure"]

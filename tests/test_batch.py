@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from opdviz.batch import load_batch
-from opdviz.cli import main as cli
+from opdviz.engine.batch import load_batch
+from opdviz import cli
 from opdviz.errors import OptionsError
-from opdviz.store import Store
+from opdviz.store.core import Store
 
 
 def write(path, data) -> str:

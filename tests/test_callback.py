@@ -17,8 +17,8 @@ pytest.importorskip("transformers")
 
 from safetensors.numpy import load_file  # noqa: E402
 
-from opdviz.live import live_dir, read_status, training_log  # noqa: E402
-from opdviz.store import Store  # noqa: E402
+from opdviz.engine.live import live_dir, read_status, training_log  # noqa: E402
+from opdviz.store.core import Store  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "train_with_callback.py"
@@ -96,7 +96,7 @@ def test_killed_training_keeps_what_is_stored(tmp_path):
 def test_trajectory_page_shows_a_running_trajectory(live_run, monkeypatch, tmp_path):
     from streamlit.testing.v1 import AppTest
 
-    from opdviz.live import write_status
+    from opdviz.engine.live import write_status
 
     db, _ = live_run
     monkeypatch.setenv("OPDVIZ_DB", str(db))

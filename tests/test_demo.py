@@ -7,9 +7,9 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from opdviz.commands.demo import DEMO_DIR, _checkpoints, demo_complete, demo_runs, sparse_runs
+from opdviz.cli.demo import DEMO_DIR, _checkpoints, demo_complete, demo_runs, sparse_runs
 from opdviz.lab.sweep import DEMO_SPARSE
-from opdviz.reader import Checkpoint, plan_pairs
+from opdviz.io.reader import Checkpoint, plan_pairs
 
 
 def test_shipped_demo_has_three_methods_from_one_base():

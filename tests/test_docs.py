@@ -11,8 +11,8 @@ import pytest
 from opdviz.cli import COMMANDS, build_parser
 from opdviz.metrics.registry import all_families
 from opdviz.options import AnalysisOptions
-from opdviz.safefiles import SETTINGS
-from opdviz.store import SCHEMAS
+from opdviz.io.safefiles import SETTINGS
+from opdviz.store.core import SCHEMAS
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
@@ -66,7 +66,8 @@ SECURITY = (Path(__file__).resolve().parents[1] / "SECURITY.md").read_text()
 
 
 def _confining_settings() -> set[str]:
-    from opdviz import roots, uploads
+    from opdviz.io import roots
+    from opdviz.io import uploads
 
     return {v for mod in (roots, uploads) for k, v in vars(mod).items() if k.endswith("_ENV") and isinstance(v, str)}
 

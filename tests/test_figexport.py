@@ -12,11 +12,11 @@ import pandas as pd
 import pytest
 from synthetic import make_synthetic_store
 
-from opdviz import figexport as X
-from opdviz.commands import figures as cmd
+from opdviz.views import export as X
+from opdviz.cli import figures as cmd
 from opdviz.errors import OpdvizError
-from opdviz.queries import Selection
-from opdviz.views import ViewContext, figure_spec
+from opdviz.store.queries import Selection
+from opdviz.views.single import ViewContext, figure_spec
 
 CHROMIUM = shutil.which("chromium") or shutil.which("/usr/bin/chromium")
 needs_chromium = pytest.mark.skipif(not CHROMIUM, reason="static export needs Chromium (/usr/bin/chromium); "

@@ -7,7 +7,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
-from opdviz import figures as F
+from opdviz.views import figures as F
 
 RUNS = pd.DataFrame({"run_id": ["opd-a", "rl-a", "sft-a"], "method": ["OPD", "RL", "SFT"]})
 
@@ -209,7 +209,7 @@ def test_facet_grids_hold_a_sweep_of_50_runs():
     """50 runs faceted 3 per row is 17 rows: the row spacing must shrink (plotly refuses > 1/(rows − 1))."""
     import pandas as pd
 
-    from opdviz import figures
+    from opdviz.views import figures
 
     df = pd.DataFrame({"run_id": [f"r{i:02d}" for i in range(50) for _ in range(2)],
                        "method": ["OPD"] * 100, "x": [1, 2] * 50, "y": [0.1, 0.2] * 50})

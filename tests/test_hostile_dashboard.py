@@ -24,14 +24,15 @@ from streamlit.testing.v1 import AppTest
 
 import factory
 from fsrecorder import Recorder
-from opdviz import roots, uploads
+from opdviz.io import roots
+from opdviz.io import uploads
 from opdviz.errors import StoreError
 from synthetic import make_synthetic_store
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the pages package lives next to app.py
 
-from pages import ui  # noqa: E402
+from opdviz.dashboard import ui  # noqa: E402
 
 TIMEOUT = 120
 HOSTILE = "**bold** :smile: :material/home: :red[red] $x^2$ <b>h</b> [l](http://x) `c` # h"

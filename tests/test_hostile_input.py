@@ -21,15 +21,15 @@ import torch
 from safetensors.torch import save_file
 
 import factory
-from opdviz.cli import main as cli
-from opdviz.csvsafe import csv_safe, neutralise, to_csv
+from opdviz import cli
+from opdviz.views.csvsafe import csv_safe, neutralise, to_csv
 from opdviz.errors import CheckpointError, OptionsError
-from opdviz.figexport import data_bytes
-from opdviz.job import training_metadata
+from opdviz.views.export import data_bytes
+from opdviz.engine.runner import training_metadata
 from opdviz.options import AnalysisOptions, check_label
-from opdviz.reader import Checkpoint
-from opdviz.safefiles import Limits, scan_json
-from opdviz.store import Store
+from opdviz.io.reader import Checkpoint
+from opdviz.io.safefiles import Limits, scan_json
+from opdviz.store.core import Store
 
 SECRET = b"TOP-SECRET-5f3a9c"          # the content of a file outside every checkpoint folder
 CFG = factory.llama_config(layers=1, hidden=16, ffn=32, heads=2, kv_heads=1, vocab=24)
@@ -489,7 +489,7 @@ def test_deep_json_batch_file_is_a_clear_error(tmp_path, capsys):
     ("a\u202eb", "OPD", ["run name", "U+202E"]), ("ok", "R\x00L", ["method label", "U+0000"]),
     ("ok", "OPD", None)])
 def test_browser_job_requests_are_checked_before_queueing(tmp_path, pair, name, method, words):
-    from opdviz.jobs import JobRequest, queue_dir, submit
+    from opdviz.engine.queue import JobRequest, queue_dir, submit
 
     db = tmp_path / "q.duckdb"
     request = JobRequest(base=str(pair[0]), posts=((str(pair[1]), name, method),))

@@ -17,10 +17,10 @@ import pandas as pd
 import pytest
 
 import factory
-from opdviz import jobs
-from opdviz.cli import main as cli
-from opdviz.jobs import JobRequest
-from opdviz.store import Store, computing
+from opdviz.engine import queue as jobs
+from opdviz import cli
+from opdviz.engine.queue import JobRequest
+from opdviz.store.core import Store, computing
 from waiting import wait_for as _wait_for
 
 LONG_CFG = factory.llama_config(layers=8, hidden=128, ffn=352, heads=4, kv_heads=2, vocab=160)
@@ -128,7 +128,7 @@ def test_concurrent_folds_never_fail_a_job_that_computed_everything(pair, refere
     folders = [subprocess.Popen([sys.executable, "-c", f"""
 import time
 from pathlib import Path
-from opdviz.store import Store
+from opdviz.store.core import Store
 store, end = Store({str(db)!r}), time.monotonic() + 600
 while time.monotonic() < end and not Path({str(stop)!r}).exists():
     store.fold(wait=0.05)
@@ -147,8 +147,8 @@ while time.monotonic() < end and not Path({str(stop)!r}).exists():
 def test_a_reader_holding_the_file_delays_folding_but_never_fails_it(pair, reference, tmp_path, monkeypatch):
     """A process holds a read-write connection on the file while the job ends: the job ends 0, its results
     stay staged and readable, and a later fold succeeds."""
-    from opdviz import job as job_mod
-    from opdviz.job import JobSpec, run_job
+    from opdviz.engine import runner as job_mod
+    from opdviz.engine.runner import JobSpec, run_job
 
     db = tmp_path / "held.duckdb"
     small = factory.make_pair(tmp_path / "small", cfg=factory.llama_config(layers=1, hidden=32, ffn=64, vocab=48))
@@ -193,7 +193,7 @@ sys.stdin.readline()
 def test_kill_9_of_the_worker_stops_its_compute(long_pair, tmp_path, stop_workers, capsys):
     db = tmp_path / "q.duckdb"
     job_id = jobs.submit(db, JobRequest(str(long_pair[0]), ((str(long_pair[1]), "long", "OPD"),)))
-    worker = subprocess.Popen([sys.executable, "-m", "opdviz.jobs", "worker", "--db", str(db), "--idle-exit", "0"],
+    worker = subprocess.Popen([sys.executable, "-m", "opdviz.engine.queue", "worker", "--db", str(db), "--idle-exit", "0"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         child = wait_for(lambda: (jobs._read_json(jobs._job_path(db, job_id)) or {}).get("child_pid"),
@@ -237,7 +237,7 @@ def test_cancel_stops_the_compute_and_counts_what_is_stored(pair, reference, tmp
     wait_for(lambda: gone(child), timeout=30, what="the compute process to stop")
     job = wait_for(lambda: (j := jobs.get_job(db, job_id)).state == "cancelled" and j, what="cancelled")
     stored = n_stored(db, "run1")
-    from opdviz.queries import runs
+    from opdviz.store.queries import runs
     row = runs(Store(db)).set_index("run_id").loc["run1"]
     assert row["status"] == "interrupted" and row["n_done"] == stored
     assert f"interrupted after {stored} of {row['n_tensors']} tensors" in row["error"]
@@ -356,7 +356,7 @@ def test_a_full_disk_while_writing_the_status_file_is_the_same_clear_error(tmp_p
     import errno
 
     from opdviz.errors import DiskFullError
-    from opdviz.job import Progress
+    from opdviz.engine.runner import Progress
 
     store = Store(tmp_path / "s.duckdb")
     bar = Progress(store, "r", 3, 30, 0, 0, show=False)
@@ -373,7 +373,7 @@ def test_a_full_disk_while_writing_the_status_file_is_the_same_clear_error(tmp_p
 
 def test_a_full_disk_while_folding_keeps_the_fragments(tmp_path, monkeypatch):
     from opdviz.errors import DiskFullError
-    from opdviz.store import RunWriter
+    from opdviz.store.core import RunWriter
 
     store = Store(tmp_path / "s.duckdb")
     RunWriter(store, "r").write_run({"status": "running"})

@@ -12,11 +12,11 @@ import pytest
 pytest.importorskip("huggingface_hub")
 
 import factory  # noqa: E402
-from opdviz import hub  # noqa: E402
+from opdviz.io import hub  # noqa: E402
 from opdviz.cli import main  # noqa: E402
 from opdviz.errors import CheckpointError  # noqa: E402
-from opdviz.reader import Checkpoint  # noqa: E402
-from opdviz.store import Store  # noqa: E402
+from opdviz.io.reader import Checkpoint  # noqa: E402
+from opdviz.store.core import Store  # noqa: E402
 
 
 def cache_model(cache: Path, repo_id: str, folder: Path, *, commit: str, refs=("main",)) -> Path:
@@ -143,7 +143,7 @@ def test_cli_compute_with_ids(hf_cache, tmp_path, capsys):
 
 
 def test_batch_file_with_ids(hf_cache, tmp_path):
-    from opdviz.batch import load_batch
+    from opdviz.engine.batch import load_batch
 
     f = tmp_path / "b.json"
     f.write_text(json.dumps({"bases": [{"path": "acme/tiny-base",
@@ -161,7 +161,7 @@ def test_dashboard_lists_cached_models_beside_folders(hf_cache, monkeypatch, tmp
 
     from streamlit.testing.v1 import AppTest
 
-    from opdviz import uploads
+    from opdviz.io import uploads
 
     root = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(root))

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 import factory
-from opdviz import jobs
-from opdviz.commands import jobs as jobs_cmd
+from opdviz.engine import queue as jobs
+from opdviz.cli import jobs as jobs_cmd
 from opdviz.errors import OptionsError, StoreError
-from opdviz.jobs import JobRequest
-from opdviz.store import Store
+from opdviz.engine.queue import JobRequest
+from opdviz.store.core import Store
 from waiting import wait_for as _wait_for
 
 N_TENSORS = len(factory.make_llama_state())
@@ -50,7 +50,7 @@ def stop_workers(tmp_path):
             cmdline = Path(f"/proc/{words[1]}/cmdline").read_bytes().decode(errors="replace")
         except OSError:
             continue
-        if "opdviz.jobs" in cmdline and str(tmp_path) in cmdline:
+        if "opdviz.engine.queue" in cmdline and str(tmp_path) in cmdline:
             os.kill(int(words[1]), 15)
 
 
@@ -233,10 +233,10 @@ def test_cli_lists_and_cancels(llama_pair, tmp_path, capsys):
 
 
 def test_worker_command_runs_in_its_own_process(llama_pair, tmp_path):
-    """``python -m opdviz.jobs worker`` is what ensure_worker starts; it exits when the queue is empty."""
+    """``python -m opdviz.engine.queue worker`` is what ensure_worker starts; it exits when the queue is empty."""
     db = tmp_path / "q.duckdb"
     job_id = jobs.submit(db, request(llama_pair, "p"))
-    proc = subprocess.run([sys.executable, "-m", "opdviz.jobs", "worker", "--db", str(db), "--idle-exit", "0"],
+    proc = subprocess.run([sys.executable, "-m", "opdviz.engine.queue", "worker", "--db", str(db), "--idle-exit", "0"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert jobs.get_job(db, job_id).state == "done"

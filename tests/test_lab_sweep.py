@@ -15,14 +15,14 @@ import torch
 from safetensors.torch import load_file as _load_torch
 from streamlit.testing.v1 import AppTest
 
-from opdviz import views_lab as VL
+from opdviz.views import lab as VL
 from opdviz.cli import main as cli_main
 from opdviz.errors import OptionsError
 from opdviz.lab.grid import SweepGrid, SweepPoint
 from opdviz.lab.pipeline import run_lab
 from opdviz.lab.sweep import run_sweep
 from opdviz.options import AnalysisOptions
-from opdviz.store import Store
+from opdviz.store.core import Store
 from test_lab import tiny_settings
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 import factory
-from opdviz.commands import across
+from opdviz.cli import across
 from opdviz.errors import OptionsError
-from opdviz.masks import changed_mask, load_masks, parse_criterion, train_only_masked, write_masks
+from opdviz.engine.masks import changed_mask, load_masks, parse_criterion, train_only_masked, write_masks
 from opdviz.metrics.elementwise import elementwise_metrics
 from opdviz.options import AnalysisOptions
 

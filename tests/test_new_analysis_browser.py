@@ -77,7 +77,7 @@ def server(tmp_path_factory):
                 cmd = Path(f"/proc/{words[1]}/cmdline").read_bytes()
             except OSError:
                 continue
-            if b"opdviz.jobs" in cmd and str(tmp).encode() in cmd:
+            if b"opdviz.engine.queue" in cmd and str(tmp).encode() in cmd:
                 os.kill(int(words[1]), 15)
 
 

@@ -19,13 +19,16 @@ import pytest
 import torch
 
 import factory
-from opdviz import cli, figexport, formatting
-from opdviz import queries as Q
-from opdviz import views, views_across
+from opdviz import cli
+from opdviz.views import export as figexport
+from opdviz.views import formatting
+from opdviz.store import queries as Q
+from opdviz.views import single as views
+from opdviz.views import across as views_across
 from opdviz.metrics.registry import AGGREGATIONS, DERIVED, UNITS, agg_label, all_families, family_of
-from opdviz.queries import Selection
-from opdviz.store import Store
-from opdviz.views import ViewContext
+from opdviz.store.queries import Selection
+from opdviz.store.core import Store
+from opdviz.views.single import ViewContext
 
 CFG = factory.llama_config(layers=2, hidden=32, ffn=48, heads=4, kv_heads=2, vocab=40)
 HOSTILE = "RL <b>bold</b> & <a href='x'>link</a>"

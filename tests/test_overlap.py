@@ -11,15 +11,15 @@ import pytest
 import torch
 
 import factory
-from opdviz.commands import across
+from opdviz.cli import across
 from opdviz.errors import CheckpointError, OptionsError
 from opdviz.options import AnalysisOptions
-from opdviz.overlap import OverlapSpec, run_overlap
-from opdviz.reader import Checkpoint
-from opdviz.queries import Selection
-from opdviz.store import Store
-from opdviz.views import ViewContext
-from opdviz.views_across import AcrossContext, figures_for, overlap_groups, overlap_stats, top_overlaps
+from opdviz.engine.overlap import OverlapSpec, run_overlap
+from opdviz.io.reader import Checkpoint
+from opdviz.store.queries import Selection
+from opdviz.store.core import Store
+from opdviz.views.single import ViewContext
+from opdviz.views.across import AcrossContext, figures_for, overlap_groups, overlap_stats, top_overlaps
 
 CFG = factory.llama_config(layers=2, hidden=32, ffn=48, heads=4, kv_heads=2, vocab=40)
 

@@ -14,12 +14,12 @@ import pytest
 ray = pytest.importorskip("ray")
 
 import factory  # noqa: E402
-from opdviz.batch import load_batch, run_batch  # noqa: E402
-from opdviz.cli import main as cli  # noqa: E402
-from opdviz.executors import LocalExecutor, RayExecutor, Work, plan_tasks  # noqa: E402
-from opdviz.job import JobSpec, run_job  # noqa: E402
-from opdviz.queries import export_rows  # noqa: E402
-from opdviz.store import Store, _slug  # noqa: E402
+from opdviz.engine.batch import load_batch, run_batch  # noqa: E402
+from opdviz import cli  # noqa: E402
+from opdviz.engine.executors import LocalExecutor, RayExecutor, Work, plan_tasks  # noqa: E402
+from opdviz.engine.runner import JobSpec, run_job  # noqa: E402
+from opdviz.store.queries import export_rows  # noqa: E402
+from opdviz.store.core import Store, _slug  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -128,7 +128,7 @@ def test_batch_with_a_trajectory_on_ray_matches_local(ray_local, batch_file, tmp
 
 
 def test_tasks_are_balanced_by_bytes_and_keep_stored_order(llama_pair):
-    from opdviz.reader import Checkpoint, plan_pairs
+    from opdviz.io.reader import Checkpoint, plan_pairs
 
     base, post = Checkpoint.open(llama_pair[0]), Checkpoint.open(llama_pair[1])
     items = [i for i in plan_pairs(base, post) if i.status == "ok"]

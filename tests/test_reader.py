@@ -1,4 +1,4 @@
-"""Tests for opdviz.reader: opening/validating checkpoints, pairing tensors, streaming pairs."""
+"""Tests for opdviz.io.reader: opening/validating checkpoints, pairing tensors, streaming pairs."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import opdviz.reader as reader
+import opdviz.io.reader as reader
 from opdviz.errors import CheckpointError
-from opdviz.reader import Checkpoint, iter_pairs, plan_pairs
+from opdviz.io.reader import Checkpoint, iter_pairs, plan_pairs
 from factory import llama_config, make_llama_state, make_pair, post_train, save_checkpoint
 
 

@@ -13,8 +13,8 @@ import duckdb
 import pytest
 
 from fsrecorder import Recorder
-from opdviz import roots
-from opdviz.roots import REFUSED, StoreRefused, choose_store, confined, lexically_under, list_stores
+from opdviz.io import roots
+from opdviz.io.roots import REFUSED, StoreRefused, choose_store, confined, lexically_under, list_stores
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """Base work once: several posts of one base in one job give exactly the results of each pair alone.
 
 The job iterates base tensors and, for each, every post that has it; the base's elementwise prepass,
-its factorization and the principal-coverage reconstructions are shared (``opdviz.job.analyse_items``,
+its factorization and the principal-coverage reconstructions are shared (``opdviz.engine.runner.analyse_items``,
 ``opdviz.metrics.geometry.principal_coverage``). These tests compare, bit for bit, every stored metric
 and array of a 3-post job with three 1-post jobs, including fused tensors split into parts and
 matrices large enough for the histogram selection, and the coverage counts of several masks at once
@@ -16,15 +16,15 @@ import pytest
 import torch
 
 import factory
-from opdviz import job as job_mod
-from opdviz.basecache import cache_root
+from opdviz.engine import runner as job_mod
+from opdviz.engine.basecache import cache_root
 from opdviz.metrics import geometry
-from opdviz.executors import LocalExecutor
-from opdviz.job import JobSpec, run_jobs
+from opdviz.engine.executors import LocalExecutor
+from opdviz.engine.runner import JobSpec, run_jobs
 from opdviz.metrics import analyse_pair, base_work
 from opdviz.metrics.geometry import SMALL_SELECT, linalg_base, principal_coverage
 from opdviz.options import AnalysisOptions
-from opdviz.store import Store
+from opdviz.store.core import Store
 
 # big enough that the FFN and embedding matrices (≥ 49152 entries) take the histogram selection
 # and the vocabulary matrices tall enough (m ≥ 8n + 8) for their factors to enter the base cache

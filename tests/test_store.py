@@ -9,7 +9,7 @@ import textwrap
 import duckdb
 import pytest
 
-from opdviz.store import SCHEMAS, SMALL_ARRAY, QueryMemo, RunWriter, Store, _ddl, now
+from opdviz.store.core import SCHEMAS, SMALL_ARRAY, QueryMemo, RunWriter, Store, _ddl, now
 
 
 def _tensor(writer: RunWriter, name: str, value: float, layer: int = 0) -> None:
@@ -156,7 +156,7 @@ def test_reused_connection_sees_new_results_and_never_holds_the_file(store):
         _tensor(w, name, 2.0)                      # staged: seen by the next query
         assert len(store.query("SELECT * FROM metrics")) == i + 2
         # another process can fold between our queries (the file is attached only during one)
-        code = f"from opdviz.store import Store; assert Store({str(store.db_path)!r}).fold(wait=0)"
+        code = f"from opdviz.store.core import Store; assert Store({str(store.db_path)!r}).fold(wait=0)"
         subprocess.run([sys.executable, "-c", code], check=True)
         assert not store._fragments("metrics")
     assert sorted(store.query("SELECT tensor FROM metrics")["tensor"]) == ["x", "y", "z"]
@@ -214,7 +214,7 @@ def test_idle_connections_are_bounded_and_closed_before_a_fork(store):
     import os
     import threading
 
-    from opdviz.store import _CONNECTIONS
+    from opdviz.store.core import _CONNECTIONS
 
     w = RunWriter(store, "a")
     _tensor(w, "x", 1.0)

@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from opdviz.errors import OptionsError
-from opdviz.jobs import _child_env
-from opdviz.threads import THREADS_ENV, available_cores, child_env, choose_threads
+from opdviz.engine.queue import _child_env
+from opdviz.engine.threads import THREADS_ENV, available_cores, child_env, choose_threads
 
 
 def test_thread_count_flag_then_env_then_affinity(monkeypatch):
@@ -51,7 +51,7 @@ def test_cli_sets_the_policy_before_torch_starts(tmp_path):
 
 def test_compute_applies_threads(tmp_path, llama_pair):
     base, post = llama_pair
-    probe = ("import sys, torch; from opdviz import cli; import opdviz.commands.compute as c\n"
+    probe = ("import sys, torch; from opdviz import cli; import opdviz.cli.compute as c\n"
              "real = c.main\n"
              "def main(args):\n"
              "    rc = real(args); print('threads', torch.get_num_threads()); return rc\n"

@@ -11,14 +11,14 @@ import pytest
 import torch
 
 import factory
-from opdviz.commands import across
+from opdviz.cli import across
 from opdviz.errors import OptionsError
 from opdviz.options import AnalysisOptions
-from opdviz.queries import Selection
-from opdviz.store import Store
-from opdviz.trajectory import (TrajectorySpec, delta_spectrum, find_checkpoints, hill_alpha, run_trajectory,
+from opdviz.store.queries import Selection
+from opdviz.store.core import Store
+from opdviz.engine.trajectory import (TrajectorySpec, delta_spectrum, find_checkpoints, hill_alpha, run_trajectory,
                                subspace_sim)
-from opdviz.views_across import AcrossContext, figures_for, trajectories, trajectory_by_module
+from opdviz.views.across import AcrossContext, figures_for, trajectories, trajectory_by_module
 
 CFG = factory.llama_config(layers=1, hidden=32, ffn=48, heads=4, kv_heads=2, vocab=40)
 STEPS = (10, 20, 30)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import factory
-from opdviz.uploads import (UploadError, allowed_roots, checkpoint_in, list_checkpoints, resolve_under_roots,
+from opdviz.io.uploads import (UploadError, allowed_roots, checkpoint_in, list_checkpoints, resolve_under_roots,
                             sanitize_name, save_upload, validate_checkpoint, validate_pair)
 
 
@@ -261,7 +261,7 @@ def test_upload_folder_is_not_world_writable(tmp_path):
 
 # ------------------------------------------------------------------------ sessions, quotas, age
 
-from opdviz import uploads as U  # noqa: E402
+from opdviz.io import uploads as U  # noqa: E402
 
 
 @pytest.fixture
@@ -393,7 +393,7 @@ def test_a_name_too_long_is_refused_not_cut(tmp_path):
 
 
 def test_a_starting_worker_sweeps_abandoned_uploads(up, tmp_path):
-    from opdviz import jobs
+    from opdviz.engine import queue as jobs
 
     a, _ = up
     U.save_session_upload(a, [("model.safetensors", b"x")])

@@ -7,10 +7,10 @@ import math
 import pytest
 from synthetic import make_synthetic_store
 
-from opdviz import figures as F
-from opdviz.queries import Selection
-from opdviz.store import Store
-from opdviz.views import FIGURES, PAGES, ViewContext, figure_spec, figures_for, overview_table, provenance
+from opdviz.views import figures as F
+from opdviz.store.queries import Selection
+from opdviz.store.core import Store
+from opdviz.views.single import FIGURES, PAGES, ViewContext, figure_spec, figures_for, overview_table, provenance
 
 
 @pytest.fixture(scope="session")

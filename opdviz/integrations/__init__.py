@@ -10,7 +10,7 @@ Needs ``transformers`` (``pip install "opdviz[train]"``); importing this package
 
 from __future__ import annotations
 
-from ..errors import MissingExtraError
+from opdviz.errors import MissingExtraError
 
 TRAIN_EXTRA_HINT = 'pip install "opdviz[train]" (transformers, peft, huggingface_hub)'
 
@@ -20,6 +20,6 @@ except ImportError as exc:   # the core install stays light: say which extra bri
     raise MissingExtraError(f"opdviz.integrations needs transformers, which is not installed here ({exc}); install it "
                        f"with {TRAIN_EXTRA_HINT}.") from None
 
-from .callback import OpdvizCallback  # noqa: E402
+from opdviz.integrations.callback import OpdvizCallback  # noqa: E402
 
 __all__ = ["OpdvizCallback"]

@@ -32,9 +32,9 @@ import torch
 from safetensors.torch import save_file
 from transformers import TrainerCallback
 
-from ..errors import OptionsError
-from ..live import live_dir, read_status
-from ..options import AnalysisOptions
+from opdviz.errors import OptionsError
+from opdviz.engine.live import live_dir, read_status
+from opdviz.options import AnalysisOptions
 
 # Fault injection for tests: "train-kill:N" SIGKILLs the training process right after step N's snapshot
 # is handed to the worker (as a crash or an out-of-memory kill would). Unset in normal use.

@@ -7,7 +7,7 @@ event on stdin, in order, each sent only after its snapshot file is completely w
     {"end": true, "final_step": N}
 
 Each step is analysed against ``base.safetensors`` at once by the normal job (run ``NAME@N``, resumable).
-At "end" the trajectory metrics are computed over every step (``opdviz.trajectory.run_trajectory``) and
+At "end" the trajectory metrics are computed over every step (``opdviz.engine.trajectory.run_trajectory``) and
 the intermediate snapshots are deleted unless ``keep_snapshots``. End of input without "end" means the
 training process died: the steps already received are finished, the status says "interrupted", and
 the command to finish the trajectory by hand is recorded in the status message.
@@ -21,10 +21,10 @@ import sys
 import traceback
 from pathlib import Path
 
-from ..job import JobSpec, run_job
-from ..live import write_status
-from ..options import AnalysisOptions
-from ..trajectory import TrajectorySpec, run_trajectory
+from opdviz.engine.runner import JobSpec, run_job
+from opdviz.engine.live import write_status
+from opdviz.options import AnalysisOptions
+from opdviz.engine.trajectory import TrajectorySpec, run_trajectory
 
 
 def _log(msg: str) -> None:

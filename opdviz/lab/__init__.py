@@ -9,6 +9,6 @@ torch; ``opdviz.lab.run_lab`` is loaded on first use.
 
 def __getattr__(name):
     if name in ("run_lab", "LabSettings"):
-        from . import pipeline
+        from opdviz.lab import pipeline
         return getattr(pipeline, name)
     raise AttributeError(f"module 'opdviz.lab' has no attribute {name!r}")

@@ -57,7 +57,7 @@ tensor. Runs complete in the store are skipped, so rerunning the same command re
 
 
 def register_sweep(sub) -> None:
-    from .grid import SweepGrid
+    from opdviz.lab.grid import SweepGrid
 
     d = SweepGrid()
     p = sub.add_parser("sweep", help="OPD/RL/SFT over learning rates, precisions, weight decay and seeds",
@@ -84,8 +84,8 @@ def sweep_main(args: argparse.Namespace) -> int:
     import os
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from .grid import SweepGrid
-    from .sweep import run_sweep
+    from opdviz.lab.grid import SweepGrid
+    from opdviz.lab.sweep import run_sweep
 
     grid = SweepGrid(methods=args.methods, lrs=args.lrs, precisions=args.precisions,
                      weight_decays=args.weight_decay, seeds=args.seeds, steps=args.steps, batch=args.batch,
@@ -106,7 +106,7 @@ def main(args: argparse.Namespace) -> int:
     # OpenMP threads that spin while waiting starve each other on a shared 2-core machine (5-20×
     # slower); passive waiting only takes effect if set before torch loads, hence here, at the edge
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from .pipeline import run_lab
+    from opdviz.lab.pipeline import run_lab
 
     summary = run_lab(Path(args.out), seed=args.seed, steps=args.steps,
                       progress=lambda line: print(line, file=sys.stderr, flush=True))

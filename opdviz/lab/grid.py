@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..errors import OptionsError
+from opdviz.errors import OptionsError
 
 METHODS = {"opd": "OPD", "sft": "SFT", "rl": "RL"}
 PRECISIONS = ("fp32", "bf16")

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import CheckpointError
-from ..safefiles import Limits, read_json
+from opdviz.errors import CheckpointError
+from opdviz.io.safefiles import Limits, read_json
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,11 +18,11 @@ from typing import Callable
 
 import torch
 
-from ..errors import OptionsError
-from .model import Llama, LlamaConfig, bf16_state, save_hf
-from .subnetwork import MaskedTrainer, changed_masks, random_masks_like
-from .task import AdditionTask
-from .train import Clock, RunSpec, accuracy, train
+from opdviz.errors import OptionsError
+from opdviz.lab.model import Llama, LlamaConfig, bf16_state, save_hf
+from opdviz.lab.subnetwork import MaskedTrainer, changed_masks, random_masks_like
+from opdviz.lab.task import AdditionTask
+from opdviz.lab.train import Clock, RunSpec, accuracy, train
 
 METHODS = {"opd": "OPD", "sft": "SFT", "rl": "RL"}
 LOSS_NAMES = {"opd": "reverse_kl", "sft": "cross_entropy", "rl": "policy_gradient", "pretrain": "cross_entropy"}
@@ -192,7 +192,7 @@ def _run(out: Path, seed: int, s: LabSettings, clock: Clock) -> dict:
         "opd_changed_fraction": sub["density"],
     }
     # the sparse regime next to the runs above: bf16 throughout at a lower rate (opdviz.lab.sweep)
-    from .sweep import sparse_points, write_demo_sparse
+    from opdviz.lab.sweep import sparse_points, write_demo_sparse
 
     sparse = write_demo_sparse(out, sparse_points(s, seed), progress=clock.emit, data_seed=seed,
                                task=(s.digits, s.test_size))

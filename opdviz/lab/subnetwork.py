@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import OptionsError
-from ..masked_training import MaskedTrainer, MaskHandle, apply_masks  # noqa: F401  (the lab's masked training)
+from opdviz.errors import OptionsError
+from opdviz.masked_training import MaskedTrainer, MaskHandle, apply_masks  # noqa: F401  (the lab's masked training)
 
 
 def changed_masks(base: dict[str, torch.Tensor], post: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -32,13 +32,13 @@ from typing import Callable
 
 import torch
 
-from ..errors import OptionsError
-from .model import Llama, bf16_state, load_hf, save_hf
-from .grid import MASKS, METHODS, SweepGrid, SweepPoint  # noqa: F401 (re-exported)
-from .pipeline import LOSS_NAMES, LabSettings
-from .subnetwork import changed_masks, random_masks_like
-from .task import AdditionTask
-from .train import RunSpec, accuracy, train
+from opdviz.errors import OptionsError
+from opdviz.lab.model import Llama, bf16_state, load_hf, save_hf
+from opdviz.lab.grid import MASKS, METHODS, SweepGrid, SweepPoint  # noqa: F401 (re-exported)
+from opdviz.lab.pipeline import LOSS_NAMES, LabSettings
+from opdviz.lab.subnetwork import changed_masks, random_masks_like
+from opdviz.lab.task import AdditionTask
+from opdviz.lab.train import RunSpec, accuracy, train
 
 @dataclasses.dataclass
 class LabInputs:
@@ -110,9 +110,9 @@ def run_sweep(grid: SweepGrid, lab: Path, out: Path, db: Path, *, progress: Call
     ``skipped``: already stored), accuracy, seconds. ``options``: the ``AnalysisOptions`` of every analysis
     (default: the defaults of ``opdviz compute``).
     """
-    from ..job import JobSpec, run_job
-    from ..options import AnalysisOptions
-    from ..store import Store
+    from opdviz.engine.runner import JobSpec, run_job
+    from opdviz.options import AnalysisOptions
+    from opdviz.store.core import Store
 
     emit = progress or (lambda line: None)
     lab, out, db = Path(lab), Path(out), Path(db)

@@ -27,9 +27,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .model import Llama, bf16_state
-from .subnetwork import MaskedTrainer
-from .task import AdditionTask
+from opdviz.lab.model import Llama, bf16_state
+from opdviz.lab.subnetwork import MaskedTrainer
+from opdviz.lab.task import AdditionTask
 
 
 @torch.no_grad()

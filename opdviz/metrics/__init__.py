@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..options import AnalysisOptions
+from opdviz.options import AnalysisOptions
 
 
 @dataclass
@@ -66,15 +66,15 @@ def timed(stages: dict | None, key: str):
 def base_work(wb: torch.Tensor, opts: AnalysisOptions, *, matrix: bool, stages: dict | None = None,
               factors=None) -> BaseWork:
     """The base-only work of ``analyse_pair`` for the base view ``wb`` (same arguments). ``factors``: the
-    base factorization when already known (``opdviz.basecache``), else computed."""
-    from .elementwise import base_stats
+    base factorization when already known (``opdviz.engine.basecache``), else computed."""
+    from opdviz.metrics.elementwise import base_stats
 
     if wb.dim() == 0:       # a scalar parameter: one coordinate (as in analyse_pair)
         wb = wb.reshape(1)
     with timed(stages, "elementwise"):
         work = BaseWork(base_stats(wb, opts))
     if is_matrix_pair(wb, matrix):
-        from .geometry import linalg_base
+        from opdviz.metrics.geometry import linalg_base
 
         with timed(stages, "base_decomposition"):
             work.factors = factors if factors is not None else linalg_base(wb, opts)
@@ -89,7 +89,7 @@ def analyse_pair(wb: torch.Tensor, wp: torch.Tensor, opts: AnalysisOptions, *, m
     identical either way). ``coverage=False`` leaves the principal coverage to ``add_coverage``, which
     computes it for several posts of one base at once (the result keeps its packed masks until then).
     ``stages``: seconds by stage are added to it (``timed``)."""
-    from .elementwise import elementwise_metrics
+    from opdviz.metrics.elementwise import elementwise_metrics
 
     if wb.dim() == 0:       # a scalar parameter (a learned temperature, a gate): one coordinate
         wb, wp = wb.reshape(1), wp.reshape(1)
@@ -99,7 +99,7 @@ def analyse_pair(wb: torch.Tensor, wp: torch.Tensor, opts: AnalysisOptions, *, m
         ew = elementwise_metrics(wb, wp, opts, base.stats)
     result = PairResult(dict(ew.scalars), dict(ew.arrays))
     if is_matrix_pair(wb, matrix):
-        from .geometry import coverage_code, linalg_metrics
+        from opdviz.metrics.geometry import coverage_code, linalg_metrics
 
         with timed(stages, "update_decomposition"):
             la = linalg_metrics(wb, wp, None, opts, base.factors)
@@ -119,7 +119,7 @@ def add_coverage(wb: torch.Tensor, base: BaseWork, results: list[PairResult], op
     todo = [r for r in results if r.code is not None]
     if not todo:
         return
-    from .geometry import principal_coverage
+    from opdviz.metrics.geometry import principal_coverage
 
     with timed(stages, "geometry"):
         covs = principal_coverage(wb, base.factors, [r.code for r in todo], opts)

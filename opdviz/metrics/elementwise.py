@@ -32,9 +32,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import TensorMismatchError
-from ..options import AnalysisOptions, fmt_num, fmt_pct
-from .registry import MetricInfo
+from opdviz.errors import TensorMismatchError
+from opdviz.options import AnalysisOptions, fmt_num, fmt_pct
+from opdviz.metrics.registry import MetricInfo
 
 SWEEP_EPS = tuple(10.0 ** (-10 + 0.5 * i) for i in range(19))  # 10^(−10 + i/2): 1e-10 … 1e-1
 TOP_FRACS = (0.001, 0.01, 0.05)

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import TensorMismatchError
-from ..options import AnalysisOptions, fmt_pct
-from ..rankgrid import rank_grid
-from .linalg import (MetricInfo, BaseFactors, Factors, approx_factors, base_factors, chunk_rows, exact_factors,
+from opdviz.errors import TensorMismatchError
+from opdviz.options import AnalysisOptions, fmt_pct
+from opdviz.metrics.rankgrid import rank_grid
+from opdviz.metrics.linalg import (MetricInfo, BaseFactors, Factors, approx_factors, base_factors, chunk_rows, exact_factors,
                      floor_frac)
-from .spectral import spectrum_metrics
+from opdviz.metrics.spectral import spectrum_metrics
 
 _PROJ_SRC = "2511.08567"
 _ANG_SRC = "2511.08567, 2606.07082"

@@ -5,7 +5,7 @@ pattern used in code, in the store and in the UI, with ``{...}`` standing for on
 (``sparsity_{criterion}`` → ``sparsity_abs_1e-5``). The README table is generated from these.
 
 Each family also carries its display ``label``, its ``unit`` (how every page, table and export shows
-it: see ``UNITS`` and ``opdviz.formatting``) and its ``agg``, the rule by which per-tensor values are
+it: see ``UNITS`` and ``opdviz.views.formatting``) and its ``agg``, the rule by which per-tensor values are
 pooled into a group or model-level number (``AGGREGATIONS``). ``DERIVED`` declares the same for the
 numbers the views compute from stored metrics (overlap statistics, enrichment, baselines), so that
 every number a user sees has exactly one definition of its label and unit.
@@ -18,7 +18,7 @@ import importlib
 import re
 from dataclasses import dataclass
 
-_MODULES = ("opdviz.metrics.elementwise", "opdviz.metrics.spectral", "opdviz.metrics.geometry", "opdviz.adapters")
+_MODULES = ("opdviz.metrics.elementwise", "opdviz.metrics.spectral", "opdviz.metrics.geometry", "opdviz.io.adapters")
 
 
 # unit → what a value means and how it is shown (formatting.py does the showing)
@@ -35,7 +35,7 @@ UNITS = {
     "text": "not a number",
 }
 # agg → how per-tensor values are pooled into a group (layer, module, run): "short name: rule". The short
-# name (before the colon) is what an axis says the number is (``agg_label``); opdviz.queries.pool_sql computes it.
+# name (before the colon) is what an axis says the number is (``agg_label``); opdviz.store.queries.pool_sql computes it.
 AGGREGATIONS = {
     "numel": "parameter-weighted: Σ value·numel / Σ numel (a share of entries)",
     "changed": "weighted by changed entries: Σ value·|U| / Σ |U|, U the run's changed mask (a share of U)",
@@ -69,7 +69,7 @@ class MetricInfo:
     agg: str = "matrix_mean"  # a key of AGGREGATIONS
 
 
-_OV = "opdviz.views_across (2606.13657, 2505.11711)"
+_OV = "opdviz.views.across (2606.13657, 2505.11711)"
 # numbers the views derive from stored metrics or counts: declared here so they format like the rest
 DERIVED: tuple[MetricInfo, ...] = (
     MetricInfo("p_a", "derived", "Density of run A's changed mask, |A|/numel.", _OV, "density A", "fraction", "counts"),

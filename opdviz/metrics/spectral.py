@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..options import fmt_num, fmt_pct
-from .linalg import MetricInfo, ceil_frac
+from opdviz.options import fmt_num, fmt_pct
+from opdviz.metrics.linalg import MetricInfo, ceil_frac
 
 RANK_TOLS = (1e-6, 1e-5, 1e-4)
 ENERGY_KS = (1, 2, 4, 8, 16, 32, 64)

@@ -1,0 +1,593 @@
+"""Figures: pure functions from tidy DataFrames to Plotly figures (no I/O, no SQL, no streamlit, no torch).
+
+Every function documents the columns it reads. Colours: one fixed Okabe–Ito colour per method
+(``method_color``) wherever a method appears, a separate colour-blind-safe palette (Paul Tol's
+"muted") for modules, so a module is never mistaken for a method. Sequential maps are Cividis,
+diverging maps PuOr centred on 0. ``paper_style`` sizes a figure for a single (3.5 in) or double
+(7 in) column with 8-pt text; ``opdviz.views.export`` applies it before writing PDF/SVG/PNG.
+
+Try it:  python -c "import opdviz.views.figures as f, pandas as pd; f.empty_figure().show()"
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from opdviz.views.formatting import escape
+
+# --------------------------------------------------------------------------------------- colours
+OKABE_ITO = {"black": "#000000", "orange": "#E69F00", "sky_blue": "#56B4E9", "bluish_green": "#009E73",
+             "yellow": "#F0E442", "blue": "#0072B2", "vermillion": "#D55E00", "reddish_purple": "#CC79A7"}
+METHOD_COLORS = {"OPD": OKABE_ITO["blue"], "RL": OKABE_ITO["vermillion"], "GRPO": OKABE_ITO["reddish_purple"],
+                 "SFT": OKABE_ITO["bluish_green"], "DPO": OKABE_ITO["orange"], "BASE": OKABE_ITO["black"]}
+# other labels hash into colours still distinguishable under deuteranopia/protanopia (Okabe–Ito rest + Tol)
+_EXTRA_COLORS = (OKABE_ITO["sky_blue"], "#B8A000", "#882255", "#44AA99", "#332288", "#999933", "#777777")
+MODULE_COLORS = {"q": "#332288", "k": "#88CCEE", "v": "#44AA99", "o": "#117733", "gate": "#999933",
+                 "up": "#DDCC77", "down": "#CC6677", "qkv": "#882255", "gate_up": "#AA4499",
+                 "embed": "#555555", "lm_head": "#000000", "norm": "#BBBBBB"}
+MODULE_ORDER = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "embed", "lm_head", "norm")
+DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
+SEQUENTIAL = "Cividis"
+DIVERGING = "PuOr"
+BASELINE_COLOR = "#7F7F7F"
+FONT = "Arial, 'Liberation Sans', Helvetica, sans-serif"
+NO_DATA = "no data for this selection"
+
+# Chromium prints 96 CSS px per inch; 8 pt = 10.7 px. Widths of a two-column paper: 3.5 in and 7 in.
+PAPER_WIDTH_PX = {"single": 336, "double": 672}
+PAPER_FONT_PX = {"single": 11, "double": 12}
+
+
+def method_color(method: str | None) -> str:
+    """The colour of a method label: fixed for OPD/RL/GRPO/SFT/DPO/base (case-insensitive), else a
+    stable hash of the label (the same in every process and on every page)."""
+    label = (method or "").strip()
+    if label.upper() in METHOD_COLORS:
+        return METHOD_COLORS[label.upper()]
+    digest = int(hashlib.sha1(label.encode()).hexdigest()[:8], 16)
+    return _EXTRA_COLORS[digest % len(_EXTRA_COLORS)]
+
+
+def module_color(module: str | None) -> str:
+    if module in MODULE_COLORS:
+        return MODULE_COLORS[module]
+    digest = int(hashlib.sha1(str(module).encode()).hexdigest()[:8], 16)
+    return _EXTRA_COLORS[digest % len(_EXTRA_COLORS)]
+
+
+def run_styles(runs: pd.DataFrame) -> dict[str, tuple[str, str]]:
+    """run_id → (colour, dash): colour from the run's method; runs sharing a method differ by dash.
+
+    ``runs`` needs columns run_id and method (extra rows are ignored)."""
+    styles, seen = {}, {}
+    for run_id, method in runs[["run_id", "method"]].drop_duplicates("run_id").itertuples(index=False):
+        n = seen.get(method, 0)
+        seen[method] = n + 1
+        styles[run_id] = (method_color(method), DASHES[n % len(DASHES)])
+    return styles
+
+
+def run_label(run_id: str, method: str | None) -> str:
+    """Legend/facet label of a run, escaped (run names and method labels are untrusted text)."""
+    text = run_id if not method or str(method) == str(run_id) else f"{run_id} ({method})"
+    return escape(text)
+
+
+def module_sort_key(module) -> tuple:
+    return (MODULE_ORDER.index(module) if module in MODULE_ORDER else len(MODULE_ORDER), str(module))
+
+
+# --------------------------------------------------------------------------------------- base layout
+def _template() -> go.layout.Template:
+    # automargin: long category labels (tensor, criterion names) push the margin out instead of being clipped
+    axis = dict(showline=True, linecolor="black", linewidth=1, ticks="outside", ticklen=3, mirror=False,
+                showgrid=True, gridcolor="#E5E5E5", gridwidth=0.5, zeroline=False, title_standoff=4, automargin=True)
+    return go.layout.Template(layout=dict(
+        font=dict(family=FONT, size=13, color="black"), paper_bgcolor="white", plot_bgcolor="white",
+        xaxis=axis, yaxis=axis, colorway=list(METHOD_COLORS.values()),
+        legend=dict(bgcolor="rgba(255,255,255,0.8)", borderwidth=0, tracegroupgap=2),
+        margin=dict(l=60, r=20, t=50, b=50), hoverlabel=dict(namelength=-1)))
+
+
+def _figure(title: str, rows: int = 1, cols: int = 1, **subplot_kw) -> go.Figure:
+    fig = make_subplots(rows=rows, cols=cols, **subplot_kw) if rows * cols > 1 or subplot_kw else go.Figure()
+    fig.update_layout(template=_template(), title=dict(text=title, x=0, xanchor="left"),
+                      meta={"panels": rows * cols, "rows": rows})
+    return fig
+
+
+def empty_figure(message: str = NO_DATA, title: str = "") -> go.Figure:
+    """A blank figure that says why it is blank (never raise on an empty selection)."""
+    fig = _figure(title)
+    fig.add_annotation(text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
+                       font=dict(size=15, color="#555555"))
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    fig.update_layout(meta={"empty": True, "panels": 1, "rows": 1})
+    return fig
+
+
+def _legend_key(fig: go.Figure, entries: list[tuple[str, str, str]]) -> None:
+    """Legend-only traces: (name, colour, dash). Lets a figure key colour and dash separately
+    (no legend groups: in a horizontal legend a group stacks its items vertically)."""
+    for name, color, dash in entries:
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name=name, showlegend=True,
+                                 line=dict(color=color, dash=dash, width=2), hoverinfo="skip"))
+
+
+def _color_of(kind: str, value, styles: dict) -> str:
+    if kind == "run_id":
+        return styles.get(value, ("#000000", "solid"))[0]
+    if kind == "method":
+        return method_color(value)
+    if kind == "module":
+        return module_color(value)
+    return module_color(str(value))   # a stable sha1 hash, never Python's salted hash()
+
+
+def _ordered(values, kind: str) -> list:
+    vals = list(dict.fromkeys(v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))))
+    if kind == "module":
+        return sorted(vals, key=module_sort_key)
+    return vals
+
+
+def _vspace(preferred: float, nrows: int) -> float:
+    """Row spacing of a facet grid: plotly refuses more than 1/(rows − 1) (a sweep of 50 runs → 17 rows)."""
+    return preferred if nrows <= 1 else min(preferred, 0.5 / (nrows - 1))
+
+
+def _lines(df: pd.DataFrame, x: str, y: str, color: str, title: str, xlabel: str, ylabel: str,
+           dash: str | None = None, facet: str | None = None, log_x: bool = False, log_y: bool = False,
+           markers: bool = False, hover: str | None = None, max_cols: int = 3) -> go.Figure:
+    """Lines of ``y`` against ``x``, one per (color, dash, facet) value; legends key colour and dash."""
+    styles = run_styles(df) if "run_id" in df and "method" in df else {}
+    facets = _ordered(df[facet], "run") if facet else [None]
+    ncols = min(len(facets), max_cols)
+    nrows = math.ceil(len(facets) / ncols)
+    titles = [_facet_title(df, facet, f) for f in facets] if facet else None
+    fig = _figure(title, nrows, ncols, shared_yaxes=True, shared_xaxes=True, subplot_titles=titles,
+                  horizontal_spacing=0.04, vertical_spacing=_vspace(0.12, nrows)) if facet else _figure(title)
+    colors = _ordered(df[color], color)
+    dashes = _ordered(df[dash], dash) if dash else [None]
+    dash_of = {d: DASHES[i % len(DASHES)] for i, d in enumerate(dashes)}
+    for fi, fval in enumerate(facets):
+        sub = df if fval is None else df[df[facet] == fval]
+        r, c = fi // ncols + 1, fi % ncols + 1
+        for cval in colors:
+            for dval in dashes:
+                part = sub[sub[color] == cval]
+                if dval is not None:
+                    part = part[part[dash] == dval]
+                if part.empty:
+                    continue
+                part = part.sort_values(x)
+                line_dash = dash_of[dval] if dash else (styles.get(cval, ("", "solid"))[1] if color == "run_id"
+                                                        else "solid")
+                name = _name(df, color, cval) + (f" · {escape(dval)}" if dash else "")
+                trace = go.Scatter(x=part[x], y=part[y], name=name, mode="lines+markers" if markers else "lines",
+                                   line=dict(color=_color_of(color, cval, styles), dash=line_dash, width=1.8),
+                                   marker=dict(size=5), showlegend=False,
+                                   hovertemplate=f"{name}<br>{xlabel}: %{{x}}<br>{ylabel}: %{{y:.4g}}"
+                                                 + (f"<br>%{{customdata}}" if hover else "") + "<extra></extra>",
+                                   customdata=part[hover] if hover else None)
+                if facet:
+                    fig.add_trace(trace, row=r, col=c)
+                else:
+                    fig.add_trace(trace)
+    _legend_key(fig, [(_name(df, color, v), _color_of(color, v, styles),
+                       styles.get(v, ("", "solid"))[1] if color == "run_id" and not dash else "solid")
+                      for v in colors])
+    if dash and len(dashes) > 1:
+        _legend_key(fig, [(escape(d), BASELINE_COLOR, dash_of[d]) for d in dashes])
+    fig.update_xaxes(type="log" if log_x else "linear", exponentformat="power" if log_x else "B")
+    fig.update_yaxes(type="log" if log_y else "linear", exponentformat="power" if log_y else "B")
+    _axis_titles(fig, nrows, ncols, len(facets), xlabel, ylabel)
+    return fig
+
+
+def _axis_titles(fig: go.Figure, nrows: int, ncols: int, npanels: int, xlabel: str, ylabel: str) -> None:
+    if nrows * ncols == 1:
+        fig.update_xaxes(title_text=xlabel)
+        fig.update_yaxes(title_text=ylabel)
+        return
+    for i in range(npanels):
+        r, c = i // ncols + 1, i % ncols + 1
+        # one x title per row of panels, under the middle one (repeated titles collide at column width)
+        if (r == nrows or i + ncols >= npanels) and (nrows > 1 or c == (min(ncols, npanels) + 1) // 2):
+            fig.update_xaxes(title_text=xlabel, row=r, col=c)
+        if c == 1:
+            fig.update_yaxes(title_text=ylabel, row=r, col=c)
+
+
+def _name(df: pd.DataFrame, kind: str, value) -> str:
+    if kind == "run_id" and "method" in df:
+        methods = df.loc[df["run_id"] == value, "method"]
+        return run_label(value, methods.iloc[0] if len(methods) else None)
+    return escape(value)
+
+
+def _facet_title(df: pd.DataFrame, facet: str, value) -> str:
+    return _name(df, facet, value) if facet == "run_id" else escape(value)
+
+
+def _baseline(fig: go.Figure, x, y, name: str, row: int | None = None, col: int | None = None,
+              showlegend: bool = True) -> None:
+    trace = go.Scatter(x=list(x), y=list(y), mode="lines", name=name, showlegend=showlegend,
+                       line=dict(color=BASELINE_COLOR, dash="dot", width=1.5),
+                       hovertemplate=f"{name}<br>%{{x:.3g}} → %{{y:.3g}}<extra></extra>",
+                       meta={"baseline": True})
+    if row is None:
+        fig.add_trace(trace)
+    else:
+        fig.add_trace(trace, row=row, col=col)
+
+
+# --------------------------------------------------------------------------------------- heatmaps
+def heatmap(df: pd.DataFrame, z: str, zlabel: str, title: str, x: str = "module", y: str = "layer",
+            facet: str | None = "run_id", zmin: float | None = None, zmax: float | None = None,
+            text: bool = False, fmt: str = ".2f", colorscale: str = SEQUENTIAL, zmid: float | None = None,
+            max_cols: int = 4) -> go.Figure:
+    """Layer × module heatmap of ``z``, one panel per ``facet`` value (default: per run), shared colour axis.
+
+    Columns: ``x`` (module), ``y`` (layer, int), ``z``, and ``facet`` (+ method for the panel titles).
+    Rows with a null ``y`` (embedding, head) are left out: they have no layer.
+    """
+    df = df[df[y].notna()] if y in df else df
+    if df.empty or z not in df or df[z].notna().sum() == 0:
+        return empty_figure(title=title)
+    facets = _ordered(df[facet], "run") if facet else [None]
+    ncols = min(len(facets), max_cols)
+    nrows = math.ceil(len(facets) / ncols)
+    titles = [_facet_title(df, facet, f) for f in facets] if facet else None
+    # rows of panels leave room for the slanted module labels and the next row's panel titles
+    fig = _figure(title, nrows, ncols, shared_yaxes=True, subplot_titles=titles, horizontal_spacing=0.03,
+                  vertical_spacing=_vspace(0.1, nrows)) if facet else _figure(title)
+    if nrows > 1:
+        fig.update_layout(height=340 * nrows)
+    xs = _ordered(df[x], x)
+    ys = sorted(int(v) for v in df[y].dropna().unique())
+    for i, fval in enumerate(facets):
+        sub = df if fval is None else df[df[facet] == fval]
+        grid = sub.pivot_table(index=y, columns=x, values=z, aggfunc="mean").reindex(index=ys, columns=xs)
+        trace = go.Heatmap(z=grid.to_numpy(dtype=float), x=xs, y=ys, coloraxis="coloraxis", xgap=1, ygap=1,
+                           hovertemplate=f"{x}: %{{x}}<br>{y}: %{{y}}<br>{zlabel}: %{{z:.4g}}<extra>"
+                                         f"{'' if fval is None else escape(fval)}</extra>",
+                           texttemplate=f"%{{z:{fmt}}}" if text else None, textfont=dict(size=9))
+        if facet:
+            fig.add_trace(trace, row=i // ncols + 1, col=i % ncols + 1)
+        else:
+            fig.add_trace(trace)
+    vals = df[z].to_numpy(dtype=float)
+    if zmid is not None:
+        span = np.nanmax(np.abs(vals - zmid)) or 1.0
+        zmin, zmax = zmid - span, zmid + span
+    fig.update_layout(coloraxis=dict(colorscale=colorscale, cmin=zmin, cmax=zmax,
+                                     colorbar=dict(title=dict(text=zlabel, side="right"), thickness=12)))
+    # every category labelled (plotly thins crowded category ticks otherwise); slanted when crowded
+    fig.update_xaxes(type="category", showgrid=False, dtick=1, tickangle=-90 if len(xs) * ncols > 10 else 0)
+    fig.update_yaxes(showgrid=False, dtick=_layer_dtick(len(ys)))
+    _axis_titles(fig, nrows, ncols, len(facets), "module" if x == "module" else x,
+                 "layer index" if y == "layer" else y)
+    return fig
+
+
+def difference_heatmap(df: pd.DataFrame, z: str, zlabel: str, title: str, x: str = "module",
+                       y: str = "layer", text: bool = False) -> go.Figure:
+    """Layer × module heatmap of a difference (B − A): diverging PuOr, centred on 0, symmetric range."""
+    return heatmap(df, z, zlabel, title, x=x, y=y, facet=None, colorscale=DIVERGING, zmid=0.0, text=text,
+                   fmt=".2g")
+
+
+def _layer_dtick(n: int) -> int:
+    return 1 if n <= 12 else 2 if n <= 24 else 4 if n <= 48 else 8
+
+
+# --------------------------------------------------------------------------------------- line figures
+def layerwise_lines(df: pd.DataFrame, y: str, ylabel: str, title: str, color: str = "module",
+                    dash: str | None = None, facet: str | None = "run_id", log_y: bool = False) -> go.Figure:
+    """``y`` by layer. Default: one panel per run, one colour per module (as in 2606.13657 Fig. 2);
+    ``color="run_id", dash="module", facet=None`` overlays methods in one panel.
+
+    Columns: layer, ``y``, and the columns named by color/dash/facet (run_id implies method)."""
+    df = df[df["layer"].notna()] if "layer" in df else df
+    if df.empty or y not in df or df[y].notna().sum() == 0:
+        return empty_figure(title=title)
+    fig = _lines(df, "layer", y, color, title, "layer index", ylabel, dash=dash, facet=facet, log_y=log_y,
+                 markers=df["layer"].nunique() <= 12)
+    integer_axis(fig, "x", df["layer"])
+    return fig
+
+
+def integer_axis(fig: go.Figure, axis: str, values) -> None:
+    """Ticks only at whole numbers (layers, deciles, steps are integers): a step of 1, 2, 4… chosen
+    so that at most ~12 ticks show."""
+    vals = pd.Series(values).dropna()
+    span = float(vals.max() - vals.min()) if len(vals) else 0.0
+    dtick = 1
+    while span / dtick > 12:
+        dtick *= 2
+    kw = dict(tickmode="linear", tick0=float(vals.min()) if len(vals) else 0.0, dtick=dtick, tickformat="d")
+    (fig.update_xaxes if axis == "x" else fig.update_yaxes)(**kw)
+
+
+def sweep(df: pd.DataFrame, title: str, mark_eps: float | None = 1e-5) -> go.Figure:
+    """Sparsity (share of entries unchanged) against the threshold ε on abs(ΔW), log x.
+
+    Columns: run_id, method, eps, sparsity (fraction); optional ``label`` (tensor) → dash."""
+    if df.empty:
+        return empty_figure(title=title)
+    d = df.assign(sparsity_pct=100 * df["sparsity"])
+    fig = _lines(d, "eps", "sparsity_pct", "run_id", title, "threshold ε on |ΔW| (absolute, log scale)",
+                 "entries unchanged, |ΔW| ≤ ε (%)", dash="label" if "label" in d else None, log_x=True,
+                 markers=True)
+    if mark_eps:
+        fig.add_vline(x=mark_eps, line=dict(color=BASELINE_COLOR, dash="dot", width=1))
+        # at the top: the curves sit low at small ε, where a label at the bottom would cover them
+        fig.add_annotation(x=math.log10(mark_eps), y=0.98, yref="paper", text="ε = " + f"{mark_eps:.0e}".replace("e-0", "e-"), showarrow=False,
+                           xanchor="left", yanchor="top", font=dict(size=10, color="#555555"))
+    fig.update_yaxes(range=[0, 101])
+    return fig
+
+
+def spectra(df: pd.DataFrame, title: str) -> go.Figure:
+    """ΔW singular spectra normalised σᵢ/σ₁ against i, log–log.
+
+    Columns: run_id, method, label (which tensor), index (1-based), sigma."""
+    if df.empty:
+        return empty_figure(title=title)
+    d = df.copy()
+    d["norm"] = d["sigma_over_sigma1"] if "sigma_over_sigma1" in d else \
+        d["sigma"] / d.groupby(["run_id", "label"])["sigma"].transform("max")
+    d = _thin_log(d)
+    d = d[d["norm"] > 0]
+    return _lines(d, "index", "norm", "run_id", title, "singular value index i (log scale)",
+                  "σᵢ(ΔW) / σ₁(ΔW) (log scale)", dash="label", log_x=True, log_y=True)
+
+
+def cumulative_energy(df: pd.DataFrame, title: str) -> go.Figure:
+    """Share of ‖ΔW‖²_F in the top-i singular directions, Σ_{j≤i} σⱼ² / Σ σⱼ², against i (log x).
+
+    Columns: run_id, method, label, index (1-based), sigma; optional delta_sq_sum (exact ‖ΔW‖²_F, the
+    denominator when the spectrum is a top-q approximation)."""
+    if df.empty:
+        return empty_figure(title=title)
+    d = df.sort_values(["run_id", "label", "index"]).copy()
+    sq = d["sigma"] ** 2
+    total = sq.groupby([d["run_id"], d["label"]]).transform("sum")
+    if "delta_sq_sum" in d:        # exact ‖ΔW‖²_F: right for a top-q (approximate) spectrum too
+        total = d["delta_sq_sum"].where(d["delta_sq_sum"] > 0, total)
+    d["energy"] = 100 * (d["cumulative_energy"] if "cumulative_energy" in d
+                         else sq.groupby([d["run_id"], d["label"]]).cumsum() / total)
+    d = _thin_log(d)
+    fig = _lines(d, "index", "energy", "run_id", title, "number of singular directions i (log scale)",
+                 "cumulative energy of ΔW (% of ‖ΔW‖²<sub>F</sub>)", dash="label", log_x=True)
+    fig.update_yaxes(range=[0, 101])
+    return fig
+
+
+def topk_energy(df: pd.DataFrame, title: str) -> go.Figure:
+    """Mean top-k energy share against k (log₂ x). Columns: run_id, method, k, energy (fraction)."""
+    if df.empty:
+        return empty_figure(title=title)
+    d = df.assign(energy_pct=100 * df["energy"])
+    fig = _lines(d, "k", "energy_pct", "run_id", title, "k, top singular directions (log scale)",
+                 "top-k energy of ΔW (% of ‖ΔW‖²<sub>F</sub>)", log_x=True, markers=True)
+    fig.update_xaxes(tickvals=sorted(d["k"].unique()))
+    fig.update_yaxes(range=[0, 101])
+    return fig
+
+
+def principal_projection(df: pd.DataFrame, title: str) -> go.Figure:
+    """Share of ‖ΔW‖²_F inside the top-k singular subspaces of W_base against r = k/min(m, n).
+
+    Columns: run_id, method, kind (joint / left / right), rank_frac (fraction), share (fraction).
+    Random baselines (an isotropic ΔW of a square matrix): left or right r, joint r²; for an m×n
+    matrix they are k/m, k/n and k²/(mn)."""
+    if df.empty:
+        return empty_figure(title=title)
+    d = df.assign(rank_pct=100 * df["rank_frac"], share_pct=100 * df["share"])
+    fig = _lines(d, "rank_pct", "share_pct", "run_id", title,
+                 "subspace rank r = k/min(m,n) (%)",
+                 "ΔW energy in subspace (%)", dash="kind", log_x=True,
+                 log_y=True)
+    r = np.geomspace(max(d["rank_frac"].min(), 1e-4), 1, 60)
+    kinds = set(d["kind"])
+    if kinds & {"left", "right"}:
+        _baseline(fig, 100 * r, 100 * r, "random, one side (r)")
+    if "joint" in kinds:
+        _baseline(fig, 100 * r, 100 * r**2, "random, joint (r²)")
+        fig.data[-1].line.dash = "dashdot"
+    return fig
+
+
+def _thin_log(d: pd.DataFrame, points: int = 300) -> pd.DataFrame:
+    """Keep ~``points`` log-spaced indices per curve (a 4096-point spectrum on a log axis draws the same,
+    and the exported SVG/PDF stays small). Column ``index`` is 1-based."""
+    n = int(d["index"].max()) if len(d) else 0
+    if n <= points:
+        return d
+    keep = np.unique(np.round(np.geomspace(1, n, points)).astype(int))
+    return d[d["index"].isin(keep)]
+
+
+def principal_angles(df: pd.DataFrame, title: str) -> go.Figure:
+    """Principal angles between the top-k singular subspaces of W_base and W_post, in degrees.
+
+    Columns: run_id, method, label (tensor · side · k), index (1-based), angle_deg."""
+    if df.empty:
+        return empty_figure(title=title)
+    return _lines(df, "index", "angle_deg", "run_id", title, "principal angle index i",
+                  "principal angle θᵢ (degrees)", dash="label")
+
+
+def coverage(df: pd.DataFrame, title: str) -> go.Figure:
+    """Coverage |M_α ∩ U| / |U| of the changed set U by a mask M_α of α·numel entries, against α,
+    one panel per mask kind, with the random baseline coverage = α.
+
+    Columns: run_id, method, kind (e.g. "low-magnitude", "principal"), alpha (fraction), coverage (fraction)."""
+    if df.empty:
+        return empty_figure(title=title)
+    d = df.assign(alpha_pct=100 * df["alpha"], coverage_pct=100 * df["coverage"])
+    fig = _lines(d, "alpha_pct", "coverage_pct", "run_id", title, "mask size α (% of entries)",
+                 "coverage of changed entries (%)", facet="kind", markers=True)
+    kinds = _ordered(d["kind"], "run")
+    ncols = min(len(kinds), 3)
+    a = np.array([0, 100])
+    for i, _ in enumerate(kinds):
+        _baseline(fig, a, a, "random (coverage = α)", row=i // ncols + 1, col=i % ncols + 1, showlegend=i == 0)
+    fig.update_xaxes(range=[0, 52])
+    fig.update_yaxes(range=[0, 101])
+    return fig
+
+
+def decile_profile(df: pd.DataFrame, title: str) -> go.Figure:
+    """Update density in each decile of abs(W_base), relative to the tensor's mean density (1 = uniform).
+
+    Columns: run_id, method, decile (1 = smallest |W_base|), density (fraction changed), and
+    ``relative`` (density / mean over deciles)."""
+    if df.empty:
+        return empty_figure(title=title)
+    fig = _lines(df, "decile", "relative", "run_id", title, "decile of |W<sub>base</sub>| (1 = smallest)",
+                 "update density / mean density", markers=True, hover="density_label" if "density_label" in df else None)
+    _baseline(fig, [1, 10], [1, 1], "uniform (no magnitude preference)")
+    fig.update_xaxes(tickvals=list(range(1, 11)))
+    return fig
+
+
+# --------------------------------------------------------------------------------------- bars, maps
+def bars(df: pd.DataFrame, x: str, y: str, title: str, xlabel: str, ylabel: str, percent: bool = False,
+         baseline: float | None = None, baseline_name: str = "random baseline") -> go.Figure:
+    """Grouped bars of ``y`` per ``x``, one colour per run (method colour). Columns: run_id, method, x, y."""
+    if df.empty or df[y].notna().sum() == 0:
+        return empty_figure(title=title)
+    styles = run_styles(df)
+    fig = _figure(title)
+    xs = _ordered(df[x], x)
+    scale = 100 if percent else 1
+    patterns = {"solid": "", "dash": "/", "dot": ".", "dashdot": "x", "longdash": "\\", "longdashdot": "+"}
+    for run_id in _ordered(df["run_id"], "run"):
+        part = df[df["run_id"] == run_id].set_index(x).reindex(xs)
+        color, dash = styles[run_id]
+        fig.add_trace(go.Bar(x=[escape(v) for v in xs], y=scale * part[y].astype(float), name=_name(df, "run_id", run_id),
+                             marker=dict(color=color, pattern=dict(shape=patterns[dash], fgcolor="white", fillmode="overlay",
+                                                                    solidity=0.35)),
+                             hovertemplate=f"%{{x}}<br>{ylabel}: %{{y:.4g}}<extra>{escape(run_id)}</extra>"))
+    if baseline is not None:
+        fig.add_hline(y=scale * baseline, line=dict(color=BASELINE_COLOR, dash="dot", width=1.5))
+        _baseline(fig, [None], [None], baseline_name)
+    fig.update_layout(barmode="group", bargap=0.25, bargroupgap=0.05)
+    fig.update_xaxes(title_text=xlabel, type="category", showgrid=False)
+    # a bar's length is its value: the axis always starts at 0 (negative values extend below it)
+    fig.update_yaxes(title_text=ylabel, rangemode="tozero")
+    return fig
+
+
+def energy_shares(df: pd.DataFrame, title: str, group: str = "module") -> go.Figure:
+    """Share of the run's ‖ΔW‖²_F per module (or block), bars per method.
+    Columns: run_id, method, ``group``, energy_share (fraction)."""
+    if not df.empty:
+        df = df.assign(**{group: df[group].astype(str)})
+        order = sorted(df[group].unique(), key=module_sort_key)
+        df = df.set_index(group).loc[order].reset_index()
+    return bars(df, group, "energy_share", title, group, "share of the run's ‖ΔW‖²<sub>F</sub> (%)", percent=True)
+
+
+def sparsity_map(image: np.ndarray | None, row_frac: np.ndarray | None, col_frac: np.ndarray | None,
+                 title: str, shape: tuple[int, int] | None = None) -> go.Figure:
+    """Where a matrix changed: a block-averaged image of the changed mask (share of entries changed per
+    block) with the per-row and per-column changed fractions as marginals. ``shape`` is the matrix
+    shape (rows, cols) so axes read in matrix coordinates."""
+    if image is None or np.size(image) == 0:
+        return empty_figure(title=title)
+    image = np.atleast_2d(np.asarray(image, dtype=float))
+    rows, cols = shape or (len(row_frac) if row_frac is not None else image.shape[0],
+                           len(col_frac) if col_frac is not None else image.shape[1])
+    fig = _figure(title, 2, 2, column_widths=[0.8, 0.2], row_heights=[0.22, 0.78], shared_xaxes=True,
+                  shared_yaxes=True, horizontal_spacing=0.02, vertical_spacing=0.02)
+    dy, dx = rows / image.shape[0], cols / image.shape[1]
+    fig.add_trace(go.Heatmap(z=100 * image, x0=dx / 2, dx=dx, y0=dy / 2, dy=dy, coloraxis="coloraxis",
+                             hovertemplate="rows ≈ %{y:.0f}<br>cols ≈ %{x:.0f}<br>changed: %{z:.2f}%<extra></extra>"),
+                  row=2, col=1)
+    if col_frac is not None:
+        fig.add_trace(go.Scatter(x=np.arange(len(col_frac)), y=100 * np.asarray(col_frac), mode="lines",
+                                 line=dict(color="#333333", width=0.8), name="per column", showlegend=False,
+                                 hovertemplate="col %{x}: %{y:.2f}%<extra></extra>"), row=1, col=1)
+    if row_frac is not None:
+        fig.add_trace(go.Scatter(y=np.arange(len(row_frac)), x=100 * np.asarray(row_frac), mode="lines",
+                                 line=dict(color="#333333", width=0.8), name="per row", showlegend=False,
+                                 hovertemplate="row %{y}: %{x:.2f}%<extra></extra>"), row=2, col=2)
+    # the colour bar lies flat in the empty top-right cell, clear of the per-row panel and its axis
+    fig.update_layout(coloraxis=dict(colorscale=SEQUENTIAL, cmin=0,
+                                     colorbar=dict(title=dict(text="changed (%)", side="top"), orientation="h",
+                                                   x=0.9, xanchor="center", len=0.19, y=0.9, yanchor="middle",
+                                                   thickness=10, nticks=3)))
+    fig.update_yaxes(autorange="reversed", row=2, col=1, title_text="output row i")
+    fig.update_yaxes(autorange="reversed", row=2, col=2)
+    fig.update_xaxes(title_text="input column j", row=2, col=1, range=[0, cols])
+    fig.update_yaxes(title_text="changed (%)", row=1, col=1, rangemode="tozero")
+    fig.update_xaxes(title_text="changed (%)", row=2, col=2, rangemode="tozero", nticks=3)
+    fig.update_xaxes(showgrid=False)
+    fig.update_yaxes(showgrid=False)
+    fig.update_yaxes(range=[rows, 0], row=2, col=1)
+    fig.update_xaxes(visible=False, row=1, col=2)
+    fig.update_yaxes(visible=False, row=1, col=2)
+    return fig
+
+
+# --------------------------------------------------------------------------------------- paper style
+def _slanted_labels_px(fig: go.Figure, fs: int) -> int:
+    """Extra bottom margin for slanted category labels: Kaleido's automargin does not make room for the
+    axis title under them, so reserve their drawn height (longest label × glyph width × sin angle)."""
+    angle = fig.layout.xaxis.tickangle if fig.layout.xaxis.tickangle is not None else 0
+    if not angle:
+        return 0
+    longest = max((len(str(v)) for t in fig.data if t.type in ("bar", "heatmap") and t.x is not None
+                   for v in t.x), default=0)
+    return int(longest * (fs - 1) * 0.55 * abs(math.sin(math.radians(float(angle)))))
+
+
+def paper_style(fig: go.Figure, width: str = "single", height: int | None = None) -> go.Figure:
+    """Size ``fig`` for a paper column: ``single`` 3.5 in, ``double`` 7 in wide (96 px/in as
+    Chromium prints), 8–9 pt text, no title (the caption goes in the paper), legend above the plot.
+    Returns a new figure; the input is left as it is."""
+    if width not in PAPER_WIDTH_PX:
+        raise ValueError(f"width must be 'single' or 'double', not {width!r}")
+    out = go.Figure(fig)
+    w, fs = PAPER_WIDTH_PX[width], PAPER_FONT_PX[width]
+    meta = out.layout.meta if isinstance(out.layout.meta, dict) else {}
+    rows = int(meta.get("rows", 1) or 1)
+    h = height or int((0.72 if width == "single" else 0.42) * w * (1 + 0.6 * (rows - 1)))
+    names = [str(t.name) for t in out.data if t.showlegend is not False and t.name]
+    # legend above the plot, entries wrapped to rows as plotly does; estimate the rows to reserve room
+    rows_needed, used = (1, 0) if names else (0, 0)
+    for n in names:
+        item = int(len(n) * (fs - 1) * 0.58) + 46                     # text + symbol + gaps, px
+        if used and used + item > w - 10:
+            rows_needed, used = rows_needed + 1, 0
+        used += item
+    legend_h = int(1.6 * fs) * rows_needed
+    titled = any(a.yref == "paper" and (a.y or 0) >= 1 for a in out.layout.annotations)   # subplot titles
+    bottom = 54 + _slanted_labels_px(out, fs)
+    top = 8 + legend_h + (fs + 6 if titled else 0)
+    out.update_layout(
+        width=w, height=h + top, title=None, font=dict(family=FONT, size=fs, color="black"),
+        margin=dict(l=48, r=8, t=top, b=bottom), showlegend=bool(names),   # b: ticks + labels + axis title
+        legend=dict(orientation="h", x=0, xanchor="left", y=0.995, yanchor="top", yref="container",
+                    font=dict(size=fs - 1), itemwidth=30, tracegroupgap=0),
+    )
+    out.update_annotations(font_size=fs)
+    out.update_xaxes(tickfont_size=fs - 1, title_font_size=fs, title_standoff=2, ticklen=2, automargin=True)
+    out.update_yaxes(tickfont_size=fs - 1, title_font_size=fs, title_standoff=2, ticklen=2, automargin=True)
+    if out.layout.coloraxis and out.layout.coloraxis.colorbar:
+        out.update_layout(coloraxis_colorbar=dict(thickness=8, tickfont_size=fs - 1, title_font_size=fs,
+                                                  xpad=2))
+    out.update_traces(line_width=1.2, selector=dict(type="scatter"))
+    out.update_traces(textfont_size=max(6, fs - 3), selector=dict(type="heatmap"))
+    return out
