@@ -411,7 +411,7 @@ def begin(title: str, intro: str) -> View:
         what = "has no runs yet" if Store(db).exists() else "does not exist"
         st.info(f"The database {code(db)} {what}.\n\n" + HOW_TO_GET_DATA.format(
             compute=code(f"opdviz compute BASE POST --method OPD --db {db}")), icon=":material/info:")
-        if Path(__file__).with_name("new_analysis.py").exists():
+        if (Path(__file__).resolve().parents[2] / "pages" / "new_analysis.py").exists():
             st.page_link("pages/new_analysis.py", label="New analysis", icon=":material/add_circle:")
         st.stop()
     view = View(shared["db"], shared["stamp"], shared["sel"], shared["ctx"])

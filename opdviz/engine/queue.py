@@ -316,7 +316,7 @@ def ensure_worker(db: str | Path, *, idle_exit_s: float = IDLE_EXIT_S) -> bool:
                "--idle-exit", str(idle_exit_s)]
         with open(folder / "worker.log", "ab") as log:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                                    cwd=str(Path(__file__).resolve().parent.parent), env=_child_env())
+                                    cwd=str(Path(__file__).resolve().parents[2]), env=_child_env())
         (folder / "worker.spawned").write_text(str(proc.pid))
     # reap it when it exits, so a long-lived dashboard process collects no zombies
     threading.Thread(target=proc.wait, daemon=True).start()
@@ -533,7 +533,7 @@ def _child_env() -> dict:
     from opdviz.engine.threads import child_env
 
     env = child_env()          # passive OpenMP waiting for the compute children (set before torch starts)
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])           # the repository (this file is opdviz/engine/...)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
 
