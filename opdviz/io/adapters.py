@@ -40,7 +40,8 @@ import torch
 
 from opdviz.errors import CheckpointError
 from opdviz.metrics.registry import MetricInfo
-from opdviz.io.reader import Checkpoint, TensorInfo, _read_header, _stored_order, canonical_name
+from opdviz.io.headers import TensorInfo, read_header, stored_order
+from opdviz.io.reader import Checkpoint, canonical_name
 from opdviz.io.safefiles import Limits, checked_file, read_json
 
 CONFIG_NAME = "adapter_config.json"
@@ -145,7 +146,7 @@ class LoraAdapter:
                                   "; the adapter folder is incomplete"))
         wpath = checked_file(folder, WEIGHTS_NAME)     # a regular file of the folder (or of its HF cache repo)
         _check_inside(wpath, folder)
-        weights = Checkpoint(folder, (wpath,), _stored_order(_read_header(wpath, limits, limits.tensors)), None,
+        weights = Checkpoint(folder, (wpath,), stored_order(read_header(wpath, limits, limits.tensors)), None,
                              "safetensors")
         return cls(folder, config, weights)
 
