@@ -29,7 +29,7 @@ from opdviz.io.adapters import open_post
 from opdviz.errors import OptionsError, StoreError
 from opdviz.masked_training import MaskedTrainer, MaskHandle, apply_masks
 from opdviz.metrics.chunkops import floor32
-from opdviz.options import AnalysisOptions
+from opdviz.options import CRITERION_KINDS, AnalysisOptions
 from opdviz.io.reader import Checkpoint, iter_pairs, plan_pairs
 from opdviz.io.safefiles import Limits, loads_json
 
@@ -59,7 +59,7 @@ def parse_criterion(name: str) -> Criterion:
         value = float(val)
     except ValueError:
         value = float("nan")
-    if kind not in ("abs", "relrms", "bf16") or not 0 < value < float("inf"):
+    if kind not in CRITERION_KINDS[1:] or not 0 < value < float("inf"):     # [1:]: all but "exact"
         raise OptionsError(f"unknown criterion {name!r}: use exact, abs_<eps>, relrms_<tau> or bf16_<eta> "
                            "with a finite threshold > 0 (e.g. abs_1e-5)")
     return Criterion(name, kind, value)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from opdviz.errors import TensorMismatchError
-from opdviz.options import AnalysisOptions, fmt_num, fmt_pct
+from opdviz.options import AnalysisOptions, fmt_pct
 from opdviz.metrics.chunkops import arr, bincount, count, floor32, gt, sumsq, total
 from opdviz.metrics.deltatop import SWEEP_EPS, TOP_FRACS, DeltaTop
 from opdviz.metrics.linalg import floor_frac
@@ -270,10 +270,10 @@ class _Pass(RankCoverage, DeltaTop):
     def _plan_criteria(self):
         o = self.opts
         cmp = (lambda t: floor32(t)) if self.fdt == torch.float32 else float
-        self.thresh = [(f"abs_{fmt_num(e)}", cmp(e)) for e in o.abs_eps]
-        self.thresh += [(f"relrms_{fmt_num(t)}", cmp(t * self.base_rms)) for t in o.relrms_tau]
-        self.etas = [(f"bf16_{fmt_num(h)}", (np.float32(h) if self.fdt == torch.float32 else float(h)))
-                     for h in o.bf16_eta]
+        self.thresh = [(name, cmp(x if kind == "abs" else x * self.base_rms))
+                       for name, kind, x in o.thresholds() if kind in ("abs", "relrms")]
+        self.etas = [(name, (np.float32(x) if self.fdt == torch.float32 else float(x)))
+                     for name, kind, x in o.thresholds() if kind == "bf16"]
         self.counts = {c: 0 for c in o.criteria()}
 
     def _main(self):
