@@ -98,9 +98,13 @@ class AnalysisOptions:
 
     def criteria(self) -> tuple[str, ...]:
         """Names of every 'changed' criterion computed, e.g. ('exact', 'abs_1e-5', 'relrms_1e-3', 'bf16_1e-3')."""
-        return (("exact",) + tuple(f"abs_{fmt_num(e)}" for e in self.abs_eps)
-                + tuple(f"relrms_{fmt_num(t)}" for t in self.relrms_tau)
-                + tuple(f"bf16_{fmt_num(h)}" for h in self.bf16_eta))
+        return tuple(name for name, _kind, _value in self.thresholds())
+
+    def thresholds(self) -> tuple[tuple[str, str, float], ...]:
+        """Every 'changed' criterion as (name, kind, threshold), in ``criteria()`` order; "exact" has none (0)."""
+        return ((("exact", "exact", 0.0),)
+                + tuple((criterion_name(k, x), k, x) for k, values in
+                        (("abs", self.abs_eps), ("relrms", self.relrms_tau), ("bf16", self.bf16_eta)) for x in values))
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -205,6 +209,46 @@ def fmt_pct(frac: float) -> str:
     return (f"{p:g}" if p != int(p) else str(int(p))) + "pct"
 
 
+# ------------------------------------------------------------------------------ "changed" criteria
+# The one vocabulary of criteria: names (``criterion_name``), their order, and how each reads in a label.
+# Every list of criteria in the package and the pages derives from here (tests/test_options.py checks).
+
+CRITERION_KINDS = ("exact", "abs", "relrms", "bf16")      # the order every list of criteria follows
+# kind → how one criterion reads, "{v}" its threshold: the short form (axis titles), the long form (pickers),
+# and the "unchanged" form (the lab's figures count unchanged coordinates)
+CRITERION_TEXT = {
+    "exact": {"short": "bitwise", "long": "exact: any stored bit changed", "unchanged": "bf16-exact (bits equal)"},
+    "abs": {"short": "|ΔW| > {v}", "long": "|ΔW| > {v}", "unchanged": "|ΔW| ≤ {v}"},
+    "relrms": {"short": "|ΔW| > {v}·RMS(W)", "long": "|ΔW| > {v}·RMS(W_base)", "unchanged": "|ΔW| ≤ {v}·RMS(W)"},
+    "bf16": {"short": "|ΔW| > {v}·max|W|", "long": "bf16-η: |ΔW| > {v}·max(|W_base|, |W_post|)",
+             "unchanged": "|ΔW| ≤ {v}·max|W|"},
+}
+
+
+def criterion_name(kind: str, value: float = 0.0) -> str:
+    """The stored name of a criterion: ``exact``, or kind and threshold (``abs``, 1e-05 → ``abs_1e-5``)."""
+    return kind if kind == "exact" else f"{kind}_{fmt_num(value)}"
+
+
+def criterion_label(name: str, style: str = "short") -> str:
+    """How a stored criterion name reads (``abs_1e-5`` → ``|ΔW| > 1e-5``), in one of ``CRITERION_TEXT``'s
+    styles: "short", "long" or "unchanged". An unknown name is returned as is."""
+    kind, _, value = name.partition("_")
+    text = CRITERION_TEXT.get(kind)
+    return text[style].format(v=value) if text else name
+
+
+def criterion_sort_key(name: str) -> tuple[int, float]:
+    """Sort key of a criterion name: by kind (``CRITERION_KINDS``), then by threshold."""
+    kind, _, value = name.partition("_")
+    rank = CRITERION_KINDS.index(kind) if kind in CRITERION_KINDS else len(CRITERION_KINDS)
+    return rank, float(value or 0)
+
+
 # the "changed" criteria stored by default, in the order pages and exports list them (the one list:
 # figure exports, views and the sidebar read it from here)
 DEFAULT_CRITERIA: tuple[str, ...] = AnalysisOptions().criteria()
+DEFAULT_CRITERION: str = AnalysisOptions().criterion
+# the subset the lab sweep's figures and tables show (opdviz.views.lab, opdviz.store.queries.lab_runs)
+LAB_CRITERIA: tuple[str, ...] = tuple(c for c in DEFAULT_CRITERIA
+                                      if c in ("exact", "abs_1e-6", "abs_1e-5", "abs_1e-4", "bf16_1e-3"))

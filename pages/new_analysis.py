@@ -1,7 +1,8 @@
 """New analysis page: pick a base and post-trained checkpoints (upload or server folder), validate them,
 queue the analysis and watch it run.
 
-Thin: uploads, confinement and validation live in ``opdviz.io.uploads``, the queue and its detached
+Thin: uploads, confinement and validation live in ``opdviz.io.uploads``, ``opdviz.io.folders`` and
+``opdviz.io.validation``, the queue and its detached
 worker in ``opdviz.engine.queue``. Nothing is computed in the web server: the job runs in a worker process
 that outlives this session (reloads, closed tabs), so this page reads its state from disk.
 
@@ -21,7 +22,7 @@ import streamlit as st
 from opdviz.engine import queue as jobs
 from opdviz.store import queries
 from opdviz.io import roots
-from opdviz.io import uploads
+from opdviz.io import folders as server, uploads, validation
 from opdviz.errors import OpdvizError
 from opdviz.options import AnalysisOptions
 from opdviz.store.core import Store
@@ -85,27 +86,27 @@ def _stamp(path: Path) -> tuple:
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def _validate_one(path: str, stamp: tuple) -> uploads.ValidationReport:
-    return uploads.validate_checkpoint(path)
+def _validate_one(path: str, stamp: tuple) -> validation.ValidationReport:
+    return validation.validate_checkpoint(path)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def _validate_pair(base: str, post: str, stamps: tuple) -> uploads.PairReport:
-    return uploads.validate_pair(base, post)
+def _validate_pair(base: str, post: str, stamps: tuple) -> validation.PairReport:
+    return validation.validate_pair(base, post)
 
 
 @st.cache_data(show_spinner=False, ttl=10)
 def _server_checkpoints(folders: tuple[str, ...]) -> list[str]:
-    return [str(p) for p in uploads.list_checkpoints(roots=[Path(r) for r in folders])]
+    return [str(p) for p in server.list_checkpoints(roots=[Path(r) for r in folders])]
 
 
 def _page_roots() -> list[Path]:
     """What this session may analyse: the operator's checkpoint folders and its own uploads."""
-    return [*uploads.checkpoint_roots(), uploads.session_dir(sid)]
+    return [*server.checkpoint_roots(), uploads.session_dir(sid)]
 
 
 def _hub_models() -> dict[str, str]:
-    return uploads.cached_models()
+    return server.cached_models()
 
 
 def _from_upload(key: str, label: str) -> Path | None:
@@ -133,12 +134,12 @@ def _from_upload(key: str, label: str) -> Path | None:
 
 
 def _from_server(key: str, label: str) -> Path | None:
-    folders = uploads.checkpoint_roots()
+    folders = server.checkpoint_roots()
     found = _server_checkpoints(tuple(map(str, folders)))
     cached = _hub_models()                    # the operator's Hugging Face cache: snapshot path → "org/name@ref"
     found = found + [p for p in cached if p not in found]
     if not found:
-        st.info("No checkpoints under " + ", ".join(ui.code(r) for r in folders) + f" (set `{uploads.ROOTS_ENV}` "
+        st.info("No checkpoints under " + ", ".join(ui.code(r) for r in folders) + f" (set `{server.ROOTS_ENV}` "
                 "to list other folders).", icon=":material/folder_off:")
         return None
 
@@ -156,7 +157,7 @@ def _from_server(key: str, label: str) -> Path | None:
     if choice in cached:                      # chosen from the server's own cache listing
         return Path(choice)
     try:
-        return uploads.resolve_under_roots(choice, folders)
+        return server.resolve_under_roots(choice, folders)
     except OpdvizError as exc:
         st.error(ui.md(exc), icon=":material/block:")
         return None
@@ -225,7 +226,7 @@ def _your_uploads() -> None:
 
 source = st.radio("Checkpoints from", (UPLOAD, SERVER), horizontal=True, key="na_source",
                   help="Uploads are private to this browser tab and stored once per content; server folders "
-                       f"are limited to {uploads.ROOTS_ENV}.")
+                       f"are limited to {server.ROOTS_ENV}.")
 
 with st.container(border=True):
     st.subheader("Base checkpoint")
@@ -314,7 +315,7 @@ if start:
     try:
         # checked again as the job is queued: the worker reads only what this session may read
         # (a model of the operator's Hugging Face cache is accepted as listed: exactly one of its snapshot paths)
-        confined = [Path(p) if str(p) in _hub_models() else uploads.resolve_under_roots(p, _page_roots())
+        confined = [Path(p) if str(p) in _hub_models() else server.resolve_under_roots(p, _page_roots())
                     for p in (base, *(p for p, _, _ in posts))]
         request = jobs.JobRequest(base=str(confined[0]),
                                   posts=tuple((str(c), n, m) for c, (_, n, m) in zip(confined[1:], posts)),

@@ -401,7 +401,7 @@ def gemma3_keys(c=GEMMA3):
                         lambda p, c: _llama_layer(p, c, qk_norm=True, gemma_norms=True))
 
 
-# family id → (zero-arg key-list builder, config passed to opdviz.io.naming)
+# family id → (zero-arg key-list builder, config passed to opdviz.io.naming/layouts)
 FAMILIES = {
     "llama": (llama_keys, LLAMA),
     "mistral": (lambda: llama_keys(MISTRAL), MISTRAL),

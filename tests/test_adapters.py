@@ -194,19 +194,19 @@ def test_adapter_by_hub_id_through_the_cli(tmp_path, monkeypatch, capsys):
 
 
 def test_dashboard_validation_reads_adapters(tmp_path, monkeypatch):
-    from opdviz.io import uploads
+    from opdviz.io import folders, validation
 
     cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], use_rslora=True)
     base_dir, ad_dir, _ = make_adapter(tmp_path, tiny_llama(torch.float32), cfg)
-    rep = uploads.validate_checkpoint(ad_dir)
+    rep = validation.validate_checkpoint(ad_dir)
     assert rep.ok and "LoRA adapter (r = 2, alpha = 4, rsLoRA, 2 modules)" in rep.summary()
-    pair = uploads.validate_pair(base_dir, ad_dir)
+    pair = validation.validate_pair(base_dir, ad_dir)
     assert pair.ok and pair.n_analysed == len(load_file(str(base_dir / "model.safetensors")))
     monkeypatch.setenv("OPDVIZ_CHECKPOINT_ROOTS", str(tmp_path))
-    assert ad_dir in uploads.list_checkpoints()
+    assert ad_dir in folders.list_checkpoints()
     dora = tmp_path / "dora"
     make_adapter(dora, tiny_llama(torch.float32), peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
-    assert not uploads.validate_pair(base_dir, dora / "adapter").ok
+    assert not validation.validate_pair(base_dir, dora / "adapter").ok
 
 
 @pytest.mark.parametrize("which", ["adapter_config.json", "adapter_model.safetensors"])

@@ -66,10 +66,9 @@ SECURITY = (Path(__file__).resolve().parents[1] / "SECURITY.md").read_text()
 
 
 def _confining_settings() -> set[str]:
-    from opdviz.io import roots
-    from opdviz.io import uploads
+    from opdviz.io import folders, roots, uploads
 
-    return {v for mod in (roots, uploads) for k, v in vars(mod).items() if k.endswith("_ENV") and isinstance(v, str)}
+    return {v for mod in (roots, folders, uploads) for k, v in vars(mod).items() if k.endswith("_ENV") and isinstance(v, str)}
 
 
 def test_every_confining_setting_is_documented():

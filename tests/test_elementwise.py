@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from opdviz.errors import TensorMismatchError
-from opdviz.metrics.elementwise import FAMILIES, SWEEP_EPS, TOP_FRACS, elementwise_metrics
+from opdviz.metrics.deltatop import SWEEP_EPS, TOP_FRACS
+from opdviz.metrics.elementwise import FAMILIES, elementwise_metrics
 from opdviz.metrics.registry import all_families, family_of
 from opdviz.options import AnalysisOptions, fmt_num, fmt_pct
 

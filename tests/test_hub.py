@@ -161,7 +161,7 @@ def test_dashboard_lists_cached_models_beside_folders(hf_cache, monkeypatch, tmp
 
     from streamlit.testing.v1 import AppTest
 
-    from opdviz.io import uploads
+    from opdviz.io import folders, validation
 
     root = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(root))
@@ -170,7 +170,7 @@ def test_dashboard_lists_cached_models_beside_folders(hf_cache, monkeypatch, tmp
     monkeypatch.setenv("OPDVIZ_DB", str(tmp_path / "s.duckdb"))
     monkeypatch.setenv("OPDVIZ_PREWARM", "0")
     factory.save_checkpoint(factory.make_llama_state(seed=2), tmp_path / "roots" / "local-post")
-    cached = uploads.cached_models()
+    cached = folders.cached_models()
     assert cached[str(hf_cache["base"])] == "acme/tiny-base"
     at = AppTest.from_file(str(root / "pages" / "new_analysis.py"), default_timeout=120)
     at.run()
@@ -182,10 +182,10 @@ def test_dashboard_lists_cached_models_beside_folders(hf_cache, monkeypatch, tmp
     box.set_value(str(hf_cache["base"])).run()
     assert not at.exception, [e.message for e in at.exception]
     assert any("tensors in" in c.value for c in at.caption), [c.value for c in at.caption]
-    report = uploads.validate_pair(hf_cache["base"], hf_cache["post"])
+    report = validation.validate_pair(hf_cache["base"], hf_cache["post"])
     assert report.ok and report.n_analysed > 0
     monkeypatch.setenv("OPDVIZ_LIST_HF_CACHE", "0")
-    assert uploads.cached_models() == {}
+    assert folders.cached_models() == {}
 
 
 def test_without_huggingface_hub_a_missing_path_says_both(monkeypatch, tmp_path):

@@ -1,4 +1,4 @@
-"""Tests of opdviz.io.naming: name parsing over full HF key lists, orientation, fused-tensor splits.
+"""Tests of opdviz.io.naming and opdviz.io.layouts: name parsing over full HF key lists, orientation, fused-tensor splits.
 
 Splits are checked against fused tensors built here from known parts with each family's own
 layout (concatenation, NeoX per-head interleave, Falcon groups, GPT-OSS interleaved gate/up).
@@ -14,7 +14,8 @@ import torch
 from keylists import (DEEPSEEK_V3, FALCON_7B, FALCON_40B, FALCON_RW, FAMILIES, GPT2, GPT_OSS, NEOX, PHI3,
                       QWEN2_VL, QWEN3_MOE, SIGLIP)
 from opdviz.errors import OpdvizError
-from opdviz.io.naming import Part, ParsedName, fused_parts, matrix_view, parse_name, split_part
+from opdviz.io.layouts import Part, fused_parts, matrix_view, split_part
+from opdviz.io.naming import ParsedName, parse_name
 
 # Modules that are legitimately block "other": buffers, MTP glue, VLM projectors/mergers, SigLIP probe.
 ALLOWED_OTHER = {"attn_mask", "rotary", "eh_proj", "merger_in", "merger_out", "projector_in",

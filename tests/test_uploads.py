@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import factory
-from opdviz.io.uploads import (UploadError, allowed_roots, checkpoint_in, list_checkpoints, resolve_under_roots,
-                            sanitize_name, save_upload, validate_checkpoint, validate_pair)
+from opdviz.io.folders import allowed_roots, list_checkpoints, resolve_under_roots
+from opdviz.io.uploads import UploadError, checkpoint_in, sanitize_name, save_upload
+from opdviz.io.validation import validate_checkpoint, validate_pair
 
 
 @pytest.fixture
@@ -261,6 +262,7 @@ def test_upload_folder_is_not_world_writable(tmp_path):
 
 # ------------------------------------------------------------------------ sessions, quotas, age
 
+from opdviz.io import folders as Fo  # noqa: E402
 from opdviz.io import uploads as U  # noqa: E402
 
 
@@ -281,10 +283,10 @@ def test_each_session_sees_only_its_own_uploads(up, tmp_path):
     assert folder.parent == U.session_dir(a) and a != b and len(a) == 32
     assert [u.folder for u in U.session_uploads(a)] == [folder]
     assert U.session_uploads(b) == []
-    assert U.list_checkpoints() == []                                    # the server picker lists no upload
+    assert Fo.list_checkpoints() == []                                    # the server picker lists no upload
     with pytest.raises(UploadError, match="outside the folders"):       # b cannot queue a's upload
-        resolve_under_roots(folder / "model.safetensors", [*U.checkpoint_roots(), U.session_dir(b)])
-    assert resolve_under_roots(folder, [*U.checkpoint_roots(), U.session_dir(a)]) == folder.resolve()
+        resolve_under_roots(folder / "model.safetensors", [*Fo.checkpoint_roots(), U.session_dir(b)])
+    assert resolve_under_roots(folder, [*Fo.checkpoint_roots(), U.session_dir(a)]) == folder.resolve()
 
 
 @pytest.mark.parametrize("sid", ["", "../x", "0" * 31, "0" * 33, "A" * 32, "g" * 32, "0" * 31 + "/", None])

@@ -46,6 +46,7 @@ from opdviz.store import queries
 from opdviz.io import roots
 from opdviz.views import single as views
 from opdviz.errors import OpdvizError
+from opdviz import options
 from opdviz.options import DEFAULT_CRITERIA
 from opdviz.store.queries import Selection
 from opdviz.store.core import QueryMemo, Store, _slug
@@ -239,11 +240,7 @@ def _init(key: str, value) -> None:
 
 def criterion_label(c: str) -> str:
     """Human label of a stored criterion name (``abs_1e-5`` → ``|ΔW| > 1e-5``)."""
-    kind, _, value = c.partition("_")
-    return {"exact": "exact: any stored bit changed",
-            "abs": f"|ΔW| > {value}",
-            "relrms": f"|ΔW| > {value}·RMS(W_base)",
-            "bf16": f"bf16-η: |ΔW| > {value}·max(|W_base|, |W_post|)"}.get(kind, c)
+    return options.criterion_label(c, "long")
 
 
 def run_label(runs: pd.DataFrame) -> Callable[[str], str]:

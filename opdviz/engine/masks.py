@@ -28,8 +28,8 @@ from safetensors.torch import save_file
 from opdviz.io.adapters import open_post
 from opdviz.errors import OptionsError, StoreError
 from opdviz.masked_training import MaskedTrainer, MaskHandle, apply_masks
-from opdviz.metrics.elementwise import _floor32
-from opdviz.options import AnalysisOptions
+from opdviz.metrics.chunkops import floor32
+from opdviz.options import CRITERION_KINDS, AnalysisOptions
 from opdviz.io.reader import Checkpoint, iter_pairs, plan_pairs
 from opdviz.io.safefiles import Limits, loads_json
 
@@ -59,7 +59,7 @@ def parse_criterion(name: str) -> Criterion:
         value = float(val)
     except ValueError:
         value = float("nan")
-    if kind not in ("abs", "relrms", "bf16") or not 0 < value < float("inf"):
+    if kind not in CRITERION_KINDS[1:] or not 0 < value < float("inf"):     # [1:]: all but "exact"
         raise OptionsError(f"unknown criterion {name!r}: use exact, abs_<eps>, relrms_<tau> or bf16_<eta> "
                            "with a finite threshold > 0 (e.g. abs_1e-5)")
     return Criterion(name, kind, value)
@@ -87,7 +87,7 @@ def changed_chunks(wb: torch.Tensor, wp: torch.Tensor, criteria: tuple[str, ...]
     criterion and exact, so the overlap and trajectory jobs, which need every criterion, use this):
     ΔW = W_post − W_base in float32 from the stored values (float64 for fp64); exact = stored bits
     differ; abs_ε: |ΔW| > ε and relrms_τ: |ΔW| > τ·RMS(W_base) compared as if in float64 (threshold
-    rounded down to float32 with elementwise's ``_floor32``); bf16_η: |ΔW| > fl(η·max(|W_base|, |W_post|))
+    rounded down to float32 with elementwise's ``floor32``); bf16_η: |ΔW| > fl(η·max(|W_base|, |W_post|))
     in ΔW's dtype. ``tests/test_masks.py`` checks the masks equal elementwise's for every criterion.
     The masks are valid until the next chunk.
     """
@@ -97,7 +97,7 @@ def changed_chunks(wb: torch.Tensor, wp: torch.Tensor, criteria: tuple[str, ...]
     crits = [parse_criterion(c) for c in criteria]
     rms = base_rms(wb, chunk) if any(c.kind == "relrms" for c in crits) else 0.0
     f64 = wb.dtype == torch.float64
-    cut = (lambda t: t) if f64 else (lambda t: float(_floor32(t)))
+    cut = (lambda t: t) if f64 else (lambda t: float(floor32(t)))
     limits = {c.name: cut(c.value) if c.kind == "abs" else cut(c.value * rms) if c.kind == "relrms"
               else (c.value if f64 else float(np.float32(c.value))) for c in crits if c.kind != "exact"}
     fdt = torch.float64 if f64 else torch.float32

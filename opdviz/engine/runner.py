@@ -36,7 +36,8 @@ from opdviz.io.adapters import open_post
 from opdviz.errors import CheckpointError, DiskFullError, OpdvizError, OptionsError, StoreError
 from opdviz.engine.executors import LocalExecutor, Work
 from opdviz.metrics import add_coverage, analyse_pair, base_work, is_matrix_pair, timed
-from opdviz.io.naming import fused_parts, matrix_view, parse_name, split_part
+from opdviz.io.layouts import fused_parts, matrix_view, split_part
+from opdviz.io.naming import parse_name
 from opdviz.options import AnalysisOptions, check_label
 from opdviz.io.reader import Checkpoint, PairItem, plan_pairs
 from opdviz.io.safefiles import Limits, read_json

@@ -43,7 +43,7 @@ from opdviz.errors import OpdvizError, OptionsError
 from opdviz.engine.runner import JobSpec, Progress, resolve_device, run_jobs, run_lock
 from opdviz.engine.masks import changed_chunks
 from opdviz.metrics.linalg import VALID_REL, chunk_rows, eigh_desc, lowrank
-from opdviz.io.naming import matrix_view
+from opdviz.io.layouts import matrix_view
 from opdviz.options import MAX_LABEL_CHARS, AnalysisOptions, check_label, fmt_pct
 from opdviz.io.reader import Checkpoint, plan_pairs
 from opdviz.store.core import RunWriter, Store

@@ -22,7 +22,8 @@ rewrite the base weights (PiSSA, OLoRA, CorDA, LoftQ), ``layer_replication``, ``
 activated LoRA, trainable tokens, convolution LoRA, and adapter types other than LoRA.
 
 The low rank is used where it is cheaper: ``lowrank_sigma`` gives the exact singular values of
-scale·B·A from the r×r problem (QR of B and Aᵀ), stored per tensor as ``adapter_spectrum``.
+scale·B·A from the r×r problem (QR of B and Aᵀ), stored per tensor as ``adapter_spectrum``. The metric
+families stored here are declared in ``opdviz.metrics.registry.ADAPTER_FAMILIES``.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ import numpy as np
 import torch
 
 from opdviz.errors import CheckpointError
-from opdviz.metrics.registry import MetricInfo
-from opdviz.io.reader import Checkpoint, TensorInfo, _read_header, _stored_order, canonical_name
+from opdviz.io.headers import TensorInfo, read_header, stored_order
+from opdviz.io.reader import Checkpoint, canonical_name
 from opdviz.io.safefiles import Limits, checked_file, read_json
 
 CONFIG_NAME = "adapter_config.json"
@@ -49,17 +50,6 @@ PREFIX = "base_model.model."
 _MERGE_HINT = ("merge it with PEFT (model = PeftModel.from_pretrained(base, path).merge_and_unload(); "
                "model.save_pretrained(out)) and analyse the merged folder")
 _REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
-
-FAMILIES: tuple[MetricInfo, ...] = (
-    MetricInfo("adapter_rank", "scalar", "Rank r of the LoRA factors of this tensor (PEFT adapters only; "
-               "rank_pattern applied).", "PEFT", "LoRA rank", "count", "max"),
-    MetricInfo("adapter_scale", "scalar", "The LoRA scale of this tensor: lora_alpha/r, or lora_alpha/√r with "
-               "rsLoRA (alpha_pattern/rank_pattern applied).", "PEFT", "LoRA scale", "ratio", "matrix_mean"),
-    MetricInfo("adapter_spectrum", "array", "Singular values of the exact update scale·B·A (before the merge's "
-               "rounding), descending, length r, from the r×r problem R_B·R_Aᵀ (QR of B and Aᵀ).", "PEFT",
-               "LoRA spectrum", "weight", "none"),
-)
-
 
 def is_adapter(path) -> bool:
     """True for a folder holding ``adapter_config.json``."""
@@ -145,7 +135,7 @@ class LoraAdapter:
                                   "; the adapter folder is incomplete"))
         wpath = checked_file(folder, WEIGHTS_NAME)     # a regular file of the folder (or of its HF cache repo)
         _check_inside(wpath, folder)
-        weights = Checkpoint(folder, (wpath,), _stored_order(_read_header(wpath, limits, limits.tensors)), None,
+        weights = Checkpoint(folder, (wpath,), stored_order(read_header(wpath, limits, limits.tensors)), None,
                              "safetensors")
         return cls(folder, config, weights)
 

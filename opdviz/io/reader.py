@@ -2,13 +2,15 @@
 
 ``Checkpoint.open(path)`` accepts a ``.safetensors`` file, a folder with ``model.safetensors``, or a
 sharded Hugging Face folder with ``model.safetensors.index.json``. Every safetensors header is parsed
-and checked here (length, JSON, dtypes, offsets, file size) before any tensor is read, so a broken
+and checked (``opdviz.io.headers``: length, JSON, dtypes, offsets, file size) and the shard index checked
+against the shards here, before any tensor is read, so a broken
 download fails at once with a message naming the file instead of halfway through a long job. Every
 file is read through ``opdviz.io.safefiles``: shards and side files must be regular files of the folder itself
 (no symlinks, except the Hugging Face cache's links into its blobs), and JSON and headers are parsed under
 size, depth and tensor-count caps (``Limits``, set by the operator's environment).
 Pickled PyTorch checkpoints (``.bin``/``.pt``) run code when unpickled; they are refused unless
-``allow_pickle=True``, and even then are loaded with ``torch.load(weights_only=True, mmap=True)``.
+``allow_pickle=True``, and even then are loaded with ``torch.load(weights_only=True, mmap=True)``
+(``opdviz.io.pickled``).
 
 ``plan_pairs(base, post)`` matches tensors by name (with the known VLM/LLaVA prefix aliases) and says
 which pairs can be compared and why the others are skipped; ``iter_pairs`` then yields
@@ -22,9 +24,7 @@ which pairs can be compared and why the others are skipped; ``iter_pairs`` then 
 from __future__ import annotations
 
 import hashlib
-import math
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -33,25 +33,9 @@ import torch
 from safetensors import safe_open
 
 from opdviz.errors import CheckpointError
-from opdviz.io.safefiles import Limits, checked_file, loads_json, open_checked, read_json
-
-# The safetensors library refuses headers above this size (MAX_HEADER_SIZE in its Rust code); an operator
-# may lower opdviz's cap with OPDVIZ_MAX_HEADER_MB (opdviz.io.safefiles).
-MAX_HEADER_BYTES = 100_000_000
-
-# Bits per element of every dtype the safetensors format defines (F4/F6 are packed sub-byte types).
-DTYPE_BITS = {
-    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8,
-    "F8_E8M0": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32,
-    "I64": 64, "U64": 64, "F64": 64, "C64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
-}
-FLOAT_DTYPES = frozenset({"BF16", "F16", "F32", "F64"})
-
-_TORCH_TO_ST = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.complex64: "C64", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-}
+from opdviz.io.headers import TensorInfo, read_header, stored_order
+from opdviz.io.pickled import looks_pickled, pickle_infos, torch_load
+from opdviz.io.safefiles import Limits, checked_file, open_checked, read_json
 
 # Name aliases: the same weight saved under a transformers version that nests the text model
 # (Qwen2-VL/Qwen2.5-VL/LLaVA after the 4.52 refactor) and one that does not. Each long prefix is
@@ -74,27 +58,6 @@ _PICKLE_HINT = "pass --allow-pickle to load it with torch.load(weights_only=True
 _TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
                  "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                  "BOOL": torch.bool}
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one stored tensor lives and what it is, read from the header (no data loaded)."""
-
-    name: str                # name as stored in the file
-    shape: tuple[int, ...]
-    dtype: str               # safetensors dtype string ("BF16", "F32", "I64", "F8_E4M3", ...)
-    file: Path               # the file (shard) it lives in
-    nbytes: int
-    offset: int              # data offset in the file (pickled checkpoints: position in the file's dict)
-
-    @property
-    def is_float(self) -> bool:
-        """True for BF16/F16/F32/F64, the dtypes ΔW is analysed in (8-bit floats are quantized: no)."""
-        return self.dtype in FLOAT_DTYPES
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)
@@ -149,9 +112,9 @@ class Checkpoint:
         config = _read_config(path.parent, limits)
         # the file itself was named by the user: a symlink to it is theirs to make; read what it points at
         path = path.resolve()
-        if _looks_pickled(path):
+        if looks_pickled(path):
             return cls._open_pickle(path, [path], None, config, allow_pickle, limits)
-        return cls(path, (path,), _stored_order(_read_header(path, limits, limits.tensors)), config, "safetensors")
+        return cls(path, (path,), stored_order(read_header(path, limits, limits.tensors)), config, "safetensors")
 
     @classmethod
     def _open_folder(cls, folder: Path, allow_pickle: bool, limits: Limits) -> "Checkpoint":
@@ -162,16 +125,16 @@ class Checkpoint:
             files = sorted(set(weight_map.values()), key=lambda f: f.name)
             headers, budget = {}, limits.tensors
             for f in files:
-                if _looks_pickled(f):
+                if looks_pickled(f):
                     raise CheckpointError(f"{f}: listed in {index_path.name} as safetensors but looks like a "
                                           "pickled PyTorch checkpoint; re-save it with safetensors")
-                headers[f] = _read_header(f, limits, budget)
+                headers[f] = read_header(f, limits, budget)
                 budget -= len(headers[f])
             return cls(folder, tuple(files), _indexed_infos(index_path, weight_map, headers), config,
                        "safetensors")
         if os.path.lexists(folder / "model.safetensors"):
             f = _shard_path(folder, "model.safetensors", folder)
-            return cls(folder, (f,), _stored_order(_read_header(f, limits, limits.tensors)), config, "safetensors")
+            return cls(folder, (f,), stored_order(read_header(f, limits, limits.tensors)), config, "safetensors")
         if os.path.lexists(folder / _PICKLE_INDEX):
             weight_map = _read_index(folder / _PICKLE_INDEX, limits)
             files = sorted(set(weight_map.values()), key=lambda f: f.name)
@@ -194,11 +157,11 @@ class Checkpoint:
         if not allow_pickle:
             raise CheckpointError(f"{files[0]}: looks like a pickled PyTorch checkpoint, which can run code when "
                                   f"loaded; it is refused by default; {_PICKLE_HINT}, or convert it to safetensors")
-        headers = {f: _pickle_infos(f) for f in files}
+        headers = {f: pickle_infos(f) for f in files}
         if sum(map(len, headers.values())) > limits.tensors:
             raise CheckpointError(f"{path}: holds more than {limits.tensors} tensors (OPDVIZ_MAX_TENSORS); "
                                   "refusing to open it")
-        infos = _indexed_infos(index[0], index[1], headers) if index else _stored_order(headers[files[0]])
+        infos = _indexed_infos(index[0], index[1], headers) if index else stored_order(headers[files[0]])
         return cls(path, tuple(files), infos, config, "pickle")
 
     def fingerprint(self) -> str:
@@ -236,7 +199,7 @@ class Checkpoint:
                 self.close()
                 open_checked(info.file).close()    # still the regular file checked at open()
                 if self.format == "pickle":
-                    handle = _torch_load(info.file)
+                    handle = torch_load(info.file)
                 else:
                     handle = safe_open(str(info.file), framework="pt", device=device)
                 self._handle = (info.file, device, handle)
@@ -376,98 +339,7 @@ def iter_pairs(base: Checkpoint, post: Checkpoint, items: Iterable[PairItem],
         del w_base, w_post
 
 
-# ------------------------------------------------------------------------------------- validation
-
-def _looks_pickled(path: Path) -> bool:
-    """torch.save writes a zip archive (since 1.6) or a bare pickle (protocol 2+ starts with 0x80)."""
-    with open_checked(path) as f:
-        head = f.read(4)
-    return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
-
-
-def _read_header(path: Path, limits: Limits, budget: int) -> dict[str, TensorInfo]:
-    """Parse and check one safetensors header holding at most ``budget`` tensors; return its tensors keyed by
-    name (unordered). The header's size, nesting and entry count are checked before it is parsed."""
-    with open_checked(path) as f:
-        size = os.fstat(f.fileno()).st_size
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path}: file is {size} bytes, too small to be safetensors (needs an 8-byte "
-                                  "header length); re-download or re-save it")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(MAX_HEADER_BYTES, limits.header_bytes):
-            cap = ("the safetensors cap of 100 MB" if limits.header_bytes >= MAX_HEADER_BYTES
-                   else f"the cap of {limits.header_mb:g} MB set by OPDVIZ_MAX_HEADER_MB")
-            raise CheckpointError(f"{path}: header length {n} bytes exceeds {cap}; the file is corrupt or not "
-                                  "safetensors")
-        if 8 + n > size:
-            raise CheckpointError(f"{path}: file is {size} bytes but its header needs {8 + n}; the file is "
-                                  "truncated or not safetensors; re-download or re-save it")
-        raw = f.read(n)
-    header = loads_json(raw, f"{path}: corrupt safetensors header", limits, max_members=max(budget, 0) + 1,
-                        object_pairs_hook=_no_duplicate_keys)          # + 1: the __metadata__ entry
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header (JSON is not an object)")
-    header.pop("__metadata__", None)
-    if len(header) > budget:
-        raise CheckpointError(f"{path}: the header lists more tensors than the {limits.tensors} allowed per "
-                              "checkpoint (OPDVIZ_MAX_TENSORS); refusing to open it")
-
-    infos = {}
-    for name, entry in header.items():
-        infos[name] = _entry_info(path, name, entry, data_start=8 + n)
-    # Tensor data must tile the data section exactly: sorted by offset, each starts where the last ended.
-    end = 0
-    for info in sorted(infos.values(), key=lambda i: (i.offset, i.nbytes)):
-        begin = info.offset - (8 + n)
-        if begin != end:
-            what = "overlaps the previous tensor" if begin < end else f"leaves a gap of {begin - end} bytes"
-            raise CheckpointError(f"{path}: corrupt header: tensor {info.name!r} at data offset {begin} {what} "
-                                  f"(previous tensor ends at {end}); re-download or re-save the file")
-        end = begin + info.nbytes
-    need = 8 + n + end
-    if size < need:
-        raise CheckpointError(f"{path}: file is {size} bytes but its header needs {need}; the file is "
-                              "truncated (incomplete download?); re-download or re-save it")
-    if size > need:
-        raise CheckpointError(f"{path}: file is {size} bytes but its header accounts for only {need}; "
-                              "the file is corrupt; re-download or re-save it")
-    return infos
-
-
-def _no_duplicate_keys(pairs):
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        seen = set()
-        dup = next(k for k, _ in pairs if k in seen or seen.add(k))   # linear: headers can be huge
-        raise ValueError(f"duplicate key {dup!r}")
-    return out
-
-
-def _entry_info(path: Path, name: str, entry, data_start: int) -> TensorInfo:
-    where = f"{path}: tensor {name!r}"
-    if not isinstance(entry, dict):
-        raise CheckpointError(f"{where}: corrupt header entry (not an object)")
-    dtype, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPE_BITS:
-        raise CheckpointError(f"{where}: unknown dtype {dtype!r} (known: {', '.join(DTYPE_BITS)}); "
-                              "the file is corrupt or from a newer safetensors; try upgrading safetensors")
-    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-        raise CheckpointError(f"{where}: corrupt header: shape {shape!r} is not a list of non-negative integers")
-    if not (isinstance(offs, list) and len(offs) == 2 and all(type(o) is int and o >= 0 for o in offs)
-            and offs[0] <= offs[1]):
-        raise CheckpointError(f"{where}: corrupt header: data_offsets {offs!r} is not [begin, end] with "
-                              "0 <= begin <= end")
-    bits = math.prod(shape) * DTYPE_BITS[dtype]
-    if bits % 8 or bits // 8 != offs[1] - offs[0]:
-        raise CheckpointError(f"{where}: corrupt header: shape {tuple(shape)} × {dtype} is {bits / 8:g} bytes "
-                              f"but data_offsets span {offs[1] - offs[0]}; re-download or re-save the file")
-    return TensorInfo(name, tuple(shape), dtype, path, offs[1] - offs[0], data_start + offs[0])
-
-
-def _stored_order(infos: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
-    return dict(sorted(infos.items(), key=lambda kv: (kv[1].offset, kv[0])))
-
+# ------------------------------------------------------------------------------- shard index, config
 
 def _read_index(index_path: Path, limits: Limits) -> dict[str, Path]:
     """Read an HF shard index; return tensor name → shard path, each shard checked to be inside the folder."""
@@ -520,35 +392,3 @@ def _read_config(folder: Path, limits: Limits) -> dict | None:
     return config if isinstance(config, dict) else None
 
 
-# ---------------------------------------------------------------------------- pickled checkpoints
-
-def _torch_load(path: Path) -> dict[str, torch.Tensor]:
-    """torch.load with weights_only (no arbitrary code); mmap keeps the file out of RAM when it is a zip."""
-    try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format
-    except Exception as e:  # UnpicklingError for disallowed globals, zip/EOF errors for broken files
-        raise CheckpointError(f"{path}: cannot load with torch.load(weights_only=True): {e}; "
-                              "convert it to safetensors with a trusted script") from e
-    if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        for key in ("state_dict", "model", "module"):  # training checkpoints nest the weights
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict of tensors")
-    return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
-
-
-def _pickle_infos(path: Path) -> dict[str, TensorInfo]:
-    infos = {}
-    for pos, (name, t) in enumerate(_torch_load(path).items()):
-        if t.dtype not in _TORCH_TO_ST:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {t.dtype}")
-        infos[name] = TensorInfo(name, tuple(t.shape), _TORCH_TO_ST[t.dtype], path,
-                                 t.numel() * t.element_size(), pos)
-    return infos

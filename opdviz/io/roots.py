@@ -31,7 +31,7 @@ from pathlib import Path
 
 from opdviz.errors import OpdvizError
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]          # the repository (this file is opdviz/io/...)
 DB_ENV = "OPDVIZ_DB"
 STORE_ROOTS_ENV = "OPDVIZ_STORE_ROOTS"
 DEFAULT_DB = "data/opdviz.duckdb"

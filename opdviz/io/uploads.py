@@ -1,4 +1,4 @@
-"""Checkpoints chosen in the browser: uploads saved privately, server folders confined, pairs validated.
+"""Checkpoints uploaded in the browser: saved privately per session, within quotas, swept when unused.
 
 Uploads are private to a browser session: ``save_session_upload(session_id, files)`` stores them in
 ``<upload dir>/<session id>/<content hash>/`` (``new_session_id()`` is unguessable and kept in the
@@ -9,17 +9,7 @@ checking the per-upload, per-session and total quotas (``OPDVIZ_MAX_UPLOAD_MB``,
 uploads, ``delete_upload`` removes one, ``sweep_uploads`` removes those not used for
 ``OPDVIZ_UPLOAD_MAX_AGE_H`` hours (the New analysis page and a starting job worker call it). ``checkpoint_in(folder)`` says what to open in such a folder.
 
-Server-side folders are confined to ``checkpoint_roots()`` (``OPDVIZ_CHECKPOINT_ROOTS``,
-``os.pathsep``-separated; default ``data/demo`` under the repository); ``resolve_under_roots`` checks a
-path lexically against the roots before touching the file system, then refuses anything that resolves
-outside them (symlinks and ``..`` included). ``validate_checkpoint`` / ``validate_pair`` never raise on
-bad input: they return reports whose ``errors`` say what is wrong and what to do.
-
-    sid = new_session_id()
-    folder = save_session_upload(sid, [("model.safetensors", data), ("config.json", cfg)])
-    report = validate_pair(checkpoint_in(folder), resolve_under_roots("data/demo/base"))
-
-This module does not import torch at import time; validation does (through ``opdviz.io.reader``).
+Server folders are confined by ``opdviz.io.folders``; uploads and folders are checked by ``opdviz.io.validation``.
 """
 
 from __future__ import annotations
@@ -32,14 +22,13 @@ import secrets
 import shutil
 import time
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from opdviz.errors import CheckpointError
-from opdviz.io.roots import confined, lexically_under, resolve_within
+from opdviz.io.roots import lexically_under
 
-REPO = Path(__file__).resolve().parent.parent
-ROOTS_ENV = "OPDVIZ_CHECKPOINT_ROOTS"
+REPO = Path(__file__).resolve().parents[2]          # the repository (this file is opdviz/io/...)
 UPLOAD_DIR_ENV = "OPDVIZ_UPLOAD_DIR"
 MAX_MB_ENV = "OPDVIZ_MAX_UPLOAD_MB"
 SESSION_MB_ENV = "OPDVIZ_UPLOAD_SESSION_MB"
@@ -63,114 +52,12 @@ class UploadError(CheckpointError):
     """An uploaded file or a chosen server path that the app refuses (name, size, location)."""
 
 
-# ------------------------------------------------------------------------------------------ roots
+# ---------------------------------------------------------------------------------------- storage
 
 def uploads_root() -> Path:
     """Where uploads are stored: ``OPDVIZ_UPLOAD_DIR``, default ``data/uploads`` in the repository."""
     return Path(os.environ.get(UPLOAD_DIR_ENV) or REPO / "data" / "uploads").expanduser().resolve()
 
-
-def checkpoint_roots() -> list[Path]:
-    """Server folders the browser may pick checkpoints from: ``OPDVIZ_CHECKPOINT_ROOTS``
-    (``os.pathsep``-separated; default ``data/demo`` in the repository), absolute and normalised.
-    The upload folder is not among them: each session sees only its own uploads."""
-    raw = os.environ.get(ROOTS_ENV)
-    entries = [e for e in raw.split(os.pathsep) if e.strip()] if raw else [str(REPO / "data" / "demo")]
-    roots: list[Path] = []
-    for e in entries:
-        p = Path(os.path.normpath(os.path.abspath(os.path.expanduser(e))))
-        if p not in roots:
-            roots.append(p)
-    return roots
-
-
-def allowed_roots() -> list[Path]:
-    """Every folder the app may read checkpoints from: ``checkpoint_roots()`` plus the upload folder,
-    resolved (symlinks followed). A browser session is further limited to its own upload folder."""
-    roots = []
-    for e in [*checkpoint_roots(), uploads_root()]:
-        p = Path(e).resolve()
-        if p not in roots:
-            roots.append(p)
-    return roots
-
-
-def resolve_under_roots(path: str | Path, roots: list[Path] | None = None) -> Path:
-    """``path`` resolved (symlinks and ``..`` followed) if it lies under ``roots`` (default
-    ``allowed_roots()``); else UploadError. The path is first checked lexically (no file system call),
-    so a path outside the roots is refused before anything is looked up; only then is it resolved and
-    checked again, which refuses symlinks inside a root that lead out of it."""
-    text = str(path)
-    roots = allowed_roots() if roots is None else list(roots)
-    if not text.strip() or any(_is_control(c) for c in text):
-        raise UploadError(f"{text!r} is not a usable path (empty or with control characters)")
-    if confined(text, roots) is None:
-        raise UploadError(f"{text} is outside the folders this app may read "
-                          f"({', '.join(map(str, roots))}); copy the checkpoint under one of them or add its "
-                          f"folder to {ROOTS_ENV}")
-    return Path(resolve_within(text, roots))
-
-
-def list_checkpoints(root: str | Path | None = None, *, roots: list[Path] | None = None,
-                     max_depth: int = 4) -> list[Path]:
-    """Checkpoints under ``root`` (default: every one of ``roots``, default ``checkpoint_roots()``):
-    folders holding ``model.safetensors`` or an index, and loose ``.safetensors`` files outside such
-    folders. Only paths under the roots are listed (a symlink leading elsewhere is left out, and
-    never looked into); hidden folders are skipped. Uploads are not listed here."""
-    roots = checkpoint_roots() if roots is None else list(roots)
-    tops = [resolve_under_roots(root, roots)] if root is not None else roots
-    found: list[Path] = []
-    for top in tops:
-        if not top.is_dir():
-            continue
-        for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
-            here = Path(dirpath)
-            depth = len(here.relative_to(top).parts)
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and depth < max_depth)
-            if INDEX_NAME in filenames or "model.safetensors" in filenames or (
-                    "adapter_config.json" in filenames and "adapter_model.safetensors" in filenames):  # PEFT LoRA
-                found.append(here)
-                dirnames[:] = []  # its files are its shards
-                continue
-            found += [here / f for f in sorted(filenames) if f.endswith(".safetensors") and not f.startswith(".")]
-            for d in _symlinked_dirs(here, roots):  # not walked into (followlinks=False); a candidate only
-                if (d / INDEX_NAME).is_file() or (d / "model.safetensors").is_file():
-                    found.append(d)
-    safe = []
-    for p in found:
-        try:
-            resolve_under_roots(p, roots)
-        except UploadError:
-            continue
-        if p not in safe:
-            safe.append(p)
-    return safe
-
-
-def cached_models() -> dict[str, str]:
-    """Models in the operator's Hugging Face cache (``HF_HUB_CACHE``/``HF_HOME``), offered beside the allowed
-    folders: {snapshot path: "org/name[@ref]"} (``opdviz.io.hub.cached_models``; empty without huggingface_hub).
-    Set ``OPDVIZ_LIST_HF_CACHE=0`` to not offer them."""
-    if os.environ.get("OPDVIZ_LIST_HF_CACHE", "1").strip() == "0":
-        return {}
-    from opdviz.io.hub import cached_models as _cached
-
-    out: dict[str, str] = {}
-    for r in sorted(_cached(), key=lambda r: r["ref"] != "main"):     # one entry per snapshot, "main" first
-        out.setdefault(str(r["path"]), r["id"] + (" (LoRA adapter)" if r["kind"] == "adapter" else ""))
-    return out
-
-
-def _symlinked_dirs(folder: Path, roots: list[Path]) -> list[Path]:
-    """Symlinks in ``folder`` that resolve to folders under ``roots`` (one leading out is never stat-ed)."""
-    try:
-        links = sorted(p for p in folder.iterdir() if p.is_symlink() and not p.name.startswith("."))
-    except OSError:
-        return []
-    return [p for p in links if confined(p, roots) is not None and p.is_dir()]
-
-
-# ---------------------------------------------------------------------------------------- uploads
 
 def max_upload_bytes() -> int:
     """The app's own size limit for one upload (all its files), from ``OPDVIZ_MAX_UPLOAD_MB``."""
@@ -190,7 +77,7 @@ def sanitize_name(name: str) -> str:
     outside ``[A-Za-z0-9._-]`` becomes ``_``. A name longer than ``MAX_NAME`` is refused, never cut."""
     if not isinstance(name, str):
         raise UploadError(f"file name {name!r} is not text")
-    if any(_is_control(c) for c in name):
+    if any(is_control(c) for c in name):
         raise UploadError(f"file name {name!r} contains control characters; rename the file and upload it again")
     parts = re.split(r"[/\\]", name)
     if any(p.strip() == ".." for p in parts):
@@ -207,7 +94,8 @@ def sanitize_name(name: str) -> str:
     return safe
 
 
-def _is_control(c: str) -> bool:
+def is_control(c: str) -> bool:
+    """True for control, format and line/paragraph separator characters (refused in names and paths)."""
     return unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")
 
 
@@ -510,154 +398,3 @@ def checkpoint_in(folder: str | Path) -> Path:
                       "sharded checkpoint too")
 
 
-# ------------------------------------------------------------------------------------- validation
-
-@dataclass
-class ValidationReport:
-    """What ``validate_checkpoint`` found. ``ok`` is False when ``errors`` is not empty."""
-
-    path: Path
-    errors: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    n_tensors: int = 0
-    n_files: int = 0
-    total_bytes: int = 0
-    dtypes: dict[str, int] = field(default_factory=dict)   # dtype → number of tensors
-    config: dict = field(default_factory=dict)             # architecture summary from config.json
-
-    @property
-    def ok(self) -> bool:
-        return not self.errors
-
-    def summary(self) -> str:
-        arch = self.config.get("architecture") or self.config.get("model_type") or "unknown architecture"
-        layers = self.config.get("layers")
-        dt = ", ".join(f"{k} ×{v}" for k, v in sorted(self.dtypes.items(), key=lambda kv: -kv[1]))
-        return (f"{self.n_tensors} tensors in {self.n_files} file(s), {self.total_bytes / 1e6:,.1f} MB · {dt} · "
-                f"{arch}" + (f", {layers} layers" if layers else ""))
-
-
-@dataclass
-class PairReport:
-    """What ``validate_pair`` found: how many tensors will be analysed and what is skipped."""
-
-    base: ValidationReport
-    post: ValidationReport
-    errors: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    n_analysed: int = 0
-    n_skipped: int = 0
-    bytes_to_read: int = 0
-    mismatched: list[str] = field(default_factory=list)    # "name: base (a, b) vs post (c, b)"
-
-    @property
-    def ok(self) -> bool:
-        return not self.errors and self.base.ok and self.post.ok
-
-
-def _open(path, report):
-    from opdviz.io.reader import Checkpoint
-
-    try:
-        return Checkpoint.open(path)
-    except CheckpointError as exc:
-        report.errors.append(str(exc))
-    except OSError as exc:
-        report.errors.append(f"{path}: cannot read ({exc.strerror or exc})")
-    return None
-
-
-def validate_checkpoint(path: str | Path) -> ValidationReport:
-    """Open ``path`` with ``opdviz.io.reader.Checkpoint.open`` (headers, dtypes, shapes, offsets, index
-    consistency, refusal of pickles) and summarise it. Never raises on bad input."""
-    report = ValidationReport(Path(path))
-    from opdviz.io.adapters import is_adapter
-
-    if is_adapter(path):
-        return _validate_adapter(path, report)
-    ckpt = _open(path, report)
-    if ckpt is None:
-        return report
-    with ckpt:
-        report.n_tensors = len(ckpt.infos)
-        report.n_files = len(ckpt.files)
-        report.total_bytes = ckpt.total_bytes
-        for info in ckpt.infos.values():
-            report.dtypes[info.dtype] = report.dtypes.get(info.dtype, 0) + 1
-        cfg = ckpt.config or {}
-        archs = cfg.get("architectures") or []
-        report.config = {k: v for k, v in {
-            "architecture": archs[0] if archs else None, "model_type": cfg.get("model_type"),
-            "layers": cfg.get("num_hidden_layers"), "hidden": cfg.get("hidden_size"),
-            "vocab": cfg.get("vocab_size")}.items() if v is not None}
-        if not ckpt.config:
-            report.warnings.append("no config.json next to the weights: fused tensors are split using shapes only")
-        if not any(i.is_float for i in ckpt.infos.values()):
-            report.errors.append(f"{path}: no floating-point tensors to analyse (dtypes: {sorted(report.dtypes)})")
-    return report
-
-
-def _validate_adapter(path, report: ValidationReport) -> ValidationReport:
-    """A PEFT LoRA adapter folder: its config and factors are checked; it is compared against a base."""
-    from opdviz.io.adapters import LoraAdapter
-
-    try:
-        adapter = LoraAdapter.open(path)
-    except CheckpointError as exc:
-        report.errors.append(str(exc))
-        return report
-    with adapter.weights as w:
-        report.n_tensors, report.n_files, report.total_bytes = len(w.infos), len(w.files), w.total_bytes
-        for info in w.infos.values():
-            report.dtypes[info.dtype] = report.dtypes.get(info.dtype, 0) + 1
-    s = adapter.summary()
-    report.config = {"architecture": f"LoRA adapter (r = {s['r']}, alpha = {s['lora_alpha']}"
-                                     + (", rsLoRA" if s["use_rslora"] else "") + f", {s['n_lora_modules']} modules)"}
-    return report
-
-
-def validate_pair(base: str | Path, post: str | Path) -> PairReport:
-    """Validate both checkpoints and plan their comparison with ``opdviz.io.reader.plan_pairs``: no common
-    tensor is an error (different architectures); shape mismatches (a resized vocabulary) and missing
-    tensors are warnings, listed. Never raises on bad input."""
-    from opdviz.io.reader import plan_pairs
-
-    report = PairReport(validate_checkpoint(base), validate_checkpoint(post))
-    if not (report.base.ok and report.post.ok):
-        return report
-    b = _open(base, report)
-    if b is None:
-        return report
-    try:
-        from opdviz.io.adapters import open_post
-
-        p = open_post(post, b)          # a LoRA adapter is read as its merge into this base
-    except CheckpointError as exc:
-        b.close()
-        report.errors.append(str(exc))
-        return report
-    with b, p:
-        try:
-            items = plan_pairs(b, p)
-        except CheckpointError:
-            report.errors.append(
-                f"different architectures: the base and the post-trained checkpoint share no tensor name "
-                f"(base has e.g. {list(b.infos)[:3]}, post has e.g. {list(p.infos)[:3]}); pick the post-trained "
-                "checkpoint of this base")
-            return report
-    ok = [i for i in items if i.status == "ok"]
-    skipped = [i for i in items if i.status != "ok"]
-    report.n_analysed, report.n_skipped = len(ok), len(skipped)
-    report.bytes_to_read = sum(i.base.nbytes + i.post.nbytes for i in ok)
-    report.mismatched = [f"{i.name}: {i.reason}" for i in skipped if i.reason.startswith("shape mismatch")]
-    if report.mismatched:
-        report.warnings.append(f"{len(report.mismatched)} tensor(s) differ in shape and will be skipped: "
-                               + "; ".join(report.mismatched[:8]) + (" …" if len(report.mismatched) > 8 else ""))
-    other = [i for i in skipped if not i.reason.startswith("shape mismatch")]
-    if other:
-        reasons: dict[str, int] = {}
-        for i in other:
-            reasons[i.reason] = reasons.get(i.reason, 0) + 1
-        report.warnings.append(f"{len(other)} more tensor(s) will be skipped: "
-                               + "; ".join(f"{n} × {r}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1])))
-    return report

@@ -1,6 +1,7 @@
 """The metric registry: every metric family, declared once by the module that computes it.
 
-Each metric module exposes ``FAMILIES: tuple[MetricInfo, ...]``; a family's ``family`` is the name
+Each metric module exposes ``FAMILIES: tuple[MetricInfo, ...]`` (the adapter metrics, read by
+``opdviz.io.adapters``, are declared here as ``ADAPTER_FAMILIES``: metrics imports nothing from io); a family's ``family`` is the name
 pattern used in code, in the store and in the UI, with ``{...}`` standing for one parameter
 (``sparsity_{criterion}`` → ``sparsity_abs_1e-5``). The README table is generated from these.
 
@@ -18,7 +19,7 @@ import importlib
 import re
 from dataclasses import dataclass
 
-_MODULES = ("opdviz.metrics.elementwise", "opdviz.metrics.spectral", "opdviz.metrics.geometry", "opdviz.io.adapters")
+_MODULES = ("opdviz.metrics.elementwise", "opdviz.metrics.spectral", "opdviz.metrics.geometry")
 
 
 # unit → what a value means and how it is shown (formatting.py does the showing)
@@ -106,8 +107,21 @@ DERIVED: tuple[MetricInfo, ...] = (
 )
 
 
+# Stored for PEFT adapters by ``opdviz.io.adapters``, which reads them off the LoRA factors; declared here so
+# that the catalog imports nothing from the readers (io imports metrics, never the reverse).
+ADAPTER_FAMILIES: tuple[MetricInfo, ...] = (
+    MetricInfo("adapter_rank", "scalar", "Rank r of the LoRA factors of this tensor (PEFT adapters only; "
+               "rank_pattern applied).", "PEFT", "LoRA rank", "count", "max"),
+    MetricInfo("adapter_scale", "scalar", "The LoRA scale of this tensor: lora_alpha/r, or lora_alpha/√r with "
+               "rsLoRA (alpha_pattern/rank_pattern applied).", "PEFT", "LoRA scale", "ratio", "matrix_mean"),
+    MetricInfo("adapter_spectrum", "array", "Singular values of the exact update scale·B·A (before the merge's "
+               "rounding), descending, length r, from the r×r problem R_B·R_Aᵀ (QR of B and Aᵀ).", "PEFT",
+               "LoRA spectrum", "weight", "none"),
+)
+
+
 def all_families() -> tuple[MetricInfo, ...]:
-    """Every declared family: elementwise first, then spectral and geometry when importable."""
+    """Every declared family: elementwise first, then spectral and geometry when importable, then the adapters'."""
     out: list[MetricInfo] = []
     for name in _MODULES:
         try:
@@ -117,7 +131,7 @@ def all_families() -> tuple[MetricInfo, ...]:
                 raise
             continue
         out.extend(getattr(mod, "FAMILIES", ()))
-    return tuple(out)
+    return tuple(out) + ADAPTER_FAMILIES
 
 
 def _pattern(family: str) -> re.Pattern:

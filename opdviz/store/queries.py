@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from opdviz.options import LAB_CRITERIA
 from opdviz.store.core import Store, computing
 
 GROUP_KEYS = {
@@ -307,13 +308,10 @@ def _q(name: str) -> str:
     return name.replace("'", "''").replace('"', '""')
 
 
-LAB_CRITERIA = ("exact", "abs_1e-6", "abs_1e-5", "abs_1e-4", "bf16_1e-3")
-
-
 def lab_runs(store: Store) -> pd.DataFrame:
     """Runs written by ``opdviz lab sweep`` (``runs.extra`` has ``"sweep": true``), one row per run and block:
     run_id, method, status, extra (JSON text), block, numel, delta_sq (ΣΔ²), base_sq (ΣW²), per-criterion numel-weighted sparsity
-    ``sparsity_<criterion>`` for ``LAB_CRITERIA``, rel_change (sqrt(ΣΔ²)/sqrt(ΣW²)) and ``principal_proj_10pct``
+    ``sparsity_<criterion>`` for ``opdviz.options.LAB_CRITERIA``, rel_change (sqrt(ΣΔ²)/sqrt(ΣW²)) and ``principal_proj_10pct``
     (ΔW energy share in the top-10 % principal subspaces of W_base, ‖ΔW‖²-weighted over matrices)."""
     per_crit = "".join(f", max(CASE WHEN m.metric = 'sparsity_{c}' THEN m.value END) AS \"s_{c}\"" for c in LAB_CRITERIA)
     agg_crit = "".join(f", sum(per.\"s_{c}\" * per.numel) / nullif(sum(CASE WHEN per.\"s_{c}\" IS NOT NULL "

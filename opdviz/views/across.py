@@ -25,6 +25,7 @@ from opdviz.store import queries as Q
 from opdviz.store.queries import Selection
 from opdviz.store.core import Store
 from opdviz.views import formatting
+from opdviz.options import criterion_sort_key
 from opdviz.views.single import FigureSpec, catalog_name, metric_label
 
 PAGES = ("overlap", "trajectory")
@@ -274,8 +275,7 @@ def _by_criterion(store, sel, ctx):
     if pair is None:
         return _no_pair(title)
     df = overlap_groups(store, *pair, None, "all", sel)
-    kinds = {"exact": 0, "abs": 1, "relrms": 2, "bf16": 3}
-    order = sorted(df["criterion"], key=lambda c: (kinds.get(c.partition("_")[0], 4), float(c.partition("_")[2] or 0)))
+    order = sorted(df["criterion"], key=criterion_sort_key)
     df = df.set_index("criterion").loc[order].reset_index()
     return FA.overlap_by_criterion(df, f"{title}, {_pair_title(pair)}"), df
 

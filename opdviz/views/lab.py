@@ -21,9 +21,9 @@ import plotly.graph_objects as go
 from opdviz.views import figures as F
 from opdviz.store import queries as Q
 from opdviz.store.core import Store
+from opdviz.options import LAB_CRITERIA, criterion_label
 
-CRITERIA = {"exact": "bf16-exact (bits equal)", "abs_1e-6": "|ΔW| ≤ 1e-6", "abs_1e-5": "|ΔW| ≤ 1e-5",
-            "abs_1e-4": "|ΔW| ≤ 1e-4", "bf16_1e-3": "|ΔW| ≤ 1e-3·max|W|"}
+CRITERIA = {c: criterion_label(c, "unchanged") for c in LAB_CRITERIA}
 METHOD_ORDER = ("OPD", "RL", "SFT")
 MOST = 0.5          # "most coordinates unchanged": more than half, bf16-exact
 SETTINGS = ("lr", "precision", "weight_decay", "seed", "steps", "batch", "mask", "accuracy", "base_accuracy",

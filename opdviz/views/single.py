@@ -24,7 +24,7 @@ from opdviz.views import figures as F
 from opdviz.views import formatting
 from opdviz.store import queries as Q
 from opdviz.metrics.rankgrid import PROJ_GRID, rank_grid
-from opdviz.options import DEFAULT_CRITERIA
+from opdviz.options import DEFAULT_CRITERIA, criterion_label
 from opdviz.store.queries import Selection
 from opdviz.store.core import Store
 
@@ -59,12 +59,6 @@ class FigureSpec:
 
 
 # ------------------------------------------------------------------------------------ small helpers
-def _criterion_label(c: str) -> str:
-    kind, _, val = c.partition("_")
-    return {"exact": "bitwise", "abs": f"|ΔW| > {val}", "relrms": f"|ΔW| > {val}·RMS(W)",
-            "bf16": f"|ΔW| > {val}·max|W|"}.get(kind, c)
-
-
 def catalog_name(metric: str, criterion: str = "abs_1e-5") -> str:
     """The catalog name of a Compare-page metric: ``sparsity`` is ``sparsity_<criterion>``."""
     return f"sparsity_{criterion}" if metric == "sparsity" else metric
@@ -167,7 +161,7 @@ def _sparsity_heatmap(store, sel, ctx):
     df = Q.group_summary(store, sel, by="layer_module", criterion=ctx.criterion)
     df["sparsity_pct"] = 100 * df["sparsity"] if len(df) else []
     fig = F.heatmap(df, "sparsity_pct", formatting.label_of(f"sparsity_{ctx.criterion}"),
-                    f"Sparsity of ΔW by layer and module ({_criterion_label(ctx.criterion)} counts as changed)")
+                    f"Sparsity of ΔW by layer and module ({criterion_label(ctx.criterion)} counts as changed)")
     return fig, df
 
 
@@ -187,7 +181,7 @@ def _criteria(store, sel, ctx):
     agg["criterion"] = agg["metric"].str.removeprefix("sparsity_")
     order = {c: i for i, c in enumerate(CRITERIA)}
     agg = agg.sort_values(["run_id", "criterion"], key=lambda s: s.map(order) if s.name == "criterion" else s)
-    agg["criterion_label"] = agg["criterion"].map(_criterion_label)
+    agg["criterion_label"] = agg["criterion"].map(criterion_label)
     agg = agg[["run_id", "method", "criterion", "criterion_label", "sparsity", "numel"]]
     fig = F.bars(agg, "criterion_label", "sparsity", "Sparsity of ΔW under each criterion (numel-weighted)",
                  "entry counts as changed when", formatting.axis_title("sparsity_exact"), percent=True)
@@ -199,7 +193,7 @@ def _layerwise(store, sel, ctx):
     df = Q.group_summary(store, sel, by="layer_module", criterion=ctx.criterion)
     df["sparsity_pct"] = 100 * df["sparsity"] if len(df) else []
     fig = F.layerwise_lines(df, "sparsity_pct", formatting.label_of(f"sparsity_{ctx.criterion}"),
-                            f"Layerwise sparsity per projection ({_criterion_label(ctx.criterion)})")
+                            f"Layerwise sparsity per projection ({criterion_label(ctx.criterion)})")
     return fig, df
 
 
@@ -516,7 +510,7 @@ def metric_frame(store: Store, sel: Selection, ctx: ViewContext, by: str) -> pd.
 
 def _compare_name(ctx) -> str:
     """The metric in a Compare title; sparsity says which entries count as changed."""
-    return f"sparsity ({_criterion_label(ctx.criterion)})" if ctx.metric == "sparsity" else ctx.metric
+    return f"sparsity ({criterion_label(ctx.criterion)})" if ctx.metric == "sparsity" else ctx.metric
 
 
 def _compare_bars(store, sel, ctx):
