@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 import factory
-from opdviz import cli
+from opdviz.cli import main as cli
 from opdviz.views.csvsafe import csv_safe, neutralise, to_csv
 from opdviz.errors import CheckpointError, OptionsError
 from opdviz.views.export import data_bytes
