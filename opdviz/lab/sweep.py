@@ -35,7 +35,7 @@ import torch
 from opdviz.errors import OptionsError
 from opdviz.lab.model import Llama, bf16_state, load_hf, save_hf
 from opdviz.lab.grid import MASKS, METHODS, SweepGrid, SweepPoint  # noqa: F401 (re-exported)
-from opdviz.lab.pipeline import LOSS_NAMES, LabSettings
+from opdviz.lab.settings import LOSS_NAMES, LabSettings
 from opdviz.lab.subnetwork import changed_masks, random_masks_like
 from opdviz.lab.task import AdditionTask
 from opdviz.lab.train import RunSpec, accuracy, train
