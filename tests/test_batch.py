@@ -7,7 +7,7 @@ import json
 import pytest
 
 from opdviz.engine.batch import load_batch
-from opdviz import cli
+from opdviz.cli import main as cli
 from opdviz.errors import OptionsError
 from opdviz.store.core import Store
 

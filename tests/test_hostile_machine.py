@@ -18,7 +18,7 @@ import pytest
 
 import factory
 from opdviz.engine import queue as jobs
-from opdviz import cli
+from opdviz.cli import main as cli
 from opdviz.engine.queue import JobRequest
 from opdviz.store.core import Store, computing
 from waiting import wait_for as _wait_for

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 import factory
-from opdviz import cli
+from opdviz.cli import main as cli
 from opdviz.store.core import Store, _slug
 
 REQUIRED = ("sparsity_exact sparsity_abs_1e-8 sparsity_abs_1e-7 sparsity_abs_1e-6 sparsity_abs_1e-5 "

@@ -15,7 +15,7 @@ ray = pytest.importorskip("ray")
 
 import factory  # noqa: E402
 from opdviz.engine.batch import load_batch, run_batch  # noqa: E402
-from opdviz import cli  # noqa: E402
+from opdviz.cli import main as cli  # noqa: E402
 from opdviz.engine.executors import LocalExecutor, RayExecutor, Work, plan_tasks  # noqa: E402
 from opdviz.engine.runner import JobSpec, run_job  # noqa: E402
 from opdviz.store.queries import export_rows  # noqa: E402

@@ -32,6 +32,7 @@ from opdviz.io.naming import parse_name
 from opdviz.options import AnalysisOptions, check_label
 from opdviz.io.reader import Checkpoint, PairItem, plan_pairs
 from opdviz.store.core import RunWriter, Store, dumps, now
+from opdviz.store.progress import overlap_criteria, overlap_done
 
 
 @dataclass(frozen=True)
@@ -166,14 +167,12 @@ def run_overlap(spec: OverlapSpec, *, progress: bool = True, overwrite: bool = F
             raise OptionsError(f"no tensor of {spec.base} can be compared in both {spec.a} and {spec.b}")
 
         with run_lock(store, spec.pair_id):
-            stored = store.query("SELECT DISTINCT criterion FROM overlap WHERE run_a = ? AND run_b = ?",
-                                 [spec.run_a, spec.run_b])
-            if len(stored) and set(stored["criterion"]) != set(criteria) and not overwrite:
+            stored = overlap_criteria(store, spec.run_a, spec.run_b)
+            if stored and stored != set(criteria) and not overwrite:
                 raise OptionsError(f"the overlap of {spec.run_a!r} and {spec.run_b!r} is stored with other criteria "
-                                   f"({sorted(stored['criterion'])}); pass the same threshold options, or --overwrite")
+                                   f"({sorted(stored)}); pass the same threshold options, or --overwrite")
             # --overwrite recomputes every tensor; its new rows replace the old ones key by key
-            done = set() if overwrite else set(store.query(
-                "SELECT DISTINCT tensor FROM overlap WHERE run_a = ? AND run_b = ?", [spec.run_a, spec.run_b])["tensor"])
+            done = set() if overwrite else overlap_done(store, spec.run_a, spec.run_b)
             writer = RunWriter(store, spec.pair_id)
             for run_id, row, path, method, fp, ck in ((spec.run_a, row_a, spec.a, spec.method_a, fp_a, ca),
                                                        (spec.run_b, row_b, spec.b, spec.method_b, fp_b, cb)):

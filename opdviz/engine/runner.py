@@ -26,6 +26,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 from typing import Callable
 
@@ -41,6 +42,7 @@ from opdviz.options import AnalysisOptions, check_label
 from opdviz.io.reader import Checkpoint, PairItem, plan_pairs
 from opdviz.io.safefiles import Limits, read_json
 from opdviz.store.core import RunWriter, Store, _slug, disk_full, dumps, is_disk_full, lock_path, now
+from opdviz.store.progress import run_status_counts, run_stored
 
 FOLD_EVERY_S = 60.0        # try to fold staged fragments into the .duckdb file this often
 FOLD_WAIT_S = 30.0         # at the end, wait this long for a reader or another fold to let go of the file
@@ -84,12 +86,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 def package_versions() -> dict:
-    import duckdb
+    """Versions of the packages that shape the results, stored with every run."""
     import numpy
     import safetensors
 
     return {"opdviz": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "numpy": numpy.__version__, "safetensors": safetensors.__version__, "duckdb": duckdb.__version__}
+            "numpy": numpy.__version__, "safetensors": safetensors.__version__, "duckdb": version("duckdb")}
 
 
 @contextlib.contextmanager
@@ -531,9 +533,7 @@ def _open_run(spec: JobSpec, key: int, stack: contextlib.ExitStack, executor, ov
             raise OptionsError(
                 f"a run named {spec.run_id!r} already exists in {spec.db} with other checkpoints or "
                 "options; choose another --name, or pass --overwrite to replace it.")
-    stored = store.query("SELECT tensor, parent, status FROM tensors WHERE run_id = ?", [spec.run_id])
-    done = set(stored["tensor"])
-    counts = stored[stored["parent"] == ""]["status"].value_counts().to_dict()
+    done, counts = run_stored(store, spec.run_id)
     todo = [i for i in items if i.name not in done]
     ok_items = [i for i in items if i.status == "ok"]
     bytes_total = sum(i.base.nbytes + i.post.nbytes for i in ok_items)
@@ -575,7 +575,7 @@ def _open_run(spec: JobSpec, key: int, stack: contextlib.ExitStack, executor, ov
         cache = BaseCache(cache_root(spec.db), base_fp, opts, executor.device_label(opts))
     work = Work(key=key, base=Path(spec.base), post=Path(spec.post), options=opts,
                 items=[i for i in todo if i.status == "ok"], seq=seq_of, checkpoints=(base, post), cache=cache)
-    return _Run(spec, store, writer, row, bar, work, prior_wall, counts={k: int(v) for k, v in counts.items()})
+    return _Run(spec, store, writer, row, bar, work, prior_wall, counts=counts)
 
 
 def _old_extra(old: dict | None) -> dict:
@@ -591,9 +591,7 @@ def _finish_run(run: _Run, status: str, error: str | None, wall: float) -> None:
     """Record the end of a run: its progress file and a last run row, with the counts of what is stored
     (the driver's own while a reader holds the file: that must not fail the end of a job)."""
     with contextlib.suppress(StoreError):   # the store's count; the driver's own while a reader holds the file
-        df = run.store.query("SELECT status, count(*) AS n FROM tensors WHERE run_id = ? AND parent = '' "
-                             "GROUP BY status", [run.spec.run_id], timeout=2.0)
-        run.counts = {s: int(c) for s, c in zip(df["status"], df["n"])}
+        run.counts = run_status_counts(run.store, run.spec.run_id, timeout=2.0)
     n = run.counts
     if status == "interrupted":
         error = (f"interrupted after {run.n_stored} of {run.bar.state['n_total']} tensors ({error}); rerun the same "

@@ -47,6 +47,7 @@ from opdviz.io.naming import matrix_view
 from opdviz.options import MAX_LABEL_CHARS, AnalysisOptions, check_label, fmt_pct
 from opdviz.io.reader import Checkpoint, plan_pairs
 from opdviz.store.core import RunWriter, Store
+from opdviz.store.progress import trajectory_done, trajectory_stored
 
 STEP_RE = re.compile(r"^(?:checkpoint|step|global_step|ckpt|iter)[-_]?(\d+)$", re.IGNORECASE)
 DEFAULT_K = 16
@@ -280,13 +281,12 @@ def run_trajectory(spec: TrajectorySpec, *, progress: bool = True, overwrite: bo
             inc = re.compile(opts.include) if opts.include else None
             exc = re.compile(opts.exclude) if opts.exclude else None
             names = [n for n in names if (not inc or inc.search(n)) and not (exc and exc.search(n))]
-        stored = store.query("SELECT DISTINCT step, metric FROM trajectory WHERE trajectory = ?", [spec.name])
-        if not overwrite and len(stored) and (set(stored["step"]) != set(steps) or not set(stored["metric"]) <= expected):
+        stored_steps, stored_metrics = trajectory_stored(store, spec.name)
+        if not overwrite and stored_steps and (stored_steps != set(steps) or not stored_metrics <= expected):
             raise OptionsError(f"trajectory {spec.name!r} is stored with other steps or options (steps "
-                               f"{sorted(set(stored['step']))}); pass the same checkpoints, --k and --hill-frac, "
+                               f"{sorted(stored_steps)}); pass the same checkpoints, --k and --hill-frac, "
                                "or --overwrite")
-        done = set() if overwrite else set(store.query(
-            "SELECT DISTINCT tensor FROM trajectory WHERE trajectory = ?", [spec.name])["tensor"])
+        done = set() if overwrite else trajectory_done(store, spec.name)
         todo = [n for n in names if n not in done]
         writer = RunWriter(store, f"trajectory:{spec.name}")
         nbytes = {n: base.infos[n].nbytes * (1 + len(cks) + 1) for n in names}
