@@ -14,9 +14,7 @@ this Python API (``opdviz.api``)::
 Importing opdviz is light: torch and the store load on first use.
 """
 
-__version__ = "0.1.0"
-
-from opdviz.api import (  # noqa: E402  (after __version__, which the job modules import)
+from opdviz.api import (
     MasksSummary,
     OverlapSummary,
     Results,
@@ -31,7 +29,8 @@ from opdviz.api import (  # noqa: E402  (after __version__, which the job module
     train_only_masked,
     trajectory,
 )
-from opdviz.errors import OpdvizError  # noqa: E402
+from opdviz.errors import OpdvizError
+from opdviz.version import __version__
 
 
 __all__ = ["analyze", "open", "overlap", "trajectory", "masks", "figure_names", "load_masks", "train_only_masked", "Results", "RunSummary",

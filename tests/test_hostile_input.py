@@ -25,7 +25,7 @@ from opdviz.cli import main as cli
 from opdviz.views.csvsafe import csv_safe, neutralise, to_csv
 from opdviz.errors import CheckpointError, OptionsError
 from opdviz.views.export import data_bytes
-from opdviz.engine.runner import training_metadata
+from opdviz.engine.provenance import training_metadata
 from opdviz.options import AnalysisOptions, check_label
 from opdviz.io.reader import Checkpoint
 from opdviz.io.safefiles import Limits, scan_json

@@ -356,7 +356,7 @@ def test_a_full_disk_while_writing_the_status_file_is_the_same_clear_error(tmp_p
     import errno
 
     from opdviz.errors import DiskFullError
-    from opdviz.engine.runner import Progress
+    from opdviz.engine.progress import Progress
 
     store = Store(tmp_path / "s.duckdb")
     bar = Progress(store, "r", 3, 30, 0, 0, show=False)

@@ -13,7 +13,7 @@ import pytest
 
 import factory
 from opdviz.cli import main as cli
-from opdviz.store.core import Store, _slug
+from opdviz.store.core import Store
 
 REQUIRED = ("sparsity_exact sparsity_abs_1e-8 sparsity_abs_1e-7 sparsity_abs_1e-6 sparsity_abs_1e-5 "
             "sparsity_abs_1e-4 sparsity_relrms_1e-4 sparsity_relrms_1e-3 sparsity_relrms_1e-2 sparsity_bf16_1e-3 "
@@ -148,8 +148,7 @@ def test_reader_never_sees_a_torn_tensor_while_the_job_runs(bigger_pair, tmp_pat
 
 
 def test_second_job_on_the_same_run_is_refused(bigger_pair, tmp_path):
-    from opdviz.engine.runner import run_lock
-    from opdviz.errors import StoreError
+    from opdviz.engine.progress import run_lock
 
     store = Store(tmp_path / "x.duckdb")
     with run_lock(store, "run1"):

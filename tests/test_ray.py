@@ -16,7 +16,8 @@ ray = pytest.importorskip("ray")
 import factory  # noqa: E402
 from opdviz.engine.batch import load_batch, run_batch  # noqa: E402
 from opdviz.cli import main as cli  # noqa: E402
-from opdviz.engine.executors import LocalExecutor, RayExecutor, Work, plan_tasks  # noqa: E402
+from opdviz.engine.local import LocalExecutor, Work  # noqa: E402
+from opdviz.engine.raycluster import RayExecutor, plan_tasks  # noqa: E402
 from opdviz.engine.runner import JobSpec, run_job  # noqa: E402
 from opdviz.store.queries import export_rows  # noqa: E402
 from opdviz.store.core import Store, _slug  # noqa: E402

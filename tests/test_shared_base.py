@@ -1,7 +1,7 @@
 """Base work once: several posts of one base in one job give exactly the results of each pair alone.
 
 The job iterates base tensors and, for each, every post that has it; the base's elementwise prepass,
-its factorization and the principal-coverage reconstructions are shared (``opdviz.engine.runner.analyse_items``,
+its factorization and the principal-coverage reconstructions are shared (``opdviz.engine.analyse.analyse_items``,
 ``opdviz.metrics.geometry.principal_coverage``). These tests compare, bit for bit, every stored metric
 and array of a 3-post job with three 1-post jobs, including fused tensors split into parts and
 matrices large enough for the histogram selection, and the coverage counts of several masks at once
@@ -16,10 +16,10 @@ import pytest
 import torch
 
 import factory
-from opdviz.engine import runner as job_mod
+from opdviz.engine import analyse
 from opdviz.engine.basecache import cache_root
 from opdviz.metrics import geometry
-from opdviz.engine.executors import LocalExecutor
+from opdviz.engine.local import LocalExecutor
 from opdviz.engine.runner import JobSpec, run_jobs
 from opdviz.metrics import analyse_pair, base_work
 from opdviz.metrics.geometry import SMALL_SELECT, linalg_base, principal_coverage
@@ -93,7 +93,7 @@ def test_three_posts_together_equal_each_alone(family, tmp_path, monkeypatch):
     assert not np.array_equal(m0["value"].to_numpy(), m2["value"].to_numpy())
 
     # coverage in batches of one post (the memory cap) gives the same numbers again
-    monkeypatch.setattr(job_mod, "COVERAGE_BATCH_BYTES", 1)
+    monkeypatch.setattr(analyse, "COVERAGE_BATCH_BYTES", 1)
     small = tmp_path / "batched.duckdb"
     run_jobs(_specs(base, posts, small, names), progress=False)
     for n in names:

@@ -27,7 +27,7 @@ COMMANDS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from opdviz import __version__
+    from opdviz.version import __version__
 
     parser = argparse.ArgumentParser(
         prog="opdviz",

@@ -93,9 +93,10 @@ def compute_across(store, db: Path, demo_dir: Path, runs: list[tuple[str, str, P
     overlap of every pair of methods — the demo's data for the Trajectory and Overlap pages."""
     from opdviz.engine.overlap import OverlapSpec, run_overlap
     from opdviz.engine.trajectory import TrajectorySpec, run_trajectory
+    from opdviz.store.progress import overlap_pairs, trajectory_names
 
     base = demo_dir / "base"
-    have_traj = set(store.query("SELECT DISTINCT trajectory FROM trajectory")["trajectory"])
+    have_traj = trajectory_names(store)
     for name, label, post in runs:
         traj = f"{name}-traj"
         steps = _checkpoints(post)
@@ -104,8 +105,7 @@ def compute_across(store, db: Path, demo_dir: Path, runs: list[tuple[str, str, P
         log(f"computing demo trajectory {traj} ({len(steps)} checkpoints)")
         run_trajectory(TrajectorySpec(base=base, checkpoints=tuple(steps), name=traj, method=label, db=db),
                        progress=progress, log=log)
-    have_pairs = store.query("SELECT DISTINCT run_a, run_b FROM overlap")
-    have = set(zip(have_pairs["run_a"], have_pairs["run_b"]))
+    have = overlap_pairs(store)
     for i, (a, _, pa) in enumerate(runs):
         for b, _, pb in runs[i + 1:]:
             if (a, b) in have:
@@ -145,6 +145,7 @@ def _checkpoints(post: Path) -> list[tuple[int, Path]]:
 def demo_complete(db: Path, demo_dir: Path) -> bool:
     """Whether the store holds every demo run (done), trajectory and overlap: nothing left to compute."""
     from opdviz.store.core import Store
+    from opdviz.store.progress import overlap_pairs, trajectory_names
 
     store = Store(db)
     if not store.exists():
@@ -154,11 +155,10 @@ def demo_complete(db: Path, demo_dir: Path) -> bool:
         row = store.run_row(name)
         if row is None or row.get("status") != "done":
             return False
-    have_traj = set(store.query("SELECT DISTINCT trajectory FROM trajectory")["trajectory"])
+    have_traj = trajectory_names(store)
     if any(f"{n}-traj" not in have_traj for n, _, post in runs if len(_checkpoints(post)) >= 2):
         return False
-    pairs = store.query("SELECT DISTINCT run_a, run_b FROM overlap")
-    have = set(zip(pairs["run_a"], pairs["run_b"]))
+    have = overlap_pairs(store)
     return all((a, b) in have for i, (a, _, _) in enumerate(runs) for b, _, _ in runs[i + 1:])
 
 

@@ -1,6 +1,6 @@
 """The base cache: base factorizations kept beside the store, so a later job on the same base reuses them.
 
-A job computes the base-only work of every tensor once for all its posts (``opdviz.engine.runner.analyse_items``).
+A job computes the base-only work of every tensor once for all its posts (``opdviz.engine.analyse.analyse_items``).
 Of that work, the float64 Gram W_bᵀW_b and its eigen-decomposition are by far the costliest to
 recompute for tall matrices (the Gram costs m·n² flops; a 151936×896 vocabulary matrix 122 GFLOP) and
 cheap to keep (2n² + n floats). They are written, per tensor, to

@@ -39,7 +39,6 @@ from opdviz.io.hub import looks_like_repo_id, resolve_checkpoint
 from opdviz.engine.runner import JobSpec, run_jobs
 from opdviz.options import MAX_LABEL_CHARS, AnalysisOptions, check_label
 from opdviz.io.safefiles import Limits, loads_json
-from opdviz.io.reader import Checkpoint
 from opdviz.engine.trajectory import DEFAULT_HILL_FRAC, DEFAULT_K, TrajectorySpec
 
 TOP_KEYS = ("options", "bases")

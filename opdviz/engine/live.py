@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from opdviz.store.core import _slug
+from opdviz.store.progress import trajectory_run_extras
 
 REFRESH_S = 5.0          # how often the Trajectory page refreshes while a live trajectory grows
 
@@ -78,7 +79,7 @@ def training_log(store, name: str):
     ``OpdvizCallback`` in each step run's ``runs.extra["train"]`` (empty for offline trajectories)."""
     import pandas as pd
 
-    runs = store.query("SELECT step, extra FROM runs WHERE trajectory = ? ORDER BY step", [name])
+    runs = trajectory_run_extras(store, name)
     rows = []
     for step, extra in zip(runs["step"], runs["extra"]):
         try:

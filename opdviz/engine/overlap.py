@@ -18,7 +18,6 @@ Resumable like ``opdviz compute``: a tensor whose rows are stored is not recompu
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,12 +25,15 @@ import torch
 
 from opdviz.io.adapters import open_post
 from opdviz.errors import CheckpointError, OptionsError
-from opdviz.engine.runner import Progress, package_versions, run_lock
+from opdviz.engine.progress import run_lock
+from opdviz.engine.provenance import package_versions
 from opdviz.engine.masks import changed_chunks
+from opdviz.engine.runner import name_filter, run_keyed
 from opdviz.io.naming import parse_name
 from opdviz.options import AnalysisOptions, check_label
 from opdviz.io.reader import Checkpoint, PairItem, plan_pairs
 from opdviz.store.core import RunWriter, Store, dumps, now
+from opdviz.store.progress import overlap_criteria, overlap_done
 
 
 @dataclass(frozen=True)
@@ -156,64 +158,52 @@ def run_overlap(spec: OverlapSpec, *, progress: bool = True, overwrite: bool = F
                 skipped.append((name, ia.reason or (ib.reason if ib is not None else "missing in B")))
             else:
                 items.append((ia, ib))
-        if opts.include or opts.exclude:
-            import re
-            inc = re.compile(opts.include) if opts.include else None
-            exc = re.compile(opts.exclude) if opts.exclude else None
-            items = [(ia, ib) for ia, ib in items
-                     if (not inc or inc.search(ia.name)) and not (exc and exc.search(ia.name))]
+        keep = name_filter(opts)
+        items = [(ia, ib) for ia, ib in items if keep(ia.name)]
         if not items:
             raise OptionsError(f"no tensor of {spec.base} can be compared in both {spec.a} and {spec.b}")
 
         with run_lock(store, spec.pair_id):
-            stored = store.query("SELECT DISTINCT criterion FROM overlap WHERE run_a = ? AND run_b = ?",
-                                 [spec.run_a, spec.run_b])
-            if len(stored) and set(stored["criterion"]) != set(criteria) and not overwrite:
+            stored = overlap_criteria(store, spec.run_a, spec.run_b)
+            if stored and stored != set(criteria) and not overwrite:
                 raise OptionsError(f"the overlap of {spec.run_a!r} and {spec.run_b!r} is stored with other criteria "
-                                   f"({sorted(stored['criterion'])}); pass the same threshold options, or --overwrite")
+                                   f"({sorted(stored)}); pass the same threshold options, or --overwrite")
             # --overwrite recomputes every tensor; its new rows replace the old ones key by key
-            done = set() if overwrite else set(store.query(
-                "SELECT DISTINCT tensor FROM overlap WHERE run_a = ? AND run_b = ?", [spec.run_a, spec.run_b])["tensor"])
-            writer = RunWriter(store, spec.pair_id)
+            done = set() if overwrite else overlap_done(store, spec.run_a, spec.run_b)
             for run_id, row, path, method, fp, ck in ((spec.run_a, row_a, spec.a, spec.method_a, fp_a, ca),
                                                        (spec.run_b, row_b, spec.b, spec.method_b, fp_b, cb)):
                 if row is None:
                     _register_run(RunWriter(store, run_id), spec, path, method, base_fp, fp, base, ck)
-            todo = [(ia, ib) for ia, ib in items if ia.name not in done]
-            nbytes = lambda ia, ib: ia.base.nbytes * (1 + len(others)) + ia.post.nbytes + ib.post.nbytes  # noqa: E731
-            total = sum(nbytes(ia, ib) for ia, ib in items)
-            bar = Progress(store, spec.pair_id, len(items), total, len(items) - len(todo),
-                           total - sum(nbytes(ia, ib) for ia, ib in todo), progress)
-            if done and todo:
-                log(f"resuming the overlap {spec.run_a} ∩ {spec.run_b}: {len(done)} of {len(items)} tensors stored")
-            t0, status = time.time(), "failed"
-            try:
-                for ia, ib in todo:
-                    bar.start(ia.name)
-                    wb = base.load(ia.base.name)
-                    for other in others:
-                        if ia.base.name not in other.infos or not _bits_equal(wb, other.load(ia.base.name)):
-                            raise CheckpointError(f"the bases differ at tensor {ia.base.name!r}: {other.path} and "
-                                                  f"{spec.base} hold different values; overlaps are only defined "
-                                                  "between runs that share a base")
-                    wa, wbb = ca.load(ia.post.name), cb.load(ib.post.name)
-                    counts = overlap_counts(wb, wa, wbb, criteria, opts.chunk_elems)
-                    del wb, wa, wbb
-                    p = parse_name(ia.name)
-                    numel = ia.base.numel
-                    writer.write_keyed("overlap", ia.name, [
-                        {"run_a": spec.run_a, "run_b": spec.run_b, "tensor": ia.name, "tower": p.tower,
-                         "layer": p.layer, "block": p.block, "module": p.module, "criterion": c, "numel": numel,
-                         "n_a": n_a, "n_b": n_b, "n_ab": n_ab} for c, (n_a, n_b, n_ab) in counts.items()])
-                    bar.advance(nbytes(ia, ib))
-                status = "done"
-            finally:
-                bar.finish(status)
-                if not store.fold(wait=30):
-                    log(f"note: {spec.db} was busy; the overlap stays readable in {store.staging} and is folded "
-                        "later by any job or `opdviz fold`.")
+            pairs = {ia.name: (ia, ib) for ia, ib in items}
+
+            def compute(name: str) -> list[dict]:
+                ia, ib = pairs[name]
+                wb = base.load(ia.base.name)
+                for other in others:
+                    if ia.base.name not in other.infos or not _bits_equal(wb, other.load(ia.base.name)):
+                        raise CheckpointError(f"the bases differ at tensor {ia.base.name!r}: {other.path} and "
+                                              f"{spec.base} hold different values; overlaps are only defined "
+                                              "between runs that share a base")
+                wa, wbb = ca.load(ia.post.name), cb.load(ib.post.name)
+                counts = overlap_counts(wb, wa, wbb, criteria, opts.chunk_elems)
+                del wb, wa, wbb
+                p = parse_name(ia.name)
+                return [{"run_a": spec.run_a, "run_b": spec.run_b, "tensor": ia.name, "tower": p.tower,
+                         "layer": p.layer, "block": p.block, "module": p.module, "criterion": c,
+                         "numel": ia.base.numel, "n_a": n_a, "n_b": n_b, "n_ab": n_ab}
+                        for c, (n_a, n_b, n_ab) in counts.items()]
+
+            # bytes read per tensor: the base (and every other copy of it), A's and B's tensors
+            units = [(ia.name, ia.base.nbytes * (1 + len(others)) + ia.post.nbytes + ib.post.nbytes)
+                     for ia, ib in items]
+            wall = run_keyed(
+                store, spec.pair_id, "overlap", units, done, compute, progress=progress, log=log,
+                resume_note=f"resuming the overlap {spec.run_a} ∩ {spec.run_b}: {len(done)} of {len(items)} "
+                            "tensors stored",
+                busy_note=f"note: {spec.db} was busy; the overlap stays readable in {store.staging} and is folded "
+                          "later by any job or `opdviz fold`.")
     for name, reason in skipped:
         log(f"skipped {name}: {reason}")
-    return {"pair": spec.pair_id, "n_tensors": len(items), "n_done": len(items), "wall_s": time.time() - t0,
+    return {"pair": spec.pair_id, "n_tensors": len(items), "n_done": len(items), "wall_s": wall,
             "skipped": len(skipped)}
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,13 +39,16 @@ import torch
 
 from opdviz.io.adapters import open_post
 from opdviz.errors import OpdvizError, OptionsError
-from opdviz.engine.runner import JobSpec, Progress, resolve_device, run_jobs, run_lock
+from opdviz.engine.analyse import resolve_device
+from opdviz.engine.progress import run_lock
+from opdviz.engine.runner import JobSpec, name_filter, run_jobs, run_keyed
 from opdviz.engine.masks import changed_chunks
 from opdviz.metrics.linalg import VALID_REL, chunk_rows, eigh_desc, lowrank
 from opdviz.io.layouts import matrix_view
 from opdviz.options import MAX_LABEL_CHARS, AnalysisOptions, check_label, fmt_pct
 from opdviz.io.reader import Checkpoint, plan_pairs
-from opdviz.store.core import RunWriter, Store
+from opdviz.store.core import Store
+from opdviz.store.progress import trajectory_done, trajectory_stored
 
 STEP_RE = re.compile(r"^(?:checkpoint|step|global_step|ckpt|iter)[-_]?(\d+)$", re.IGNORECASE)
 DEFAULT_K = 16
@@ -276,40 +278,30 @@ def run_trajectory(spec: TrajectorySpec, *, progress: bool = True, overwrite: bo
             post_names.append(ok)
             names = list(ok) if names is None else [n for n in names if n in ok]
         names = sorted(names, key=lambda n: (base.files.index(base.infos[n].file), base.infos[n].offset))
-        if opts.include or opts.exclude:
-            inc = re.compile(opts.include) if opts.include else None
-            exc = re.compile(opts.exclude) if opts.exclude else None
-            names = [n for n in names if (not inc or inc.search(n)) and not (exc and exc.search(n))]
-        stored = store.query("SELECT DISTINCT step, metric FROM trajectory WHERE trajectory = ?", [spec.name])
-        if not overwrite and len(stored) and (set(stored["step"]) != set(steps) or not set(stored["metric"]) <= expected):
+        keep = name_filter(opts)
+        names = [n for n in names if keep(n)]
+        stored_steps, stored_metrics = trajectory_stored(store, spec.name)
+        if not overwrite and stored_steps and (stored_steps != set(steps) or not stored_metrics <= expected):
             raise OptionsError(f"trajectory {spec.name!r} is stored with other steps or options (steps "
-                               f"{sorted(set(stored['step']))}); pass the same checkpoints, --k and --hill-frac, "
+                               f"{sorted(stored_steps)}); pass the same checkpoints, --k and --hill-frac, "
                                "or --overwrite")
-        done = set() if overwrite else set(store.query(
-            "SELECT DISTINCT tensor FROM trajectory WHERE trajectory = ?", [spec.name])["tensor"])
-        todo = [n for n in names if n not in done]
-        writer = RunWriter(store, f"trajectory:{spec.name}")
-        nbytes = {n: base.infos[n].nbytes * (1 + len(cks) + 1) for n in names}
-        bar = Progress(store, f"trajectory:{spec.name}", len(names), sum(nbytes.values()), len(names) - len(todo),
-                       sum(nbytes[n] for n in names if n in done), progress)
-        t0, status, failed = time.time(), "failed", 0
-        try:
-            for name in todo:
-                bar.start(name)
-                try:
-                    per_step = [(s, ck, pn[name]) for (s, ck), pn in zip(cks, post_names)]
-                    rows = tensor_trajectory(name, base, per_step, opts, spec.k, spec.hill_frac, device)
-                except (OpdvizError, RuntimeError, ValueError) as exc:   # recorded; the job goes on
-                    failed += 1
-                    log(f"trajectory {spec.name}: {name} failed: {type(exc).__name__}: {exc}")
-                    rows = [{"step": steps[-1], "tensor": name, "metric": "failed", "value": 1.0}]
-                writer.write_keyed("trajectory", name, [{**r, "trajectory": spec.name} for r in rows])
-                bar.advance(nbytes[name])
-            status = "done"
-        finally:
-            bar.finish(status)
-            if not store.fold(wait=30):
-                log(f"note: {spec.db} was busy; results stay readable in {store.staging}.")
-    return {"trajectory": spec.name, "steps": steps, "n_tensors": len(names), "n_failed": failed,
-            "wall_s": time.time() - t0}
+        done = set() if overwrite else trajectory_done(store, spec.name)
+        failed = 0
+
+        def compute(name: str) -> list[dict]:
+            nonlocal failed
+            try:
+                per_step = [(s, ck, pn[name]) for (s, ck), pn in zip(cks, post_names)]
+                rows = tensor_trajectory(name, base, per_step, opts, spec.k, spec.hill_frac, device)
+            except (OpdvizError, RuntimeError, ValueError) as exc:   # recorded; the job goes on
+                failed += 1
+                log(f"trajectory {spec.name}: {name} failed: {type(exc).__name__}: {exc}")
+                rows = [{"step": steps[-1], "tensor": name, "metric": "failed", "value": 1.0}]
+            return [{**r, "trajectory": spec.name} for r in rows]
+
+        # bytes read per tensor: the base, every checkpoint, and the final one once more for its masks
+        units = [(n, base.infos[n].nbytes * (1 + len(cks) + 1)) for n in names]
+        wall = run_keyed(store, f"trajectory:{spec.name}", "trajectory", units, done, compute, progress=progress,
+                         log=log, busy_note=f"note: {spec.db} was busy; results stay readable in {store.staging}.")
+    return {"trajectory": spec.name, "steps": steps, "n_tensors": len(names), "n_failed": failed, "wall_s": wall}
 
