@@ -10,8 +10,8 @@ two 151936×896 matrices stay, the layers go). Then, in child processes, for eac
 asked for (``OMP_WAIT_POLICY``, stated beside every number):
 
 - floor: a bare pass that reads every tensor pair and computes the exact singular values of W_base
-  and ΔW (float64 Gram, eigvalsh; the same row chunks and threads as the job): the least any exact
-  analysis must do;
+  and ΔW (float64 Gram, eigvalsh; the same row chunks, symmetric Gram blocks and threads as the job):
+  the least any exact analysis must do;
 - one pair: ``opdviz compute BASE POST1``, every metric exact;
 - ``--posts`` posts of one base: ``opdviz compute BASE POST1 … POSTn`` (each base tensor read and
   decomposed once).
@@ -174,8 +174,9 @@ def _save(sd: dict[str, torch.Tensor], folder: Path, shards: list[list[str]]) ->
 
 def floor_pass(base: Path, post: Path, device: str = "cpu") -> dict:
     """The floor: read every tensor pair; for 2-D ones the exact σ of W_base and ΔW (float64 Gram of the
-    smaller side, eigvalsh), row-chunked like the job. Returns seconds and what was done."""
-    from opdviz.metrics.linalg import chunk_rows
+    smaller side, lower triangle only as the job's ``add_sym_gram``, eigvalsh), row-chunked like the job.
+    Returns seconds and what was done."""
+    from opdviz.metrics.linalg import add_sym_gram, chunk_rows
     from opdviz.io.reader import Checkpoint, plan_pairs
 
     dev = torch.device("cuda" if device in ("cuda", "auto") and torch.cuda.is_available() else "cpu")
@@ -205,9 +206,10 @@ def floor_pass(base: Path, post: Path, device: str = "cpu") -> dict:
                 d32[:r].sub_(wb[i:i + r])
                 b64[:r].copy_(wb[i:i + r])
                 d64[:r].copy_(d32[:r])
-                gb.addmm_(b64[:r].T, b64[:r])
-                gd.addmm_(d64[:r].T, d64[:r])
-            float(torch.linalg.eigvalsh(gb)[-1] + torch.linalg.eigvalsh(gd)[-1])   # (synchronises a GPU)
+                add_sym_gram(gb, b64[:r])
+                add_sym_gram(gd, d64[:r])
+            # eigvalsh reads the lower triangle, the one add_sym_gram fills (the float() synchronises a GPU)
+            float(torch.linalg.eigvalsh(gb)[-1] + torch.linalg.eigvalsh(gd)[-1])
             del wb, wp
     return {"wall_s": time.perf_counter() - t0, "read_s": read_s, "tensors": n, "device": str(dev)}
 

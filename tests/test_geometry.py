@@ -10,6 +10,7 @@ import pytest
 import scipy.linalg as sl
 import torch
 
+from opdviz.metrics import linalg
 from opdviz.metrics.geometry import FAMILIES, linalg_metrics
 from opdviz.options import AnalysisOptions
 
@@ -86,7 +87,10 @@ def _ref_grid(by_rank, mn):
 
 @pytest.mark.parametrize("shape", [(40, 24), (24, 40), (64, 64)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_geometry_matches_reference(shape, dtype):
+@pytest.mark.parametrize("blocked", [False, True], ids=["one-block", "blocked-grams"])
+def test_geometry_matches_reference(shape, dtype, blocked, monkeypatch):
+    if blocked:     # the column-blocked symmetric Grams of wide matrices, forced on these small ones
+        monkeypatch.setattr(linalg, "SYM_MIN_COLS", 1)
     wb, wp = _pair(shape, dtype)
     res = linalg_metrics(wb, wp, _masks(wb, wp), AnalysisOptions())
     ref, arrays = _ref_geometry(_np(wb), _np(wp))

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from opdviz.metrics import linalg
 from opdviz.metrics.geometry import linalg_metrics
 from opdviz.metrics.spectral import FAMILIES, spectrum_metrics
 from opdviz.options import AnalysisOptions
@@ -54,7 +55,10 @@ def _ref_spectrum_scalars(d):
 
 @pytest.mark.parametrize("shape", [(40, 24), (24, 40), (64, 64)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_spectrum_matches_numpy(shape, dtype):
+@pytest.mark.parametrize("blocked", [False, True], ids=["one-block", "blocked-grams"])
+def test_spectrum_matches_numpy(shape, dtype, blocked, monkeypatch):
+    if blocked:     # the column-blocked symmetric Grams of wide matrices, forced on these small ones
+        monkeypatch.setattr(linalg, "SYM_MIN_COLS", 1)
     wb, wp = _pair(shape, dtype)
     res = linalg_metrics(wb, wp, _masks(wb, wp), AnalysisOptions())
     s, ref = _ref_spectrum_scalars(_ref_delta(wb, wp))
@@ -69,7 +73,10 @@ def test_spectrum_matches_numpy(shape, dtype):
 
 
 @pytest.mark.parametrize("shape", [(40, 24), (24, 40)])
-def test_low_rank_delta(shape):
+@pytest.mark.parametrize("blocked", [False, True], ids=["one-block", "blocked-grams"])
+def test_low_rank_delta(shape, blocked, monkeypatch):
+    if blocked:
+        monkeypatch.setattr(linalg, "SYM_MIN_COLS", 1)
     # dyadic base and rank-3 update: exact in float32, so Δ is exactly rank 3
     g = torch.Generator().manual_seed(1)
     wb = torch.randint(-8, 8, shape, generator=g).float() / 8
