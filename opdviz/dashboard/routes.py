@@ -7,6 +7,9 @@ happened in this script run.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import streamlit as st
 
 _ROUTED = "_opdviz_routed"
@@ -47,8 +50,16 @@ def route_through_app() -> None:
     server process, Streamlit runs ``pages/<name>.py`` by itself for a deep link (e.g. the first request to
     a fresh server is a bookmarked ``/sparsity``), skipping app.py: then ``run()`` has not marked this
     script run. Calling ``st.navigation`` with app.py's pages ends that mode (and keeps this page as the
-    one to show); the rerun then goes through app.py.
+    one to show); the rerun then goes through app.py. A page run as the main script itself
+    (``streamlit run pages/x.py``, a test) has no app.py to go through and is left alone.
     """
-    if not st.session_state.pop(_ROUTED, False):
+    if not st.session_state.pop(_ROUTED, False) and _main_script_has_pages():
         st.navigation(pages())
         st.rerun()
+
+
+def _main_script_has_pages() -> bool:
+    """Whether the script Streamlit runs as ``__main__`` has a ``pages/`` folder beside it (the condition
+    under which Streamlit runs a page by itself, and under which app.py's pages resolve)."""
+    main = getattr(sys.modules.get("__main__"), "__file__", None)
+    return bool(main) and (Path(main).resolve().parent / "pages").is_dir()
