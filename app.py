@@ -9,8 +9,7 @@ import streamlit as st
 
 from opdviz.dashboard import routes, sidebar
 
-# an emoji favicon is drawn locally (a data: URL); a :material/…: one is fetched from fonts.gstatic.com
-st.set_page_config(page_title="opdviz", page_icon="📊", layout="wide")
+st.set_page_config(**routes.PAGE_CONFIG)
 
 page = st.navigation(routes.pages())
 sidebar.sidebar(page.url_path or "overview")

@@ -13,6 +13,9 @@ from pathlib import Path
 import streamlit as st
 
 _ROUTED = "_opdviz_routed"
+# an emoji favicon is drawn locally (a data: URL); a :material/…: one (a page's icon, when no page_icon is
+# set before st.navigation) is fetched from fonts.gstatic.com
+PAGE_CONFIG = {"page_title": "opdviz", "page_icon": "📊", "layout": "wide"}
 
 
 def pages() -> dict[str, list[st.Page]]:
@@ -54,6 +57,7 @@ def route_through_app() -> None:
     (``streamlit run pages/x.py``, a test) has no app.py to go through and is left alone.
     """
     if not st.session_state.pop(_ROUTED, False) and _main_script_has_pages():
+        st.set_page_config(**PAGE_CONFIG)
         st.navigation(pages())
         st.rerun()
 
