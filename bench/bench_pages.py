@@ -7,7 +7,7 @@
 that a store with many runs stays as responsive as one with 3; ``--layers`` shrinks the model.
 
 Columns:
-  cold   first render with empty caches (st.cache_data and the query memo cleared: every query runs;
+  cold   first render with empty caches (st.cache_data, the built figures and the query memo cleared: every query runs;
          the background warmer is off)
   warm   the same page rendered again (cached queries: what a rerun, a revisit, or a page the background
          warmer already built costs)
@@ -78,11 +78,12 @@ def _timed_run(at) -> float:
 def cold_and_warm(page: str) -> tuple[float, float]:
     import streamlit as st
 
-    from opdviz.dashboard import ui
+    from opdviz.dashboard import cache
 
     at = _app()
     st.cache_data.clear()
-    ui.MEMO.clear()
+    cache.MEMO.clear()
+    cache.warmer().clear()
     if page != "overview":
         at.switch_page(f"pages/{page}.py")
     return _timed_run(at), _timed_run(at)

@@ -4,9 +4,9 @@ import streamlit as st
 
 from opdviz.views import lab as VL
 from opdviz.store.core import Store
-from opdviz.dashboard import ui
+from opdviz.dashboard import header, render
 
-view = ui.begin("Lab: when is the update sparse?", r"""
+view = header.begin("Lab: when is the update sparse?", r"""
 The lab post-trains one tiny Llama base (2-digit addition) with **OPD**, **RL** (GRPO) and **SFT** over a grid of
 learning rates, two ways of keeping the weights — **fp32** master weights rounded to bf16 once at the end, or
 **bf16** throughout (every step's update is rounded to bf16) — weight decay and seeds (`opdviz lab sweep`).
@@ -41,7 +41,7 @@ for sentence in (VL.finding_sparse_regime(runs), VL.finding_precision(runs), VL.
 criteria = list(VL.CRITERIA)
 criterion = st.selectbox("Unchanged under", criteria, format_func=lambda c: VL.CRITERIA[c], key="p_lab_crit")
 
-PLOT = {"displaylogo": False, "toImageButtonOptions": {"format": "png", "scale": 2}}
+PLOT = render.PLOTLY_CONFIG
 left, right = st.columns(2)
 left.plotly_chart(VL.fig_unchanged(runs, criterion), width="stretch", theme=None, key="fig_lab_unchanged", config=PLOT)
 right.plotly_chart(VL.fig_accuracy(runs), width="stretch", theme=None, key="fig_lab_accuracy", config=PLOT)
@@ -63,7 +63,7 @@ st.caption("As 2606.13657 and 2505.11711 test it: OPD retrained from the base wi
            "full OPD changed (bf16 bits differ) and frozen coordinates restored after each step; the control is a random "
            "mask with the same count per tensor. Bars: mean over seeds, whiskers: min–max.")
 LR = {"lr": st.column_config.NumberColumn("lr", format="%.0e")}
-st.dataframe(ui.percent(sub, ("accuracy_", "mask_density", "unchanged_exact")), hide_index=True, width="stretch",
+st.dataframe(render.percent(sub, ("accuracy_", "mask_density", "unchanged_exact")), hide_index=True, width="stretch",
              column_config={**LR, **{c: st.column_config.NumberColumn(format="%.1f %%") for c in
                                      ("accuracy_mean", "accuracy_min", "accuracy_max", "mask_density", "unchanged_exact")}})
 

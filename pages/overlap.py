@@ -4,10 +4,9 @@ import streamlit as st
 
 from opdviz.views import export as figexport
 from opdviz.views import across as VA
-from opdviz.store.core import Store
-from opdviz.dashboard import ui
+from opdviz.dashboard import cache, header, params, render, text
 
-view = ui.begin("Overlap", r"""For two runs A and B trained from the same base, which coordinates did **both** change? With
+view = header.begin("Overlap", r"""For two runs A and B trained from the same base, which coordinates did **both** change? With
 $A$, $B$ the changed masks under the sidebar's criterion and densities $p_A = |A|/n$, $p_B = |B|/n$:
 **coverage** $|A\cap B|/|A|$ is the share of A's changes that B made too (independence baseline $p_B$), and
 symmetrically $|A\cap B|/|B|$ (baseline $p_A$); **Jaccard** $|A\cap B|/|A\cup B|$ has the baseline
@@ -16,43 +15,33 @@ coordinates more often than chance. Groups sum the counts (numel-weighted). Afte
 Updates* (arXiv 2606.13657) and *RL Finetunes Small Subnetworks* (arXiv 2505.11711).""")
 
 
-@st.cache_data(show_spinner=False, max_entries=256)
-def _q(name: str, db: str, stamp: tuple, *args):
-    store = Store(db)
-    if name == "pairs":
-        return VA.overlap_pairs(store, *args)
-    if name == "top":
-        return VA.top_overlaps(store, *args)
-    return VA.figure_spec(name).build(store, *args)
-
-
-pairs = _q("pairs", view.db, view.stamp, view.sel)
+pairs = cache.across("pairs", view.db, view.stamp, view.sel)
 if pairs.empty:
     st.info("No overlap computed for these runs yet. Compute one for two runs that share a base:\n\n"
-            f"{ui.code(f'opdviz overlap --db {view.db} --base BASE --a POST_A --b POST_B --run-a A --run-b B')}\n\n"
+            f"{text.code(f'opdviz overlap --db {view.db} --base BASE --a POST_A --b POST_B --run-a A --run-b B')}\n\n"
             "(add `--method-a LABEL --method-b LABEL` for runs not analysed with `opdviz compute`), then reload.",
             icon=":material/info:")
     st.stop()
 
 labels = [f"{r.run_a} ∩ {r.run_b}" for r in pairs.itertuples()]
-ui.sticky("p_pair", "pair", labels, labels[0])
+params.sticky("p_pair", "pair", labels, labels[0])
 picked = st.selectbox("Pair (A ∩ B)", labels, key="p_pair", help="Pairs with a stored overlap (`opdviz overlap`).")
-ui.remember("p_pair", picked)
-ui.sync_params({"pair": None if picked == labels[0] else picked})
+params.remember("p_pair", picked)
+params.sync_params({"pair": None if picked == labels[0] else picked})
 row = pairs.iloc[labels.index(picked)]
 ctx = VA.AcrossContext(criterion=view.ctx.criterion, run_a=row.run_a, run_b=row.run_b)
 
 for i, spec in enumerate(VA.figures_for("overlap")):
-    fig, df = _q(spec.key, view.db, view.stamp, view.sel, ctx)
-    ui.chart(i, spec.key, fig, df, spec.caption, manifest=lambda: ui.provenance_manifest(view, ctx))
+    fig, df = cache.across(spec.key, view.db, view.stamp, view.sel, ctx)
+    render.chart(i, spec.key, fig, df, spec.caption, manifest=lambda: render.provenance_manifest(view, ctx))
 
 st.divider()
 st.subheader("Tensors that overlap most beyond chance")
-top = _q("top", view.db, view.stamp, view.sel, ctx)
-ui.numbers_table(top, {"p_a": "density A", "p_b": "density B", "jaccard_baseline": "Jaccard baseline",
+top = cache.across("top", view.db, view.stamp, view.sel, ctx)
+render.numbers_table(top, {"p_a": "density A", "p_b": "density B", "jaccard_baseline": "Jaccard baseline",
                        "jaccard_ratio": "Jaccard ÷ baseline", "numel": "entries"})
 row = st.container(horizontal=True, vertical_alignment="center", gap="small")
 row.caption("Data", width="content")
 for fmt, label in (("csv", "CSV"), ("parquet", "Parquet")):
     row.download_button(label, data=lambda fmt=fmt: figexport.data_bytes(top, fmt), file_name=f"overlap_top.{fmt}",
-                        mime=ui.FORMATS[fmt], on_click="ignore", key=f"dl_top_{fmt}", disabled=top.empty)
+                        mime=render.FORMATS[fmt], on_click="ignore", key=f"dl_top_{fmt}", disabled=top.empty)

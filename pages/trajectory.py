@@ -4,10 +4,9 @@ import streamlit as st
 
 from opdviz.views import across as VA
 from opdviz.engine.live import REFRESH_S, read_status, training_log
-from opdviz.store.core import Store
-from opdviz.dashboard import ui
+from opdviz.dashboard import cache, header, params, render, text
 
-view = ui.begin("Trajectory", r"""Checkpoints of one run at steps $t$, each compared with the base: $\Delta_t = W_t -
+view = header.begin("Trajectory", r"""Checkpoints of one run at steps $t$, each compared with the base: $\Delta_t = W_t -
 W_\text{base}$. **Per-pair metrics** of every step run against the step; **consecutive sparsity**, the share of
 entries unchanged between checkpoints $t-1$ and $t$; **updates outside the final mask**, the entries changed at $t$
 that the final checkpoint leaves unchanged; **subspace locking** $\mathrm{Sim}_K(t) = \tfrac1K\lVert V_K(t)^\top
@@ -15,34 +14,26 @@ V_K(T)\rVert_F^2$ with $V_K$ the top-$K$ right singular vectors of $\Delta_t$ (*
 Distillation*, arXiv 2606.07082); and the Hill estimate of the heavy-tail exponent of the spectrum of $\Delta_t$.""")
 
 
-@st.cache_data(show_spinner=False, max_entries=256)
-def _q(name: str, db: str, stamp: tuple, *args):
-    store = Store(db)
-    if name == "trajectories":
-        return VA.trajectories(store)
-    return VA.figure_spec(name).build(store, *args)
-
-
-trajs = _q("trajectories", view.db, view.stamp)
+trajs = cache.across("trajectories", view.db, view.stamp)
 if trajs.empty:
     st.info("No trajectory in this database yet. Analyse the checkpoints of one run, step by step:\n\n"
-            f"{ui.code(f'opdviz trajectory --db {view.db} BASE RUN_FOLDER --name NAME --method LABEL')}\n\n"
+            f"{text.code(f'opdviz trajectory --db {view.db} BASE RUN_FOLDER --name NAME --method LABEL')}\n\n"
             "(RUN_FOLDER holds `checkpoint-100/`, `checkpoint-200/`, …; or list checkpoints with `--steps`), "
             "then reload.", icon=":material/info:")
     st.stop()
 
 names = list(trajs["trajectory"])
 c_t, c_m = st.columns([1, 1])
-ui.sticky("p_traj", "traj", names, names[0])
+params.sticky("p_traj", "traj", names, names[0])
 name = c_t.selectbox("Trajectory", names, key="p_traj",
                      format_func=lambda n: f"{n} ({trajs.set_index('trajectory').at[n, 'method']}, "
                                            f"{trajs.set_index('trajectory').at[n, 'n_steps']} steps)")
 metrics = list(VA.STEP_METRICS)
-ui.sticky("p_tmetric", "tmetric", metrics, "sparsity")
+params.sticky("p_tmetric", "tmetric", metrics, "sparsity")
 metric = c_m.selectbox("Per-step metric", metrics, key="p_tmetric", format_func=lambda m: VA.STEP_METRICS[m])
 for key, value in (("p_traj", name), ("p_tmetric", metric)):
-    ui.remember(key, value)
-ui.sync_params({"traj": None if name == names[0] else name, "tmetric": None if metric == "sparsity" else metric})
+    params.remember(key, value)
+params.sync_params({"traj": None if name == names[0] else name, "tmetric": None if metric == "sparsity" else metric})
 live = read_status(view.db, name)            # recorded by OpdvizCallback during training, else None
 running = bool(live) and live.get("status") == "running"
 if live:
@@ -61,10 +52,9 @@ if running and not bool(trajs.set_index("trajectory").at[name, "has_metrics"]):
     st.caption("The trajectory metrics (consecutive sparsity, outside the final mask, Sim_K) need the final "
                "checkpoint: they appear when training ends. Per-step figures grow as snapshots are analysed.")
 elif not bool(trajs.set_index("trajectory").at[name, "has_metrics"]):
-    st.warning(f"Trajectory **{ui.md(name)}** has per-step runs but no trajectory metrics yet (is `opdviz trajectory` "
+    st.warning(f"Trajectory **{text.md(name)}** has per-step runs but no trajectory metrics yet (is `opdviz trajectory` "
                "still running?). Per-step figures are shown; rerun the same command to finish.")
 ctx = VA.AcrossContext(criterion=view.ctx.criterion, trajectory=name, metric=metric)
-
 
 
 def _figures(stamp: tuple) -> None:
@@ -73,11 +63,11 @@ def _figures(stamp: tuple) -> None:
         with st.expander(f"Training log: loss and learning rate at the {len(log)} stored steps"):
             st.dataframe(log, hide_index=True, width="stretch")
     for i, spec in enumerate(VA.figures_for("trajectory")):
-        fig, df = _q(spec.key, view.db, stamp, view.sel, ctx)
-        ui.chart(i, spec.key, fig, df, spec.caption, manifest=lambda: ui.provenance_manifest(view, ctx))
+        fig, df = cache.across(spec.key, view.db, stamp, view.sel, ctx)
+        render.chart(i, spec.key, fig, df, spec.caption, manifest=lambda: render.provenance_manifest(view, ctx))
 
 
 if running:   # re-query with a fresh stamp every few seconds while the worker adds steps
-    st.fragment(run_every=REFRESH_S)(lambda: _figures(ui.stamp(view.db)))()
+    st.fragment(run_every=REFRESH_S)(lambda: _figures(cache.stamp(view.db)))()
 else:
     _figures(view.stamp)

@@ -25,7 +25,7 @@ from synthetic import make_synthetic_store
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the pages package lives next to app.py
 
-from opdviz.dashboard import ui  # noqa: E402
+from opdviz.dashboard import cache, sidebar  # noqa: E402
 
 PAGES = ("overview", "sparsity", "spectra", "geometry", "tensor", "compare")
 TIMEOUT = 120
@@ -203,15 +203,15 @@ def test_a_store_error_is_shown_without_a_traceback(monkeypatch, db):
     def broken(store, *args):
         raise StoreError(f"{store.db_path} stayed busy for 10s; try again")
 
-    monkeypatch.setitem(ui.QUERIES, "overview_table", broken)
-    ui._cached.clear()
+    monkeypatch.setitem(cache.QUERIES, "overview_table", broken)
+    cache.cached.clear()
     try:
         monkeypatch.setenv("OPDVIZ_DB", db)
         at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=TIMEOUT).run()
         assert not at.exception
         assert "stayed busy" in at.error[0].value
     finally:
-        ui._cached.clear()
+        cache.cached.clear()
 
 
 def test_the_warmer_builds_the_other_pages_once(monkeypatch, db):
@@ -219,10 +219,10 @@ def test_the_warmer_builds_the_other_pages_once(monkeypatch, db):
     from opdviz.views.single import FIGURES, ViewContext
 
     built = []
-    build = ui.QUERIES["figure"]
-    monkeypatch.setitem(ui.QUERIES, "figure", lambda store, key, *a: built.append(key) or build(store, key, *a))
-    view = ui.View(db, ui.stamp(db), Selection(runs=("RL",), layer_min=1), ViewContext(criterion="abs_1e-6"))
-    warmer = ui.Warmer()
+    build = cache.QUERIES["figure"]
+    monkeypatch.setitem(cache.QUERIES, "figure", lambda store, key, *a: built.append(key) or build(store, key, *a))
+    view = cache.View(db, cache.stamp(db), Selection(runs=("RL",), layer_min=1), ViewContext(criterion="abs_1e-6"))
+    warmer = cache.Warmer()
     try:
         warmer.warm(view, exclude="overview")
         warmer.warm(view, exclude="overview")          # the same request twice: one pass
@@ -239,6 +239,6 @@ def test_the_warmer_builds_the_other_pages_once(monkeypatch, db):
 
 
 def test_criterion_labels_cover_every_stored_name():
-    assert ui.criterion_label("abs_1e-5") == "|ΔW| > 1e-5"
-    assert ui.criterion_label("exact").startswith("exact")
-    assert "RMS" in ui.criterion_label("relrms_1e-3") and "bf16" in ui.criterion_label("bf16_1e-3")
+    assert sidebar.criterion_label("abs_1e-5") == "|ΔW| > 1e-5"
+    assert sidebar.criterion_label("exact").startswith("exact")
+    assert "RMS" in sidebar.criterion_label("relrms_1e-3") and "bf16" in sidebar.criterion_label("bf16_1e-3")

@@ -13,7 +13,6 @@ Run: .venv/bin/pytest tests/test_hostile_dashboard.py -q
 from __future__ import annotations
 
 import html
-import os
 import re
 import sys
 from pathlib import Path
@@ -32,7 +31,8 @@ from synthetic import make_synthetic_store
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the pages package lives next to app.py
 
-from opdviz.dashboard import ui  # noqa: E402
+from opdviz.dashboard import cache, sidebar  # noqa: E402
+from opdviz.dashboard.text import code, md, visible  # noqa: E402
 
 TIMEOUT = 120
 HOSTILE = "**bold** :smile: :material/home: :red[red] $x^2$ <b>h</b> [l](http://x) `c` # h"
@@ -64,7 +64,7 @@ def _env(monkeypatch, root: Path, tmp: Path | None = None) -> None:
         monkeypatch.setenv("OPDVIZ_UPLOAD_DIR", str(tmp / "uploads"))
         monkeypatch.setenv("OPDVIZ_CHECKPOINT_ROOTS", str(tmp / "server"))
         (tmp / "server").mkdir(exist_ok=True)
-    ui._stores.clear()
+    sidebar._stores.clear()
 
 
 def _app(params: dict | None = None, page: str | None = None) -> AppTest:
@@ -181,24 +181,24 @@ def test_a_library_message_with_markup_is_shown_as_text(monkeypatch, stores):
     def broken(store, *args):
         raise StoreError("run **x** [click](http://evil) <img src=x> failed")
 
-    monkeypatch.setitem(ui.QUERIES, "overview_table", broken)
-    ui._cached.clear()
+    monkeypatch.setitem(cache.QUERIES, "overview_table", broken)
+    cache.cached.clear()
     try:
         at = _app()
         out, text = rendered(at.error[0].value)
         assert "run **x** [click](http://evil) <img src=x> failed" in text and "<a " not in out and "<img" not in out
     finally:
-        ui._cached.clear()
+        cache.cached.clear()
 
 
 @pytest.mark.parametrize("text", [HOSTILE, METHOD, "a`b``c", "`edge`", "line\nbreak\ttab\u202eRLO", "\\*not\\*", "1. x",
                                   "- item", "> quote", "| a | b |", "&amp; &#x41;", "<script>alert(1)</script>"])
 def test_md_and_code_keep_any_text_literal(text):
-    out, shown = rendered(ui.md(text))
-    assert shown.strip() == ui.visible(text)
+    out, shown = rendered(md(text))
+    assert shown.strip() == visible(text)
     assert not re.search(r"<(strong|em|a|h\d|ol|ul|blockquote|code|script|img)\b", out)
-    out, shown = rendered(ui.code(text))
-    assert out.count("<code>") == 1 and shown.strip() == ui.visible(text).strip()
+    out, shown = rendered(code(text))
+    assert out.count("<code>") == 1 and shown.strip() == visible(text).strip()
 
 
 # ------------------------------------------------------------------------------- uploads

@@ -43,8 +43,6 @@ def wait_for(predicate, timeout: float, what: str):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    if "new_analysis" not in Path(APP).read_text():
-        pytest.skip(f"{APP} does not route to pages/new_analysis.py yet")
     tmp = tmp_path_factory.mktemp("app")
     (tmp / "server").mkdir()
     port = free_port()

@@ -1,0 +1,84 @@
+"""The Overview page's run records: for each shown run, an expander with where its numbers came from
+(inputs, LoRA adapter, job, options, package versions, training metadata) and the tensors not analysed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import pandas as pd
+import streamlit as st
+
+from opdviz.views import formatting
+
+from opdviz.dashboard.cache import View, query
+from opdviz.dashboard.text import md, md_frame
+
+INPUT_FIELDS = ("base_path", "base_fingerprint", "base_bytes", "post_path", "post_fingerprint", "post_bytes", "kind",
+                "dtype")
+JOB_FIELDS = ("device", "seed", "status", "error", "created_at", "finished_at", "wall_s", "n_tensors", "n_done",
+              "n_skipped", "n_failed")
+
+
+def provenance_rows(prov: dict, keys: Iterable[str]) -> pd.DataFrame:
+    """Two-column (field, value) table of the provenance ``keys`` that are set, byte counts humanised."""
+    rows = []
+    for k in keys:
+        v = prov.get(k)
+        if v is None or v == "":
+            continue
+        if k.endswith("_bytes") and isinstance(v, (int, float)):
+            v = formatting.human_bytes(v)
+        elif k == "wall_s" and isinstance(v, (int, float)):
+            v = f"{v:.1f} s"
+        rows.append({"field": k, "value": str(v)})
+    return pd.DataFrame(rows, columns=["field", "value"]).set_index("field")
+
+
+def run_records(view: View) -> None:
+    """One expander per run in the selection (all runs when none is chosen)."""
+    runs = query("runs", view.db, view.stamp)
+    shown_runs = runs[runs["run_id"].isin(view.sel.runs)] if view.sel.runs else runs
+    for run_id in shown_runs["run_id"]:
+        _run_record(view, run_id)
+
+
+def _run_record(view: View, run_id: str) -> None:
+    prov = query("provenance", view.db, view.stamp, run_id)
+    bad = query("not_ok", view.db, view.stamp, run_id)
+    n_skip, n_fail = int((bad["status"] == "skipped").sum()), int((bad["status"] == "failed").sum())
+    label = md(f"{run_id} — {prov.get('method')}, {prov.get('status')}, {prov.get('n_done')}/"
+               f"{prov.get('n_tensors')} tensors, {n_skip} skipped, {n_fail} failed")
+    with st.expander(label, icon=":material/warning:" if n_fail else ":material/description:"):
+        left, right = st.columns(2)
+        left.markdown("**Inputs**")
+        left.table(md_frame(provenance_rows(prov, INPUT_FIELDS)))
+        adapter = (prov.get("extra") or {}).get("adapter")
+        if isinstance(adapter, dict):     # a PEFT LoRA adapter analysed as its merge into the base
+            left.markdown("**LoRA adapter**: " + md(_adapter_line(adapter)))
+        right.markdown("**Job**")
+        right.table(md_frame(provenance_rows(prov, JOB_FIELDS)))
+        c1, c2, c3 = st.columns(3)
+        c1.markdown("**Options**")
+        c1.json(prov.get("options") or {}, expanded=False)
+        c2.markdown("**Package versions**")
+        c2.json(prov.get("versions") or {}, expanded=False)
+        c3.markdown("**Training metadata**")
+        c3.json(prov.get("extra") or {}, expanded=False)
+        if bad.empty:
+            st.caption("Every tensor was analysed.")
+        else:
+            st.markdown("**Tensors not analysed** (skipped: not comparable; failed: an error in one stage)")
+            st.dataframe(bad, hide_index=True, width="stretch")
+
+
+def _adapter_line(adapter: dict) -> str:
+    """The adapter's rank, alpha, scaling and modules (adapter_config.json is the checkpoint's text: the
+    caller shows it literally)."""
+    ranks = sorted({int(r) for r in (adapter.get("ranks") or {}).values() if isinstance(r, (int, float))})
+    return (f"rank r = {adapter.get('r')}"
+            + (f" (per module {ranks[0]}–{ranks[-1]})" if len(ranks) > 1 else "")
+            + f", lora_alpha = {adapter.get('lora_alpha')}"
+            + (", rsLoRA (scale α/√r)" if adapter.get("use_rslora") else " (scale α/r)")
+            + f", {adapter.get('n_lora_modules')} LoRA modules"
+            + (f", modules_to_save {adapter.get('modules_to_save')}" if adapter.get("modules_to_save") else ""))
