@@ -175,7 +175,7 @@ class Results:
 
     # ------------------------------------------------------------------------------ figures
     def _build(self, name: str, runs, filters: dict):
-        from opdviz.store.queries import Selection
+        from opdviz.store import Selection
         from opdviz.views.single import ViewContext
         from opdviz.views.across import AcrossContext
 

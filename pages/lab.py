@@ -3,7 +3,7 @@
 import streamlit as st
 
 from opdviz.views import lab as VL
-from opdviz.store.core import Store
+from opdviz.store import Store
 from opdviz.dashboard import ui
 
 view = ui.begin("Lab: when is the update sparse?", r"""

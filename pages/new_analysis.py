@@ -24,7 +24,7 @@ from opdviz.io import roots
 from opdviz.io import uploads
 from opdviz.errors import OpdvizError
 from opdviz.options import AnalysisOptions
-from opdviz.store.core import Store
+from opdviz.store import Store
 from opdviz.dashboard import ui
 
 UPLOAD, SERVER = "Upload files", "Folders on this server"

@@ -4,7 +4,7 @@ import streamlit as st
 
 from opdviz.views import export as figexport
 from opdviz.views import across as VA
-from opdviz.store.core import Store
+from opdviz.store import Store
 from opdviz.dashboard import ui
 
 view = ui.begin("Overlap", r"""For two runs A and B trained from the same base, which coordinates did **both** change? With

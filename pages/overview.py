@@ -4,7 +4,7 @@ import streamlit as st
 
 from opdviz.views import export as figexport
 from opdviz.views import lab as views_lab
-from opdviz.store.core import Store
+from opdviz.store import Store
 from opdviz.dashboard import ui
 
 view = ui.begin("Overview", r"""

@@ -4,7 +4,7 @@ import streamlit as st
 
 from opdviz.views import across as VA
 from opdviz.engine.live import REFRESH_S, read_status, training_log
-from opdviz.store.core import Store
+from opdviz.store import Store
 from opdviz.dashboard import ui
 
 view = ui.begin("Trajectory", r"""Checkpoints of one run at steps $t$, each compared with the base: $\Delta_t = W_t -

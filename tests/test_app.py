@@ -18,7 +18,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from opdviz.errors import StoreError
-from opdviz.store.core import RunWriter
+from opdviz.store import RunWriter
 from opdviz.views.single import figures_for
 from synthetic import make_synthetic_store
 
@@ -175,7 +175,7 @@ def test_a_run_whose_process_died_says_so(monkeypatch, tmp_path):
     import subprocess
     import sys
 
-    from opdviz.store.core import Store, computing, lock_path
+    from opdviz.store import Store, computing, lock_path
 
     path = tmp_path / "killed.duckdb"
     store = make_synthetic_store(path, finished=False)
@@ -215,7 +215,7 @@ def test_a_store_error_is_shown_without_a_traceback(monkeypatch, db):
 
 
 def test_the_warmer_builds_the_other_pages_once(monkeypatch, db):
-    from opdviz.store.queries import Selection
+    from opdviz.store import Selection
     from opdviz.views.single import FIGURES, ViewContext
 
     built = []

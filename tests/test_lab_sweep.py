@@ -22,7 +22,7 @@ from opdviz.lab.grid import SweepGrid, SweepPoint
 from opdviz.lab.pipeline import run_lab
 from opdviz.lab.sweep import run_sweep
 from opdviz.options import AnalysisOptions
-from opdviz.store.core import Store
+from opdviz.store import Store
 from test_lab import tiny_settings
 
 ROOT = Path(__file__).resolve().parents[1]

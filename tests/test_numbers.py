@@ -23,11 +23,12 @@ from opdviz import cli
 from opdviz.views import export as figexport
 from opdviz.views import formatting
 from opdviz.store import queries as Q
+from opdviz.store import summary as S
 from opdviz.views import single as views
 from opdviz.views import across as views_across
 from opdviz.metrics.registry import AGGREGATIONS, DERIVED, UNITS, agg_label, all_families, family_of
-from opdviz.store.queries import Selection
-from opdviz.store.core import Store
+from opdviz.store import Selection
+from opdviz.store import Store
 from opdviz.views.single import ViewContext
 
 CFG = factory.llama_config(layers=2, hidden=32, ffn=48, heads=4, kv_heads=2, vocab=40)
@@ -300,11 +301,11 @@ def test_compare_figures_pool_by_the_catalog_rule(real, metric, agg):
 
 
 def test_group_summary_and_run_summary_pool_by_the_catalog(real):
-    """Every group summary that aggregates catalog metrics goes through the one rule (queries.pool_sql)."""
+    """Every group summary that aggregates catalog metrics goes through the one rule (summary.pool_sql)."""
     store, export = real
     w = _wide(_leaves(store, export))
     names = tuple(m if m != "sparsity" else "sparsity_abs_1e-5" for m, _ in COMPARE_METRICS)
-    df = Q.run_summary(store, SEL, matrix_metrics=names)
+    df = S.run_summary(store, SEL, matrix_metrics=names)
     for run, g in w.groupby("run"):
         row = df.set_index("run_id").loc[run]
         for n in names:

@@ -16,8 +16,8 @@ from opdviz.errors import CheckpointError, OptionsError
 from opdviz.options import AnalysisOptions
 from opdviz.engine.overlap import OverlapSpec, run_overlap
 from opdviz.io.reader import Checkpoint
-from opdviz.store.queries import Selection
-from opdviz.store.core import Store
+from opdviz.store import Selection
+from opdviz.store import Store
 from opdviz.views.single import ViewContext
 from opdviz.views.across import AcrossContext, figures_for, overlap_groups, overlap_stats, top_overlaps
 

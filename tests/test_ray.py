@@ -19,7 +19,7 @@ from opdviz import cli  # noqa: E402
 from opdviz.engine.executors import LocalExecutor, RayExecutor, Work, plan_tasks  # noqa: E402
 from opdviz.engine.runner import JobSpec, run_job  # noqa: E402
 from opdviz.store.queries import export_rows  # noqa: E402
-from opdviz.store.core import Store, _slug  # noqa: E402
+from opdviz.store import Store, slug  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +35,7 @@ def spec(pair, db, name="run1", **kw) -> JobSpec:
 
 
 def tasks_state(db, run_id) -> dict:
-    return json.loads((Store(db).staging / "progress" / f"{_slug(run_id)}.json").read_text())
+    return json.loads((Store(db).staging / "progress" / f"{slug(run_id)}.json").read_text())
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ import factory
 from opdviz.cli import across
 from opdviz.errors import OptionsError
 from opdviz.options import AnalysisOptions
-from opdviz.store.queries import Selection
-from opdviz.store.core import Store
+from opdviz.store import Selection
+from opdviz.store import Store
 from opdviz.engine.trajectory import (TrajectorySpec, delta_spectrum, find_checkpoints, hill_alpha, run_trajectory,
                                subspace_sim)
 from opdviz.views.across import AcrossContext, figures_for, trajectories, trajectory_by_module

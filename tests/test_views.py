@@ -8,8 +8,8 @@ import pytest
 from synthetic import make_synthetic_store
 
 from opdviz.views import figures as F
-from opdviz.store.queries import Selection
-from opdviz.store.core import Store
+from opdviz.store import Selection
+from opdviz.store import Store
 from opdviz.views.single import FIGURES, PAGES, ViewContext, figure_spec, figures_for, overview_table, provenance
 
 

@@ -47,8 +47,7 @@ from opdviz.io import roots
 from opdviz.views import single as views
 from opdviz.errors import OpdvizError
 from opdviz.options import DEFAULT_CRITERIA
-from opdviz.store.queries import Selection
-from opdviz.store.core import QueryMemo, Store, _slug
+from opdviz.store import QueryMemo, Selection, Store, slug
 from opdviz.views.single import ViewContext
 
 DEFAULT_DB = "data/opdviz.duckdb"
@@ -456,7 +455,7 @@ def _run_notices(view: View, runs: pd.DataFrame) -> None:
 
 def _progress(view: View, run_id: str) -> tuple[int, str]:
     """Tensors done so far: the job's progress file when present (fresh every tensor), else a count."""
-    path = Path(view.db + ".staging") / "progress" / f"{_slug(run_id)}.json"
+    path = Path(view.db + ".staging") / "progress" / f"{slug(run_id)}.json"
     try:
         state = json.loads(path.read_text())
         return int(state.get("n_done", 0)), str(state.get("current") or "")

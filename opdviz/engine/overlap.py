@@ -31,7 +31,7 @@ from opdviz.engine.masks import changed_chunks
 from opdviz.io.naming import parse_name
 from opdviz.options import AnalysisOptions, check_label
 from opdviz.io.reader import Checkpoint, PairItem, plan_pairs
-from opdviz.store.core import RunWriter, Store, dumps, now
+from opdviz.store import RunWriter, Store, dumps, now
 
 
 @dataclass(frozen=True)

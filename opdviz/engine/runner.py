@@ -40,7 +40,7 @@ from opdviz.io.naming import fused_parts, matrix_view, parse_name, split_part
 from opdviz.options import AnalysisOptions, check_label
 from opdviz.io.reader import Checkpoint, PairItem, plan_pairs
 from opdviz.io.safefiles import Limits, read_json
-from opdviz.store.core import RunWriter, Store, _slug, disk_full, dumps, is_disk_full, lock_path, now
+from opdviz.store import RunWriter, Store, disk_full, dumps, is_disk_full, lock_path, now, slug
 
 FOLD_EVERY_S = 60.0        # try to fold staged fragments into the .duckdb file this often
 FOLD_WAIT_S = 30.0         # at the end, wait this long for a reader or another fold to let go of the file
@@ -131,7 +131,7 @@ class Progress:
 
     def __init__(self, store: Store, run_id: str, n_total: int, bytes_total: int, n_done: int, bytes_done: int,
                  show: bool):
-        self.path = store.staging / "progress" / f"{_slug(run_id)}.json"
+        self.path = store.staging / "progress" / f"{slug(run_id)}.json"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.state = {"run_id": run_id, "pid": os.getpid(), "n_total": n_total, "n_done": n_done,
                       "bytes_total": bytes_total, "bytes_done": bytes_done, "current": "",
@@ -670,7 +670,7 @@ def _maybe_fault(writer: RunWriter, key: str, rows, n: int) -> None:
 
     if kind == "torn":
         tensors, metrics, arrays, failures = rows
-        name = f"{writer.slug}__{_slug(key)}.parquet"
+        name = f"{writer.slug}__{slug(key)}.parquet"
         writer._write("metrics", [{**r, "run_id": writer.run_id} for r in metrics], name)
     os.kill(os.getpid(), signal.SIGKILL)
 

@@ -46,7 +46,7 @@ from opdviz.metrics.linalg import VALID_REL, chunk_rows, eigh_desc, lowrank
 from opdviz.io.naming import matrix_view
 from opdviz.options import MAX_LABEL_CHARS, AnalysisOptions, check_label, fmt_pct
 from opdviz.io.reader import Checkpoint, plan_pairs
-from opdviz.store.core import RunWriter, Store
+from opdviz.store import RunWriter, Store
 
 STEP_RE = re.compile(r"^(?:checkpoint|step|global_step|ckpt|iter)[-_]?(\d+)$", re.IGNORECASE)
 DEFAULT_K = 16

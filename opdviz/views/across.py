@@ -1,7 +1,7 @@
 """Views across runs (mask overlap) and along trajectories: read-side queries and figure specs.
 
 The ``overlap`` and ``trajectory`` tables (written by ``opdviz.engine.overlap`` and ``opdviz.engine.trajectory``)
-are read here; statistics are derived from stored counts, so every group value is numel-weighted
+are read through ``opdviz.store.across``; statistics are derived from stored counts, so every group value is numel-weighted
 by construction (sums of |A|, |B|, |A∩B|, numel). ``FIGURES`` uses the ``FigureSpec`` type of
 ``opdviz.views.single`` with pages "overlap" and "trajectory"; builds accept an ``AcrossContext`` (or a
 plain ``ViewContext``, whose criterion/run_a/run_b are used) and never raise on empty data.
@@ -21,9 +21,11 @@ import numpy as np
 import pandas as pd
 
 from opdviz.views import figures_across as FA
-from opdviz.store import queries as Q
-from opdviz.store.queries import Selection
-from opdviz.store.core import Store
+from opdviz.store import summary as S
+from opdviz.store.across import (overlap_counts, overlap_pairs, trajectories, trajectory_long,
+                                 trajectory_metric_names, trajectory_steps)
+from opdviz.store.selection import Selection
+from opdviz.store import Store
 from opdviz.views import formatting
 from opdviz.views.single import FigureSpec, catalog_name, metric_label
 
@@ -77,35 +79,7 @@ def overlap_stats(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-# ------------------------------------------------------------------------------------ overlap queries
-def _overlap_where(sel: Selection, alias: str = "o") -> tuple[str, list]:
-    clauses, params = ["true"], []
-    for col, values in (("tower", sel.towers), ("block", sel.blocks), ("module", sel.modules)):
-        if values:
-            clauses.append(f"{alias}.{col} IN ({', '.join('?' * len(values))})")
-            params.extend(values)
-    if sel.layer_min is not None:
-        clauses.append(f"({alias}.layer IS NULL OR {alias}.layer >= ?)")
-        params.append(int(sel.layer_min))
-    if sel.layer_max is not None:
-        clauses.append(f"({alias}.layer IS NULL OR {alias}.layer <= ?)")
-        params.append(int(sel.layer_max))
-    return " AND ".join(clauses), params
-
-
-def overlap_pairs(store: Store, sel: Selection = Selection()) -> pd.DataFrame:
-    """Stored pairs: run_a, run_b, method_a, method_b, n_tensors, criteria (count). With ``sel.runs``,
-    only pairs that involve a selected run."""
-    df = store.query("""SELECT o.run_a, o.run_b, ra.method AS method_a, rb.method AS method_b,
-                               count(DISTINCT o.tensor) AS n_tensors, count(DISTINCT o.criterion) AS criteria
-                        FROM overlap o LEFT JOIN runs ra ON ra.run_id = o.run_a
-                        LEFT JOIN runs rb ON rb.run_id = o.run_b
-                        GROUP BY ALL ORDER BY o.run_a, o.run_b""")
-    if sel.runs and not df.empty:
-        df = df[df["run_a"].isin(sel.runs) | df["run_b"].isin(sel.runs)]
-    return df.reset_index(drop=True)
-
-
+# ------------------------------------------------------------------------------------ overlap
 def _pick_pair(store: Store, sel: Selection, ctx: AcrossContext) -> tuple[str, str] | None:
     if ctx.run_a and ctx.run_b:
         return ctx.run_a, ctx.run_b
@@ -117,18 +91,7 @@ def overlap_groups(store: Store, run_a: str, run_b: str, criterion: str | None, 
                    sel: Selection = Selection()) -> pd.DataFrame:
     """Summed counts per group ``by`` (all, layer, module, block, layer_module, tensor) and criterion
     (all criteria when ``criterion`` is None), with ``overlap_stats`` columns."""
-    keys = GROUPS[by]
-    where, params = _overlap_where(sel)
-    crit = ""
-    if criterion is not None:
-        crit = " AND o.criterion = ?"
-        params = params + [criterion]
-    kcols = "".join(f"o.{k}, " for k in keys)
-    order = ", ".join([f"o.{k} NULLS FIRST" for k in keys] + ["o.criterion"])
-    df = store.query(f"""SELECT {kcols}o.criterion, count(*) AS n_tensors, sum(o.numel) AS numel,
-                                sum(o.n_a) AS n_a, sum(o.n_b) AS n_b, sum(o.n_ab) AS n_ab
-                         FROM overlap o WHERE o.run_a = ? AND o.run_b = ? AND {where}{crit}
-                         GROUP BY {kcols}o.criterion ORDER BY {order}""", [run_a, run_b] + params)
+    df = overlap_counts(store, run_a, run_b, criterion, GROUPS[by], sel)
     df.insert(0, "run_b", run_b)
     df.insert(0, "run_a", run_a)
     return overlap_stats(df)
@@ -147,37 +110,12 @@ def top_overlaps(store: Store, sel: Selection, ctx, n: int = 25) -> pd.DataFrame
     return df.sort_values(["jaccard_ratio", "n_ab"], ascending=False, na_position="last")[cols].head(n)
 
 
-# ------------------------------------------------------------------------------------ trajectory queries
-def trajectories(store: Store) -> pd.DataFrame:
-    """Trajectories: name, method, n_steps, first, last (from the per-step runs) and has_metrics
-    (whether the trajectory table holds rows for it)."""
-    df = store.query("""SELECT r.trajectory, any_value(r.method) AS method, count(*) AS n_steps,
-                               min(r.step) AS first, max(r.step) AS last,
-                               EXISTS (SELECT 1 FROM trajectory t WHERE t.trajectory = r.trajectory) AS has_metrics
-                        FROM runs r WHERE r.trajectory IS NOT NULL GROUP BY r.trajectory ORDER BY r.trajectory""")
-    return df
-
-
+# ------------------------------------------------------------------------------------ trajectory
 def _pick_trajectory(store: Store, ctx: AcrossContext) -> str | None:
     if ctx.trajectory:
         return ctx.trajectory
     t = trajectories(store)
     return None if t.empty else str(t["trajectory"].iloc[0])
-
-
-def trajectory_long(store: Store, name: str, sel: Selection = Selection(), metrics: tuple[str, ...] = ()) -> pd.DataFrame:
-    """Trajectory-table rows of ``name`` joined with the tensor fields of the per-step runs: step, tensor,
-    tower, layer, block, module, numel, metric, value."""
-    where, params = Selection(towers=sel.towers, blocks=sel.blocks, modules=sel.modules, layer_min=sel.layer_min,
-                              layer_max=sel.layer_max, leaves_only=False).where("t")
-    mf = ""
-    if metrics:
-        mf = f" AND tr.metric IN ({', '.join('?' * len(metrics))})"
-        params = params + list(metrics)
-    return store.query(f"""SELECT tr.step, tr.tensor, t.tower, t.layer, t.block, t.module, t.numel, tr.metric, tr.value
-        FROM trajectory tr JOIN runs r ON r.trajectory = tr.trajectory AND r.step = tr.step
-        JOIN tensors t ON t.run_id = r.run_id AND t.tensor = tr.tensor
-        WHERE tr.trajectory = ? AND {where}{mf} ORDER BY tr.step, t.seq, tr.tensor""", [name] + params)
 
 
 def trajectory_by_module(store: Store, name: str, sel: Selection, metric: str, weight: str | None = None) -> pd.DataFrame:
@@ -205,18 +143,18 @@ def trajectory_by_module(store: Store, name: str, sel: Selection, metric: str, w
 def step_summary(store: Store, name: str, sel: Selection, criterion: str, metric: str) -> pd.DataFrame:
     """A per-pair metric of every step run, per module: step, module, ``metric`` (group_summary columns, or a
     catalog metric pooled over the module by its catalog rule, as the Compare page)."""
-    runs = store.query("SELECT run_id, step FROM runs WHERE trajectory = ? ORDER BY step", [name])
+    runs = trajectory_steps(store, name)
     if runs.empty:
         return pd.DataFrame(columns=["step", "module", metric])
     s = Selection(runs=tuple(runs["run_id"]), towers=sel.towers, blocks=sel.blocks, modules=sel.modules,
                   layer_min=sel.layer_min, layer_max=sel.layer_max)
     group_cols = ("sparsity", "energy_share", "rel_change")
     mm = () if metric in group_cols else (metric,)
-    df = Q.group_summary(store, s, by="module", criterion=criterion, matrix_metrics=mm)
+    df = S.group_summary(store, s, by="module", criterion=criterion, matrix_metrics=mm)
     if df.empty:
         return pd.DataFrame(columns=["step", "module", metric])
     col = metric
-    if mm and metric in Q.SUMMARY_COLUMNS:
+    if mm and metric in S.SUMMARY_COLUMNS:
         return pd.DataFrame(columns=["step", "module", metric])
     df = df.merge(runs, on="run_id")
     return df.assign(**{metric: df[col]})[["step", "module", metric]]
@@ -308,10 +246,10 @@ def _sim_k(store, sel, ctx):
     title = _traj_title("Subspace locking Sim_K(t) = ‖V_K(t)ᵀV_K(T)‖²/K", name)
     if name is None:
         return _no_traj(title)
-    names = store.query("SELECT DISTINCT metric FROM trajectory WHERE trajectory = ? AND metric LIKE 'sim_k%'", [name])
-    if names.empty:
+    names = trajectory_metric_names(store, name, "sim_k")
+    if not names:
         return FA.F.empty_figure(title=title), pd.DataFrame()
-    metric = str(names["metric"].iloc[0])
+    metric = str(names[0])
     df = trajectory_by_module(store, name, sel, metric, weight="matrix")
     return FA.step_lines(df, metric, f"Sim_K, K = {metric[5:]} (per-matrix mean)", title), df
 
@@ -352,11 +290,10 @@ def _hill(store, sel, ctx):
     title = _traj_title("Heavy-tail exponent of the ESD of Δ_t (Hill)", name)
     if name is None:
         return _no_traj(title)
-    names = store.query("SELECT DISTINCT metric FROM trajectory WHERE trajectory = ? AND metric LIKE 'hill_alpha%'",
-                        [name])
-    if names.empty:
+    names = trajectory_metric_names(store, name, "hill_alpha")
+    if not names:
         return FA.F.empty_figure(title=title), pd.DataFrame()
-    metric = str(names["metric"].iloc[0])
+    metric = str(names[0])
     df = trajectory_by_module(store, name, sel, metric, weight="matrix")
     return FA.step_lines(df, metric, "Hill α̂ (per-matrix mean)", title), df
 

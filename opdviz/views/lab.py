@@ -1,6 +1,6 @@
 """The lab page's data, figures and findings: when does the update become sparse?
 
-``sweep_table`` turns ``queries.lab_runs`` (one row per sweep run and block) into one row per run with
+``sweep_table`` turns ``opdviz.store.lab.lab_runs`` (one row per sweep run and block) into one row per run with
 its settings (from ``runs.extra``) and whole-model numbers; the figure builders are pure
 (DataFrame → Plotly) and the ``finding_*`` functions compute each sentence the page states from the
 same table, so no finding is typed by hand. A finding says "does not reproduce" when the data says so.
@@ -20,7 +20,10 @@ import plotly.graph_objects as go
 
 from opdviz.views import figures as F
 from opdviz.store import queries as Q
-from opdviz.store.core import Store
+from opdviz.store import summary as S
+from opdviz.store.lab import lab_runs
+from opdviz.store.selection import Selection
+from opdviz.store import Store
 
 CRITERIA = {"exact": "bf16-exact (bits equal)", "abs_1e-6": "|ΔW| ≤ 1e-6", "abs_1e-5": "|ΔW| ≤ 1e-5",
             "abs_1e-4": "|ΔW| ≤ 1e-4", "bf16_1e-3": "|ΔW| ≤ 1e-3·max|W|"}
@@ -36,12 +39,12 @@ COLUMNS = ("run_id", "method", "status", *SETTINGS, *(f"sparsity_{c}" for c in C
 def sweep_table(store: Store, done_only: bool = True) -> pd.DataFrame:
     """One row per sweep run (see ``COLUMNS``); empty with those columns when the store has none.
     With ``done_only``, runs still computing (or interrupted) are left out: their numbers are partial."""
-    runs = runs_from_blocks(Q.lab_runs(store))
+    runs = runs_from_blocks(lab_runs(store))
     return runs[runs["status"] == "done"].reset_index(drop=True) if done_only else runs
 
 
 def runs_from_blocks(blocks: pd.DataFrame) -> pd.DataFrame:
-    """Fold per-block rows (``queries.lab_runs``) into one row per run: numel-weighted sparsity over all
+    """Fold per-block rows (``opdviz.store.lab.lab_runs``) into one row per run: numel-weighted sparsity over all
     blocks, the FFN and attention bf16-exact sparsity apart, relative change and principal projection
     over all blocks (ΔW-energy-weighted), and the settings parsed from ``extra``."""
     if blocks.empty:
@@ -410,7 +413,7 @@ def overview_sentence(store: Store) -> str:
     runs = Q.runs(store)
     if runs.empty:
         return ""
-    summary = Q.run_summary(store, Q.Selection(), criterion="exact", matrix_metrics=())
+    summary = S.run_summary(store, Selection(), criterion="exact", matrix_metrics=())
     if summary.empty:
         return ""
     spars = dict(zip(summary["run_id"], summary["sparsity"]))

@@ -2,7 +2,7 @@
 
 Each ``FigureSpec`` names a figure (``key``), the page it belongs to, its caption, and a ``build``
 function ``(store, selection, context) → (figure, data behind it)``. Builds read the store through
-``opdviz.store.queries`` (plus two small array queries here) and draw with ``opdviz.views.figures``; on an
+``opdviz.store.queries`` and ``opdviz.store.summary`` and draw with ``opdviz.views.figures``; on an
 empty selection they return a figure annotated "no data for this selection", never raise.
 
     from opdviz.views.single import FIGURES, figures_for, ViewContext
@@ -23,10 +23,11 @@ import plotly.graph_objects as go
 from opdviz.views import figures as F
 from opdviz.views import formatting
 from opdviz.store import queries as Q
+from opdviz.store import summary as S
 from opdviz.metrics.rankgrid import PROJ_GRID, rank_grid
 from opdviz.options import DEFAULT_CRITERIA
-from opdviz.store.queries import Selection
-from opdviz.store.core import Store
+from opdviz.store.selection import Selection
+from opdviz.store import Store
 
 PAGES = ("overview", "sparsity", "spectra", "geometry", "tensor", "compare")
 CRITERIA = DEFAULT_CRITERIA
@@ -103,31 +104,9 @@ def _arrays(store: Store, sel: Selection, name: str, tensors: tuple[str, ...] = 
     With ``tensors``, the rows come from ``tensor_arrays`` (every array of those tensors in one query,
     which the other figures of the page share through the store's memo)."""
     if tensors:
-        a = tensor_arrays(store, sel, tuple(tensors))
+        a = Q.tensor_arrays(store, sel, tuple(tensors))
         return a[a["name"] == name].reset_index(drop=True)
-    where, params = sel.where("t")
-    return store.query(f"""
-        SELECT t.run_id, r.method, t.tensor, t.layer, t.block, t.module, t.numel, t.rows, t.cols, a.shape,
-               a."values"
-        FROM tensors t JOIN arrays a USING (run_id, tensor) LEFT JOIN runs r USING (run_id)
-        WHERE {where} AND a.name = ? ORDER BY t.run_id, t.seq, t.tensor""", params + [name])
-
-
-def tensor_arrays(store: Store, sel: Selection, tensors: tuple[str, ...]) -> pd.DataFrame:
-    """Every stored array of ``tensors`` (parts included) in the selected runs, with tensor fields.
-
-    One query for a page's drill-down: DuckDB decodes list columns 2048 rows at a time, so a tensor's
-    spectra, maps and angles cost about the same read together as one of them alone."""
-    if not tensors:
-        return pd.DataFrame(columns=["run_id", "method", "tensor", "layer", "block", "module", "numel", "rows",
-                                     "cols", "name", "shape", "values"])
-    where, params = replace(sel, leaves_only=False).where("t")
-    return store.query(f"""
-        SELECT t.run_id, r.method, t.tensor, t.layer, t.block, t.module, t.numel, t.rows, t.cols, a.name,
-               a.shape, a."values"
-        FROM tensors t JOIN arrays a USING (run_id, tensor) LEFT JOIN runs r USING (run_id)
-        WHERE {where} AND t.tensor IN ({', '.join('?' * len(tensors))})
-        ORDER BY t.run_id, t.seq, t.tensor, a.name""", params + list(tensors))
+    return Q.arrays_long(store, sel, name)
 
 
 def _default_tensors(store: Store, sel: Selection, ctx: ViewContext, per_run: int = 2) -> tuple[str, ...]:
@@ -164,7 +143,7 @@ def _with_label(df: pd.DataFrame) -> pd.DataFrame:
 
 # ------------------------------------------------------------------------------------ builds: overview & sparsity
 def _sparsity_heatmap(store, sel, ctx):
-    df = Q.group_summary(store, sel, by="layer_module", criterion=ctx.criterion)
+    df = S.group_summary(store, sel, by="layer_module", criterion=ctx.criterion)
     df["sparsity_pct"] = 100 * df["sparsity"] if len(df) else []
     fig = F.heatmap(df, "sparsity_pct", formatting.label_of(f"sparsity_{ctx.criterion}"),
                     f"Sparsity of ΔW by layer and module ({_criterion_label(ctx.criterion)} counts as changed)")
@@ -172,7 +151,7 @@ def _sparsity_heatmap(store, sel, ctx):
 
 
 def _energy_share(store, sel, ctx):
-    df = Q.group_summary(store, sel, by="module", criterion=ctx.criterion)
+    df = S.group_summary(store, sel, by="module", criterion=ctx.criterion)
     return F.energy_shares(df, "Where the update energy goes: share of ‖ΔW‖²<sub>F</sub> per module"), df
 
 
@@ -196,7 +175,7 @@ def _criteria(store, sel, ctx):
 
 
 def _layerwise(store, sel, ctx):
-    df = Q.group_summary(store, sel, by="layer_module", criterion=ctx.criterion)
+    df = S.group_summary(store, sel, by="layer_module", criterion=ctx.criterion)
     df["sparsity_pct"] = 100 * df["sparsity"] if len(df) else []
     fig = F.layerwise_lines(df, "sparsity_pct", formatting.label_of(f"sparsity_{ctx.criterion}"),
                             f"Layerwise sparsity per projection ({_criterion_label(ctx.criterion)})")
@@ -241,7 +220,7 @@ def _deciles(store, sel, ctx):
 
 
 def _rel_change_heatmap(store, sel, ctx):
-    df = Q.group_summary(store, sel, by="layer_module", criterion=ctx.criterion)
+    df = S.group_summary(store, sel, by="layer_module", criterion=ctx.criterion)
     df["rel_change_1e3"] = 1e3 * df["rel_change"] if len(df) else []
     return F.heatmap(df, "rel_change_1e3", formatting.label_of("rel_change", with_unit=False) + " (×10⁻³)",
                      "Relative change by layer and module"), df
@@ -346,7 +325,7 @@ def _topk(store, sel, ctx):
 
 
 def _stable_rank(store, sel, ctx):
-    df = Q.group_summary(store, sel, by="layer_module", criterion=ctx.criterion, matrix_metrics=("stable_rank",))
+    df = S.group_summary(store, sel, by="layer_module", criterion=ctx.criterion, matrix_metrics=("stable_rank",))
     fig = F.layerwise_lines(df, "stable_rank", formatting.label_of("stable_rank"),
                             "Stable rank of ΔW by layer and module", log_y=True)
     return fig, df
@@ -383,7 +362,7 @@ def _angles(store, sel, ctx):
 
 
 def _angles_for(store, sel, tensors, title, fetch=None):
-    rows = tensor_arrays(store, sel, tuple(fetch or tensors))
+    rows = Q.tensor_arrays(store, sel, tuple(fetch or tensors))
     rows = rows[rows["tensor"].isin(tensors)]
     names = set(rows["name"])
     frames = []
@@ -411,7 +390,7 @@ def _angles_for(store, sel, tensors, title, fetch=None):
 
 
 def _nss_heatmap(store, sel, ctx):
-    df = Q.group_summary(store, sel, by="layer_module", criterion=ctx.criterion, matrix_metrics=("nss",))
+    df = S.group_summary(store, sel, by="layer_module", criterion=ctx.criterion, matrix_metrics=("nss",))
     df["nss_1e3"] = 1e3 * df["nss"] if len(df) else []
     return F.heatmap(df, "nss_1e3", formatting.label_of("nss", with_unit=False) + " (×10⁻³)",
                      "Normalised spectral shift by layer and module"), df
@@ -430,7 +409,7 @@ def _tensor_sel(store, sel, ctx) -> tuple[str | None, pd.DataFrame]:
     tensor = _pick_tensor(store, sel, ctx)
     if tensor is None:
         return None, pd.DataFrame()
-    a = tensor_arrays(store, sel, (tensor,))
+    a = Q.tensor_arrays(store, sel, (tensor,))
     a = a[a["tensor"] == tensor]
     maps = a[a["name"] == "sparsity_map"]
     return tensor, (a[a["run_id"] == maps["run_id"].iloc[0]] if len(maps) else pd.DataFrame())
@@ -502,12 +481,12 @@ def _tensor_deciles(store, sel, ctx):
 # ------------------------------------------------------------------------------------ builds: compare
 def metric_frame(store: Store, sel: Selection, ctx: ViewContext, by: str) -> pd.DataFrame:
     """``ctx.metric`` per run and group ``by`` in a column ``value`` (display units: % where a share), pooled
-    over the group by the metric's catalog rule (``queries.pool_sql``): sparsity parameter-weighted, coverage
+    over the group by the metric's catalog rule (``summary.pool_sql``): sparsity parameter-weighted, coverage
     by the changed entries, relative change from pooled sums, spectral scalars as the mean over matrices."""
     mm = () if ctx.metric in GROUP_COLUMNS else (ctx.metric,)
-    df = Q.group_summary(store, sel, by=by, criterion=ctx.criterion, matrix_metrics=mm)
+    df = S.group_summary(store, sel, by=by, criterion=ctx.criterion, matrix_metrics=mm)
     col = ctx.metric
-    if mm and ctx.metric in Q.SUMMARY_COLUMNS:       # a key or bookkeeping column (layer, delta_sq…): no metric
+    if mm and ctx.metric in S.SUMMARY_COLUMNS:       # a key or bookkeeping column (layer, delta_sq…): no metric
         df = df.iloc[:0]
     if df.empty or col not in df:
         return pd.DataFrame(columns=list(df.columns) + ["value"])
@@ -658,7 +637,7 @@ def overview_table(store: Store, sel: Selection, ctx: ViewContext) -> pd.DataFra
     coverage figure's numbers) with the random baseline 0.10 and the enrichment coverage/0.10, the number of
     matrices whose spectrum is approximate (``approx_spectra``), and accuracy from ``runs.extra`` if present."""
     mm = ("top16_energy", "stable_rank", "principal_coverage_10pct", "lowmag_coverage_10pct")
-    s = Q.run_summary(store, sel, criterion=ctx.criterion, matrix_metrics=mm)
+    s = S.run_summary(store, sel, criterion=ctx.criterion, matrix_metrics=mm)
     spars = f"sparsity_{ctx.criterion}"
     cols = ["run_id", "method", "status", "n_tensors", "rel_change", spars, *mm[:2], "principal_coverage_10pct",
             "principal_enrichment_10pct", "lowmag_coverage_10pct", "lowmag_enrichment_10pct", "random_baseline_10pct",
