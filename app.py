@@ -1,7 +1,7 @@
 """The opdviz dashboard: ``streamlit run app.py`` (database: ``OPDVIZ_DB=path``, default data/opdviz.duckdb).
 
 This file only routes: page config, the shared sidebar filters (``opdviz/dashboard/ui.py``) and the page list.
-Each page is a thin file in ``pages/`` that draws the figures ``opdviz.views.single`` defines for it.
+Each page is a thin file in ``pages/`` that draws the figures ``opdviz.views.registry`` lists for it.
 """
 
 import streamlit as st

@@ -4,6 +4,9 @@ import streamlit as st
 
 from opdviz.views import export as figexport
 from opdviz.views import across as VA
+from opdviz.views import registry
+from opdviz.views.context import AcrossContext
+from opdviz.store.across import overlap_pairs
 from opdviz.store import Store
 from opdviz.dashboard import ui
 
@@ -20,10 +23,10 @@ Updates* (arXiv 2606.13657) and *RL Finetunes Small Subnetworks* (arXiv 2505.117
 def _q(name: str, db: str, stamp: tuple, *args):
     store = Store(db)
     if name == "pairs":
-        return VA.overlap_pairs(store, *args)
+        return overlap_pairs(store, *args)
     if name == "top":
         return VA.top_overlaps(store, *args)
-    return VA.figure_spec(name).build(store, *args)
+    return registry.figure_spec(name).build(store, *args)
 
 
 pairs = _q("pairs", view.db, view.stamp, view.sel)
@@ -40,9 +43,9 @@ picked = st.selectbox("Pair (A ∩ B)", labels, key="p_pair", help="Pairs with a
 ui.remember("p_pair", picked)
 ui.sync_params({"pair": None if picked == labels[0] else picked})
 row = pairs.iloc[labels.index(picked)]
-ctx = VA.AcrossContext(criterion=view.ctx.criterion, run_a=row.run_a, run_b=row.run_b)
+ctx = AcrossContext(criterion=view.ctx.criterion, run_a=row.run_a, run_b=row.run_b)
 
-for i, spec in enumerate(VA.figures_for("overlap")):
+for i, spec in enumerate(registry.figures_for("overlap")):
     fig, df = _q(spec.key, view.db, view.stamp, view.sel, ctx)
     ui.chart(i, spec.key, fig, df, spec.caption, manifest=lambda: ui.provenance_manifest(view, ctx))
 

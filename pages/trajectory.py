@@ -3,6 +3,9 @@
 import streamlit as st
 
 from opdviz.views import across as VA
+from opdviz.views import registry
+from opdviz.views.context import AcrossContext
+from opdviz.store.across import trajectories
 from opdviz.engine.live import REFRESH_S, read_status, training_log
 from opdviz.store import Store
 from opdviz.dashboard import ui
@@ -19,8 +22,8 @@ Distillation*, arXiv 2606.07082); and the Hill estimate of the heavy-tail expone
 def _q(name: str, db: str, stamp: tuple, *args):
     store = Store(db)
     if name == "trajectories":
-        return VA.trajectories(store)
-    return VA.figure_spec(name).build(store, *args)
+        return trajectories(store)
+    return registry.figure_spec(name).build(store, *args)
 
 
 trajs = _q("trajectories", view.db, view.stamp)
@@ -63,7 +66,7 @@ if running and not bool(trajs.set_index("trajectory").at[name, "has_metrics"]):
 elif not bool(trajs.set_index("trajectory").at[name, "has_metrics"]):
     st.warning(f"Trajectory **{ui.md(name)}** has per-step runs but no trajectory metrics yet (is `opdviz trajectory` "
                "still running?). Per-step figures are shown; rerun the same command to finish.")
-ctx = VA.AcrossContext(criterion=view.ctx.criterion, trajectory=name, metric=metric)
+ctx = AcrossContext(criterion=view.ctx.criterion, trajectory=name, metric=metric)
 
 
 
@@ -72,7 +75,7 @@ def _figures(stamp: tuple) -> None:
     if log is not None and not log.empty:
         with st.expander(f"Training log: loss and learning rate at the {len(log)} stored steps"):
             st.dataframe(log, hide_index=True, width="stretch")
-    for i, spec in enumerate(VA.figures_for("trajectory")):
+    for i, spec in enumerate(registry.figures_for("trajectory")):
         fig, df = _q(spec.key, view.db, stamp, view.sel, ctx)
         ui.chart(i, spec.key, fig, df, spec.caption, manifest=lambda: ui.provenance_manifest(view, ctx))
 

@@ -19,7 +19,7 @@ from streamlit.testing.v1 import AppTest
 
 from opdviz.errors import StoreError
 from opdviz.store import RunWriter
-from opdviz.views.single import figures_for
+from opdviz.views.registry import figures_for
 from synthetic import make_synthetic_store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,7 +216,8 @@ def test_a_store_error_is_shown_without_a_traceback(monkeypatch, db):
 
 def test_the_warmer_builds_the_other_pages_once(monkeypatch, db):
     from opdviz.store import Selection
-    from opdviz.views.single import FIGURES, ViewContext
+    from opdviz.views.context import ViewContext
+    from opdviz.views.registry import FIGURES, RUN_PAGES
 
     built = []
     build = ui.QUERIES["figure"]
@@ -230,7 +231,7 @@ def test_the_warmer_builds_the_other_pages_once(monkeypatch, db):
         if thread is not None:
             thread.join(timeout=120)
             assert not thread.is_alive()
-        expected = [s.key for s in FIGURES if s.page not in ("overview", "compare")]
+        expected = [s.key for s in FIGURES if s.page in RUN_PAGES and s.page not in ("overview", "compare")]
         assert built == expected
         warmer.submit((db, view.stamp, expected[0], view.sel, view.ctx)).result(timeout=60)
         assert built == expected                        # answered from the cache

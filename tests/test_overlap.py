@@ -18,8 +18,9 @@ from opdviz.engine.overlap import OverlapSpec, run_overlap
 from opdviz.io.reader import Checkpoint
 from opdviz.store import Selection
 from opdviz.store import Store
-from opdviz.views.single import ViewContext
-from opdviz.views.across import AcrossContext, figures_for, overlap_groups, overlap_stats, top_overlaps
+from opdviz.views.context import AcrossContext, ViewContext
+from opdviz.views.across import overlap_groups, overlap_stats, top_overlaps
+from opdviz.views.registry import figures_for
 
 CFG = factory.llama_config(layers=2, hidden=32, ffn=48, heads=4, kv_heads=2, vocab=40)
 

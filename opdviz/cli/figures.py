@@ -68,7 +68,7 @@ def main(args: argparse.Namespace) -> int:
     from opdviz.views.export import export_figures
     from opdviz.store import Selection, Store
     from opdviz.store.queries import runs
-    from opdviz.views.single import ViewContext
+    from opdviz.views.context import ViewContext
 
     store = Store(args.db)
     if not store.exists():

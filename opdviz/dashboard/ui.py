@@ -44,11 +44,12 @@ from opdviz.views import export as figexport
 from opdviz.views import formatting
 from opdviz.store import queries
 from opdviz.io import roots
-from opdviz.views import single as views
+from opdviz.views import registry, tables
 from opdviz.errors import OpdvizError
 from opdviz.options import DEFAULT_CRITERIA
 from opdviz.store import QueryMemo, Selection, Store, slug
-from opdviz.views.single import ViewContext
+from opdviz.views.compare import GROUP_COLUMNS
+from opdviz.views.context import ViewContext
 
 DEFAULT_DB = "data/opdviz.duckdb"
 DEFAULT_CRITERION = ViewContext().criterion
@@ -180,7 +181,7 @@ def _n_top_done(store: Store, run_id: str) -> int:
 
 
 def _build(store: Store, key: str, sel: Selection, ctx: ViewContext):
-    return views.figure_spec(key).build(store, sel, ctx)
+    return registry.figure_spec(key).build(store, sel, ctx)
 
 
 QUERIES: dict[str, Callable] = {
@@ -192,9 +193,9 @@ QUERIES: dict[str, Callable] = {
     "not_ok": _not_ok,
     "largest_tensor": _largest_tensor,
     "n_top_done": _n_top_done,
-    "overview_table": views.overview_table,
-    "approx_counts": views.approx_counts,
-    "provenance": views.provenance,
+    "overview_table": tables.overview_table,
+    "approx_counts": tables.approx_counts,
+    "provenance": tables.provenance,
     "figure": _build,
 }
 
@@ -491,7 +492,7 @@ def figures(view: View, page: str) -> None:
     Figures are built on a small thread pool (DuckDB and pandas release the GIL) and drawn in order as
     they arrive; afterwards the other pages' figures for this selection are warmed in the background.
     """
-    specs = views.figures_for(page)
+    specs = registry.figures_for(page)
     approx_notice(view)
     zip_slot = st.container()
     built = []
@@ -592,7 +593,7 @@ class Warmer:
             tensor = _cached("largest_tensor", view.db, view.stamp, (view.sel,))
         except OpdvizError:
             return
-        for spec in views.FIGURES:
+        for spec in (f for f in registry.FIGURES if f.page in registry.RUN_PAGES):
             with self._lock:
                 if self._wanted != key:
                     return
@@ -678,7 +679,7 @@ _human_bytes = formatting.human_bytes     # one byte formatter (opdviz.views.for
 def compare_metrics(names: list[str]) -> list[str]:
     """The Compare page's metric choices: group columns first, then the stored per-matrix scalars
     (sparsity_* come through the sidebar criterion instead; bookkeeping scalars are left out)."""
-    head = [m for m in views.GROUP_COLUMNS if m not in ("changed", "numel")]
+    head = [m for m in GROUP_COLUMNS if m not in ("changed", "numel")]
     skip = re.compile(r"^(sparsity_|spectrum_exact$|(base|post|delta)_(sq_sum|fro)$|base_rms$)")
     return head + [m for m in names if not skip.match(m) and m not in head]
 

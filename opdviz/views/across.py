@@ -1,10 +1,10 @@
-"""Views across runs (mask overlap) and along trajectories: read-side queries and figure specs.
+"""Views across runs (mask overlap) and along trajectories: statistics and the figure builds of the
+Overlap and Trajectory pages (listed in ``opdviz.views.registry``).
 
 The ``overlap`` and ``trajectory`` tables (written by ``opdviz.engine.overlap`` and ``opdviz.engine.trajectory``)
 are read through ``opdviz.store.across``; statistics are derived from stored counts, so every group value is numel-weighted
-by construction (sums of |A|, |B|, |A∩B|, numel). ``FIGURES`` uses the ``FigureSpec`` type of
-``opdviz.views.single`` with pages "overlap" and "trajectory"; builds accept an ``AcrossContext`` (or a
-plain ``ViewContext``, whose criterion/run_a/run_b are used) and never raise on empty data.
+by construction (sums of |A|, |B|, |A∩B|, numel). Builds accept an ``AcrossContext`` (or a plain
+``ViewContext``, whose criterion/run_a/run_b are used) and never raise on empty data.
 
 Overlap statistics for masks A, B of one tensor group, densities p_A = |A|/numel, p_B = |B|/numel:
   jaccard  |A∩B| / |A∪B|,  independence baseline p_A·p_B / (p_A + p_B − p_A·p_B)
@@ -15,8 +15,6 @@ Overlap statistics for masks A, B of one tensor group, densities p_A = |A|/numel
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pandas as pd
 
@@ -24,36 +22,16 @@ from opdviz.views import figures_across as FA
 from opdviz.store import summary as S
 from opdviz.store.across import (overlap_counts, overlap_pairs, trajectories, trajectory_long,
                                  trajectory_metric_names, trajectory_steps)
-from opdviz.store.selection import Selection
-from opdviz.store import Store
+from opdviz.store import Selection, Store
 from opdviz.views import formatting
-from opdviz.views.single import FigureSpec, catalog_name, metric_label
+from opdviz.views.context import AcrossContext, across_context
 
-PAGES = ("overlap", "trajectory")
 GROUPS = {"all": (), "layer": ("layer",), "module": ("block", "module"), "block": ("block",),
           "layer_module": ("layer", "block", "module"), "tensor": ("tensor", "layer", "block", "module")}
 STEP_METRICS = {"sparsity": "entries unchanged vs base (%)", "rel_change": "relative change ‖ΔW‖/‖W‖",
                 "energy_share": "share of the step's ‖ΔW‖² (%)", "stable_rank": "stable rank (per-matrix mean)",
                 "effective_rank": "effective rank (per-matrix mean)", "top16_energy": "top-16 energy (%)",
                 "nss": "NSS (per-matrix mean)"}
-
-
-@dataclass(frozen=True)
-class AcrossContext:
-    """Page choices for the overlap and trajectory pages (None → the first stored pair / trajectory)."""
-
-    criterion: str = "abs_1e-5"
-    run_a: str | None = None
-    run_b: str | None = None
-    trajectory: str | None = None
-    metric: str = "sparsity"            # trajectory page: per-step metric
-
-
-def _ctx(ctx) -> AcrossContext:
-    if isinstance(ctx, AcrossContext):
-        return ctx
-    return AcrossContext(criterion=getattr(ctx, "criterion", "abs_1e-5"), run_a=getattr(ctx, "run_a", None),
-                         run_b=getattr(ctx, "run_b", None))
 
 
 # ------------------------------------------------------------------------------------ statistics
@@ -100,7 +78,7 @@ def overlap_groups(store: Store, run_a: str, run_b: str, criterion: str | None, 
 def top_overlaps(store: Store, sel: Selection, ctx, n: int = 25) -> pd.DataFrame:
     """The tensors whose masks overlap most beyond chance (highest Jaccard ÷ baseline) for the pair and
     criterion of ``ctx``; numbers as fractions."""
-    ctx = _ctx(ctx)
+    ctx = across_context(ctx)
     pair = _pick_pair(store, sel, ctx)
     if pair is None:
         return pd.DataFrame()
@@ -170,8 +148,8 @@ def _no_pair(title: str):
                              "--run-a A --run-b B`", title), pd.DataFrame()
 
 
-def _cov_heatmap(store, sel, ctx):
-    ctx = _ctx(ctx)
+def cov_heatmap(store, sel, ctx):
+    ctx = across_context(ctx)
     title = "Coverage: share of one run's changes the other made too"
     pair = _pick_pair(store, sel, ctx)
     if pair is None:
@@ -182,8 +160,8 @@ def _cov_heatmap(store, sel, ctx):
     return FA.overlap_heatmaps(df, panels, "coverage (%)", f"{title} ({_pair_title(pair)}, {ctx.criterion})"), df
 
 
-def _jaccard_heatmap(store, sel, ctx):
-    ctx = _ctx(ctx)
+def jaccard_heatmap(store, sel, ctx):
+    ctx = across_context(ctx)
     title = "Jaccard overlap of the changed masks"
     pair = _pick_pair(store, sel, ctx)
     if pair is None:
@@ -193,8 +171,8 @@ def _jaccard_heatmap(store, sel, ctx):
     return FA.overlap_heatmaps(df, panels, "Jaccard (%)", f"{title} ({_pair_title(pair)}, {ctx.criterion})"), df
 
 
-def _ratio_heatmap(store, sel, ctx):
-    ctx = _ctx(ctx)
+def ratio_heatmap(store, sel, ctx):
+    ctx = across_context(ctx)
     title = "Overlap beyond chance: observed ÷ independence baseline"
     pair = _pick_pair(store, sel, ctx)
     if pair is None:
@@ -205,8 +183,8 @@ def _ratio_heatmap(store, sel, ctx):
                                 f"{title} ({_pair_title(pair)}, {ctx.criterion})", ratio=True), df)
 
 
-def _by_criterion(store, sel, ctx):
-    ctx = _ctx(ctx)
+def by_criterion(store, sel, ctx):
+    ctx = across_context(ctx)
     title = "Overlap under each criterion (whole selection)"
     pair = _pick_pair(store, sel, ctx)
     if pair is None:
@@ -227,8 +205,8 @@ def _no_traj(title: str):
                              "--method LABEL`", title), pd.DataFrame()
 
 
-def _step_metric(store, sel, ctx):
-    ctx = _ctx(ctx)
+def step_metric(store, sel, ctx):
+    ctx = across_context(ctx)
     name = _pick_trajectory(store, ctx)
     head = STEP_METRICS.get(ctx.metric, ctx.metric).split(" (")[0]
     title = _traj_title(f"{head[0].upper()}{head[1:]} by step", name)
@@ -236,12 +214,12 @@ def _step_metric(store, sel, ctx):
         return _no_traj(title)
     df = step_summary(store, name, sel, ctx.criterion, ctx.metric)
     # the axis from the catalog: label, unit and how a module pools the metric (as on the Compare page)
-    pct = formatting.unit_of(catalog_name(ctx.metric, ctx.criterion)) == "fraction"
-    return FA.step_lines(df, ctx.metric, metric_label(ctx.metric, ctx.criterion), title, percent=pct), df
+    pct = formatting.unit_of(formatting.catalog_name(ctx.metric, ctx.criterion)) == "fraction"
+    return FA.step_lines(df, ctx.metric, formatting.metric_label(ctx.metric, ctx.criterion), title, percent=pct), df
 
 
-def _sim_k(store, sel, ctx):
-    ctx = _ctx(ctx)
+def sim_k(store, sel, ctx):
+    ctx = across_context(ctx)
     name = _pick_trajectory(store, ctx)
     title = _traj_title("Subspace locking Sim_K(t) = ‖V_K(t)ᵀV_K(T)‖²/K", name)
     if name is None:
@@ -254,8 +232,8 @@ def _sim_k(store, sel, ctx):
     return FA.step_lines(df, metric, f"Sim_K, K = {metric[5:]} (per-matrix mean)", title), df
 
 
-def _consecutive(store, sel, ctx):
-    ctx = _ctx(ctx)
+def consecutive(store, sel, ctx):
+    ctx = across_context(ctx)
     name = _pick_trajectory(store, ctx)
     title = _traj_title("Entries unchanged between consecutive checkpoints", name)
     if name is None:
@@ -268,8 +246,8 @@ def _consecutive(store, sel, ctx):
     return FA.step_lines(df, metric, f"unchanged t−1 → t, {metric[16:]} (%)", title, percent=True), df
 
 
-def _outside_final(store, sel, ctx):
-    ctx = _ctx(ctx)
+def outside_final(store, sel, ctx):
+    ctx = across_context(ctx)
     name = _pick_trajectory(store, ctx)
     title = _traj_title("Updates outside the final mask", name)
     if name is None:
@@ -284,8 +262,8 @@ def _outside_final(store, sel, ctx):
                          title, percent=True), df
 
 
-def _hill(store, sel, ctx):
-    ctx = _ctx(ctx)
+def hill(store, sel, ctx):
+    ctx = across_context(ctx)
     name = _pick_trajectory(store, ctx)
     title = _traj_title("Heavy-tail exponent of the ESD of Δ_t (Hill)", name)
     if name is None:
@@ -296,47 +274,3 @@ def _hill(store, sel, ctx):
     metric = str(names[0])
     df = trajectory_by_module(store, name, sel, metric, weight="matrix")
     return FA.step_lines(df, metric, "Hill α̂ (per-matrix mean)", title), df
-
-
-FIGURES: tuple[FigureSpec, ...] = (
-    FigureSpec("overlap.coverage", "overlap", "Coverage of one run's mask by the other",
-               "|A∩B|/|A|: of the entries run A changed, the share run B changed too; its independence baseline is "
-               "B's density p_B (and symmetrically). Counts are summed per layer and module (numel-weighted).",
-               _cov_heatmap),
-    FigureSpec("overlap.jaccard", "overlap", "Jaccard overlap",
-               "|A∩B|/|A∪B| of the two changed masks, next to the value two independent random masks of the same "
-               "densities would give, p_A·p_B/(p_A+p_B−p_A·p_B).", _jaccard_heatmap),
-    FigureSpec("overlap.ratio", "overlap", "Observed ÷ baseline",
-               "log₂ of how many times more overlap than chance: 0 = independent masks, +1 = twice chance, −1 = half "
-               "(diverging colours centred on 0).",
-               _ratio_heatmap),
-    FigureSpec("overlap.criteria", "overlap", "Overlap under each criterion",
-               "Whole-selection Jaccard and coverages for every stored criterion (log scale), thin grey bars = "
-               "independence baselines.", _by_criterion),
-    FigureSpec("trajectory.step_metric", "trajectory", "Per-pair metric by step",
-               "A metric of the per-step runs (each checkpoint vs the base) per module against the training step.",
-               _step_metric),
-    FigureSpec("trajectory.sim_k", "trajectory", "Subspace locking",
-               "Sim_K(t) = (1/K)‖V_K(t)ᵀV_K(T)‖F², V_K the top-K right singular vectors of Δ_t = W_t − W_base; "
-               "1 = the update already points where it ends (arXiv 2606.07082). Mean over matrices.", _sim_k),
-    FigureSpec("trajectory.consecutive", "trajectory", "Consecutive-step sparsity",
-               "Share of entries unchanged between checkpoint t−1 and t (the base before the first), numel-weighted.",
-               _consecutive),
-    FigureSpec("trajectory.outside_final", "trajectory", "Updates outside the final mask",
-               "Of the entries changed at step t (vs the base), the share the final checkpoint leaves unchanged: "
-               "transient updates. Weighted by the changed counts.", _outside_final),
-    FigureSpec("trajectory.hill", "trajectory", "Heavy-tail exponent",
-               "Hill estimate α̂ = 1 + k/Σ ln(λ_i/λ_{k+1}) over the top 10 % eigenvalues λ = σ² of Δ_tᵀΔ_t "
-               "(density exponent; smaller = heavier tail).", _hill),
-)
-
-
-def figures_for(page: str) -> tuple[FigureSpec, ...]:
-    return tuple(f for f in FIGURES if f.page == page)
-
-
-def figure_spec(key: str) -> FigureSpec:
-    for f in FIGURES:
-        if f.key == key:
-            return f
-    raise KeyError(f"no figure {key!r}; known: {', '.join(f.key for f in FIGURES)}")
