@@ -3,7 +3,7 @@
 import streamlit as st
 
 from opdviz.views import export as figexport
-from opdviz.views import lab as views_lab
+from opdviz.views import lab_findings as LF
 from opdviz.store import Store
 from opdviz.dashboard import ui
 
@@ -20,11 +20,11 @@ Subnetworks* (arXiv 2505.11711).""")
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def _sentence(db: str, stamp: tuple) -> str:
-    return views_lab.overview_sentence(Store(db))
+    return LF.overview_sentence(Store(db))
 
 
 if sentence := _sentence(view.db, view.stamp):
-    st.info(views_lab.markdown_escape(sentence), icon=":material/visibility:")
+    st.info(LF.markdown_escape(sentence), icon=":material/visibility:")
 
 table = ui.query("overview_table", view.db, view.stamp, view.sel, view.ctx)
 ui.numbers_table(table, {

@@ -26,8 +26,7 @@ from opdviz.store import queries as Q
 from opdviz.store import summary as S
 from opdviz.views import registry, sparsity, tables
 from opdviz.metrics.registry import AGGREGATIONS, DERIVED, UNITS, agg_label, all_families, family_of
-from opdviz.store import Selection
-from opdviz.store import Store
+from opdviz.store import Selection, Store
 from opdviz.views.context import AcrossContext, ViewContext
 
 CFG = factory.llama_config(layers=2, hidden=32, ffn=48, heads=4, kv_heads=2, vocab=40)

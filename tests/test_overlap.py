@@ -16,8 +16,7 @@ from opdviz.errors import CheckpointError, OptionsError
 from opdviz.options import AnalysisOptions
 from opdviz.engine.overlap import OverlapSpec, run_overlap
 from opdviz.io.reader import Checkpoint
-from opdviz.store import Selection
-from opdviz.store import Store
+from opdviz.store import Selection, Store
 from opdviz.views.context import AcrossContext, ViewContext
 from opdviz.views.across import overlap_groups, overlap_stats, top_overlaps
 from opdviz.views.registry import figures_for

@@ -14,8 +14,7 @@ import factory
 from opdviz.cli import across
 from opdviz.errors import OptionsError
 from opdviz.options import AnalysisOptions
-from opdviz.store import Selection
-from opdviz.store import Store
+from opdviz.store import Selection, Store
 from opdviz.engine.trajectory import (TrajectorySpec, delta_spectrum, find_checkpoints, hill_alpha, run_trajectory,
                                subspace_sim)
 from opdviz.store.across import trajectories

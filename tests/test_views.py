@@ -8,8 +8,8 @@ import pytest
 from synthetic import make_synthetic_store
 
 from opdviz.views import figures as F
-from opdviz.store import Selection
-from opdviz.store import Store
+from opdviz.views import style
+from opdviz.store import Selection, Store
 from opdviz.views.context import ViewContext
 from opdviz.views.registry import FIGURES, PAGES, RUN_PAGES, figure_spec, figures_for
 from opdviz.views.tables import overview_table, provenance
@@ -66,7 +66,7 @@ def test_run_colour_is_its_method_colour_on_every_page(store):
         for t in fig.data:
             if t.name and t.name.split(" ")[0] in ("OPD", "RL", "SFT") and t.showlegend is not False:
                 color = t.marker.color if t.type == "bar" else t.line.color
-                assert color == F.method_color(t.name.split(" ")[0]), spec.key
+                assert color == style.method_color(t.name.split(" ")[0]), spec.key
 
 
 def test_selection_filters_runs_and_modules(store):

@@ -360,7 +360,7 @@ def sidebar(page_path: str) -> None:
     if sel_blocks:
         fac = fac[fac["block"].isin(sel_blocks)]
 
-    from opdviz.views.figures import module_sort_key  # the figures' module order (q k v o gate up down …)
+    from opdviz.views.style import module_sort_key  # the figures' module order (q k v o gate up down …)
     modules = sorted(fac["module"].dropna().unique(), key=module_sort_key)
     _init("f_modules", _param_list("module"))
     st.session_state.f_modules = [m for m in st.session_state.f_modules if m in modules]

@@ -21,7 +21,7 @@ Only this package speaks SQL. Its modules, by role:
   (runs, tensors, metrics, arrays, the export), ``summary`` (group aggregates pooled by the catalog's
   rules), ``across`` (overlap and trajectory tables), ``lab`` (the lab sweep's runs).
 
-    from opdviz.store import Store, Selection
+    from opdviz.store import Selection, Store
     from opdviz.store import queries
     queries.long_metrics(Store("data/opdviz.duckdb"), Selection(runs=("opd",)), ("stable_rank",))
 """

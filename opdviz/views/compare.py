@@ -8,6 +8,7 @@ import pandas as pd
 from opdviz.store import Selection, Store
 from opdviz.store import summary as S
 from opdviz.views import figures as F
+from opdviz.views import style
 from opdviz.views import formatting
 from opdviz.views.context import ViewContext
 
@@ -44,7 +45,7 @@ def compare_bars(store, sel, ctx):
     df = metric_frame(store, sel, ctx, "module")
     if not df.empty:
         df = df.assign(module=df["module"].astype(str))
-        order = sorted(df["module"].unique(), key=F.module_sort_key)
+        order = sorted(df["module"].unique(), key=style.module_sort_key)
         df = df.set_index("module").loc[order].reset_index()
     return F.bars(df, "module", "value", f"{_compare_name(ctx)} per module", "module",
                   formatting.metric_label(ctx.metric, ctx.criterion)), df

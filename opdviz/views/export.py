@@ -23,7 +23,7 @@ import plotly.graph_objects as go
 
 from opdviz.views.csvsafe import to_csv
 from opdviz.errors import OpdvizError
-from opdviz.views.figures import paper_style
+from opdviz.views.style import paper_style
 
 STATIC_FORMATS = ("png", "svg", "pdf")
 FIGURE_FORMATS = STATIC_FORMATS + ("html",)
