@@ -237,9 +237,9 @@ def measure(cmd: list[str], env: dict) -> dict:
 
 
 def job_stages(db: Path, run: str) -> dict:
-    from opdviz.store.core import _slug
+    from opdviz.store import slug
 
-    path = Path(str(db) + ".staging") / "progress" / f"{_slug(run)}.json"
+    path = Path(str(db) + ".staging") / "progress" / f"{slug(run)}.json"
     return json.loads(path.read_text()).get("job_stages_s") or {}
 
 
@@ -330,7 +330,7 @@ def main() -> int:
             results.append({"policy": policy, "run": label, **{k: v for k, v in r.items() if k != "stdout"},
                             "stages": st, "floor": floor})
     if args.posts >= 1:
-        from opdviz.store.core import Store
+        from opdviz.store import Store
 
         st = Store(args.out / f"bench-{args.policy[0]}-one.duckdb")
         q = "FROM tensors WHERE run_id = 'bench0'"

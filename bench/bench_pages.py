@@ -95,7 +95,7 @@ def browser_times(db: Path, port: int = 8765, warmer: bool = False) -> list[tupl
 
     from playwright.sync_api import sync_playwright
 
-    from opdviz.views.single import figures_for
+    from opdviz.views.registry import figures_for
 
     env = {**os.environ, "OPDVIZ_DB": str(db), "OPDVIZ_PREWARM": "1" if warmer else "0"}
     server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless",
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.getLogger("streamlit").setLevel(logging.ERROR)
-    from opdviz.views.single import figures_for
+    from opdviz.views.registry import figures_for
 
     rows = []
     for page in PAGES:

@@ -56,7 +56,7 @@ def compute(base: Path, posts: list[Path], db: Path, device: str) -> None:
 
 
 def compare(cpu_db: Path, gpu_db: Path) -> list[str]:
-    from opdviz.store.core import Store
+    from opdviz.store import Store
 
     problems = []
     cpu, gpu = Store(cpu_db), Store(gpu_db)

@@ -304,7 +304,7 @@ def open(db: PathLike = DEFAULT_DB) -> Results:  # noqa: A001 — the name is th
         StoreError when ``db`` does not exist (and no job has staged results for it yet), is a folder,
         is not a DuckDB file, or is a DuckDB file without opdviz's tables.
     """
-    from opdviz.store.core import Store
+    from opdviz.store import Store
 
     store = Store(db)
     store.check_readable()

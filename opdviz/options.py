@@ -249,6 +249,6 @@ def criterion_sort_key(name: str) -> tuple[int, float]:
 # figure exports, views and the sidebar read it from here)
 DEFAULT_CRITERIA: tuple[str, ...] = AnalysisOptions().criteria()
 DEFAULT_CRITERION: str = AnalysisOptions().criterion
-# the subset the lab sweep's figures and tables show (opdviz.views.lab, opdviz.store.queries.lab_runs)
+# the subset the lab sweep's figures and tables show (opdviz.views.lab, opdviz.store.lab.lab_runs)
 LAB_CRITERIA: tuple[str, ...] = tuple(c for c in DEFAULT_CRITERIA
                                       if c in ("exact", "abs_1e-6", "abs_1e-5", "abs_1e-4", "bf16_1e-3"))

@@ -1,7 +1,7 @@
 """Reading a store from Python: ``Results`` (what ``opdviz.open(db)`` returns) and the figure names.
 
-Read-only by construction: every method queries the store through ``opdviz.store.queries`` /
-``opdviz.views.across`` (the same functions the CLI and the dashboard use) and nothing here writes.
+Read-only by construction: every method queries the store through ``opdviz.store`` and the
+views of ``opdviz.views`` (the same functions the CLI and the dashboard use) and nothing here writes.
 
     store = opdviz.open("data/opdviz.duckdb")
     store.metrics(runs="opd", layers=range(4), modules=["q", "down"], metrics="sparsity_*")
@@ -22,18 +22,9 @@ from opdviz.options import AnalysisOptions
 def figure_names() -> list[str]:
     """Every figure ``Results.figure`` can draw, in the order of the dashboard's pages (the list
     ``opdviz figures --list`` prints)."""
-    return list(_registry())
+    from opdviz.views.registry import FIGURES
 
-
-def _registry() -> dict:
-    """Figure name → (FigureSpec, kind): "run" figures take a ``ViewContext``, "across" an ``AcrossContext``."""
-    from opdviz.views.single import FIGURES
-    from opdviz.views.across import FIGURES as ACROSS
-
-    out = {f.key: (f, "run") for f in FIGURES}
-    for f in ACROSS:
-        out.setdefault(f.key, (f, "across"))
-    return out
+    return [f.key for f in FIGURES]
 
 
 class Results:
@@ -134,7 +125,8 @@ class Results:
         """
         import pandas as pd
 
-        from opdviz.views.across import GROUPS, overlap_groups, overlap_pairs
+        from opdviz.store.across import overlap_pairs
+        from opdviz.views.across import GROUPS, overlap_groups
 
         if by not in GROUPS:
             raise OptionsError(f"by must be one of {', '.join(GROUPS)}, not {by!r}")
@@ -150,7 +142,7 @@ class Results:
 
     def trajectories(self):
         """Stored trajectories: trajectory, method, n_steps, first, last, has_metrics."""
-        from opdviz.views.across import trajectories
+        from opdviz.store.across import trajectories
 
         return trajectories(self._store)
 
@@ -160,7 +152,7 @@ class Results:
         per-pair metric too: ``metrics(runs=[...])``. Metric definitions: README "Trajectories"."""
         import pandas as pd
 
-        from opdviz.views.across import trajectory_long
+        from opdviz.store.across import trajectory_long
 
         known = list(self.trajectories()["trajectory"])
         names = [name] if name is not None else known
@@ -175,18 +167,18 @@ class Results:
 
     # ------------------------------------------------------------------------------ figures
     def _build(self, name: str, runs, filters: dict):
-        from opdviz.store.queries import Selection
-        from opdviz.views.single import ViewContext
-        from opdviz.views.across import AcrossContext
+        from opdviz.store import Selection
+        from opdviz.views.context import AcrossContext, ViewContext
+        from opdviz.views.registry import ACROSS_PAGES, figure_spec
 
-        registry = _registry()
-        if name not in registry:
-            raise OptionsError(f"no figure {name!r}; figures: {', '.join(registry)}")
+        names = figure_names()
+        if name not in names:
+            raise OptionsError(f"no figure {name!r}; figures: {', '.join(names)}")
         unknown = sorted(set(filters) - set(self.FIGURE_FILTERS))
         if unknown:
             raise OptionsError(f"unknown figure filter{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
                                f"valid: runs, {', '.join(self.FIGURE_FILTERS)}")
-        spec, kind = registry[name]
+        spec = figure_spec(name)
         table = self.runs()
         known = list(table["run_id"])
         chosen = _strs(runs, "runs")
@@ -214,7 +206,7 @@ class Results:
                         modules=tuple(_strs(filters.get("modules"), "modules")),
                         layer_min=min(layers) if layers else None, layer_max=max(layers) if layers else None)
         criterion = filters.get("criterion") or AnalysisOptions().criterion
-        if kind == "run":
+        if spec.page not in ACROSS_PAGES:
             ctx = ViewContext(criterion=criterion, tensor=filters.get("tensor"),
                               tensors=tuple(_strs(filters.get("tensors"), "tensors")),
                               metric=filters.get("metric") or "sparsity", run_a=filters.get("run_a"),

@@ -3,7 +3,8 @@
 import streamlit as st
 
 from opdviz.views import lab as VL
-from opdviz.store.core import Store
+from opdviz.views import lab_findings as LF
+from opdviz.store import Store
 from opdviz.dashboard import header, render
 
 view = header.begin("Lab: when is the update sparse?", r"""
@@ -34,9 +35,9 @@ st.caption(f"{n_full} sweep runs and {len(runs) - n_full} masked retrainings sto
 
 st.subheader("Findings")
 sub = VL.subnetwork_table(runs)
-for sentence in (VL.finding_sparse_regime(runs), VL.finding_precision(runs), VL.finding_methods(runs),
-                 VL.finding_blocks(runs), VL.finding_principal(runs), VL.finding_subnetwork(sub)):
-    st.markdown(f"- {VL.markdown_escape(sentence)}")
+for sentence in (LF.finding_sparse_regime(runs), LF.finding_precision(runs), LF.finding_methods(runs),
+                 LF.finding_blocks(runs), LF.finding_principal(runs), LF.finding_subnetwork(sub)):
+    st.markdown(f"- {LF.markdown_escape(sentence)}")
 
 criteria = list(VL.CRITERIA)
 criterion = st.selectbox("Unchanged under", criteria, format_func=lambda c: VL.CRITERIA[c], key="p_lab_crit")

@@ -3,7 +3,8 @@
 import streamlit as st
 
 from opdviz.views import export as figexport
-from opdviz.views import across as VA
+from opdviz.views import registry
+from opdviz.views.context import AcrossContext
 from opdviz.dashboard import cache, header, params, render, text
 
 view = header.begin("Overlap", r"""For two runs A and B trained from the same base, which coordinates did **both** change? With
@@ -29,9 +30,9 @@ picked = st.selectbox("Pair (A ∩ B)", labels, key="p_pair", help="Pairs with a
 params.remember("p_pair", picked)
 params.sync_params({"pair": None if picked == labels[0] else picked})
 row = pairs.iloc[labels.index(picked)]
-ctx = VA.AcrossContext(criterion=view.ctx.criterion, run_a=row.run_a, run_b=row.run_b)
+ctx = AcrossContext(criterion=view.ctx.criterion, run_a=row.run_a, run_b=row.run_b)
 
-for i, spec in enumerate(VA.figures_for("overlap")):
+for i, spec in enumerate(registry.figures_for("overlap")):
     fig, df = cache.across(spec.key, view.db, view.stamp, view.sel, ctx)
     render.chart(i, spec.key, fig, df, spec.caption, manifest=lambda: render.provenance_manifest(view, ctx))
 

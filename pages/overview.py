@@ -3,8 +3,8 @@
 import streamlit as st
 
 from opdviz.views import export as figexport
-from opdviz.views import lab as views_lab
-from opdviz.store.core import Store
+from opdviz.views import lab_findings as LF
+from opdviz.store import Store
 from opdviz.dashboard import cache, header, provenance, render, sidebar
 
 view = header.begin("Overview", r"""
@@ -18,11 +18,11 @@ Subnetworks* (arXiv 2505.11711).""")
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def _sentence(db: str, stamp: tuple) -> str:
-    return views_lab.overview_sentence(Store(db))
+    return LF.overview_sentence(Store(db))
 
 
 if sentence := _sentence(view.db, view.stamp):
-    st.info(views_lab.markdown_escape(sentence), icon=":material/visibility:")
+    st.info(LF.markdown_escape(sentence), icon=":material/visibility:")
 
 table = cache.query("overview_table", view.db, view.stamp, view.sel, view.ctx)
 render.numbers_table(table, {

@@ -2,7 +2,9 @@
 
 import streamlit as st
 
-from opdviz.views import across as VA
+from opdviz.views import registry
+from opdviz.views.across import STEP_METRICS
+from opdviz.views.context import AcrossContext
 from opdviz.engine.live import REFRESH_S, read_status, training_log
 from opdviz.dashboard import cache, header, params, render, text
 
@@ -28,9 +30,9 @@ params.sticky("p_traj", "traj", names, names[0])
 name = c_t.selectbox("Trajectory", names, key="p_traj",
                      format_func=lambda n: f"{n} ({trajs.set_index('trajectory').at[n, 'method']}, "
                                            f"{trajs.set_index('trajectory').at[n, 'n_steps']} steps)")
-metrics = list(VA.STEP_METRICS)
+metrics = list(STEP_METRICS)
 params.sticky("p_tmetric", "tmetric", metrics, "sparsity")
-metric = c_m.selectbox("Per-step metric", metrics, key="p_tmetric", format_func=lambda m: VA.STEP_METRICS[m])
+metric = c_m.selectbox("Per-step metric", metrics, key="p_tmetric", format_func=lambda m: STEP_METRICS[m])
 for key, value in (("p_traj", name), ("p_tmetric", metric)):
     params.remember(key, value)
 params.sync_params({"traj": None if name == names[0] else name, "tmetric": None if metric == "sparsity" else metric})
@@ -54,7 +56,7 @@ if running and not bool(trajs.set_index("trajectory").at[name, "has_metrics"]):
 elif not bool(trajs.set_index("trajectory").at[name, "has_metrics"]):
     st.warning(f"Trajectory **{text.md(name)}** has per-step runs but no trajectory metrics yet (is `opdviz trajectory` "
                "still running?). Per-step figures are shown; rerun the same command to finish.")
-ctx = VA.AcrossContext(criterion=view.ctx.criterion, trajectory=name, metric=metric)
+ctx = AcrossContext(criterion=view.ctx.criterion, trajectory=name, metric=metric)
 
 
 def _figures(stamp: tuple) -> None:
@@ -62,7 +64,7 @@ def _figures(stamp: tuple) -> None:
     if log is not None and not log.empty:
         with st.expander(f"Training log: loss and learning rate at the {len(log)} stored steps"):
             st.dataframe(log, hide_index=True, width="stretch")
-    for i, spec in enumerate(VA.figures_for("trajectory")):
+    for i, spec in enumerate(registry.figures_for("trajectory")):
         fig, df = cache.across(spec.key, view.db, stamp, view.sel, ctx)
         render.chart(i, spec.key, fig, df, spec.caption, manifest=lambda: render.provenance_manifest(view, ctx))
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from opdviz.metrics.rankgrid import rank_grid
-from opdviz.store.core import RunWriter, Store, now
+from opdviz.store import RunWriter, Store, now
 
 
 MODULES = ("q", "k", "v", "o", "gate", "up", "down")

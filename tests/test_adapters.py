@@ -18,7 +18,7 @@ from opdviz.errors import CheckpointError  # noqa: E402
 from opdviz.engine.runner import JobSpec, run_job  # noqa: E402
 from opdviz.options import AnalysisOptions  # noqa: E402
 from opdviz.io.reader import Checkpoint  # noqa: E402
-from opdviz.store.core import Store  # noqa: E402
+from opdviz.store import Store  # noqa: E402
 
 
 def tiny_llama(dtype):

@@ -18,8 +18,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from opdviz.errors import StoreError
-from opdviz.store.core import RunWriter
-from opdviz.views.single import figures_for
+from opdviz.store import RunWriter
+from opdviz.views.registry import figures_for
 from synthetic import make_synthetic_store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,7 +175,7 @@ def test_a_run_whose_process_died_says_so(monkeypatch, tmp_path):
     import subprocess
     import sys
 
-    from opdviz.store.core import Store, computing, lock_path
+    from opdviz.store import Store, computing, lock_path
 
     path = tmp_path / "killed.duckdb"
     store = make_synthetic_store(path, finished=False)
@@ -215,8 +215,9 @@ def test_a_store_error_is_shown_without_a_traceback(monkeypatch, db):
 
 
 def test_the_warmer_builds_the_other_pages_once(monkeypatch, db):
-    from opdviz.store.queries import Selection
-    from opdviz.views.single import FIGURES, ViewContext
+    from opdviz.store import Selection
+    from opdviz.views.context import ViewContext
+    from opdviz.views.registry import FIGURES, RUN_PAGES
 
     built = []
     build = cache.QUERIES["figure"]
@@ -230,7 +231,7 @@ def test_the_warmer_builds_the_other_pages_once(monkeypatch, db):
         if thread is not None:
             thread.join(timeout=120)
             assert not thread.is_alive()
-        expected = [s.key for s in FIGURES if s.page not in ("overview", "compare")]
+        expected = [s.key for s in FIGURES if s.page in RUN_PAGES and s.page not in ("overview", "compare")]
         assert built == expected
         warmer.submit((db, view.stamp, expected[0], view.sel, view.ctx)).result(timeout=60)
         assert built == expected                        # answered from the cache

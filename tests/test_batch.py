@@ -9,7 +9,7 @@ import pytest
 from opdviz.engine.batch import load_batch
 from opdviz.cli import main as cli
 from opdviz.errors import OptionsError
-from opdviz.store.core import Store
+from opdviz.store import Store
 
 
 def write(path, data) -> str:

@@ -18,7 +18,7 @@ pytest.importorskip("transformers")
 from safetensors.numpy import load_file  # noqa: E402
 
 from opdviz.engine.live import live_dir, read_status, training_log  # noqa: E402
-from opdviz.store.core import Store  # noqa: E402
+from opdviz.store import Store  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "train_with_callback.py"

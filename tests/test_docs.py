@@ -12,7 +12,7 @@ from opdviz.cli import COMMANDS, build_parser
 from opdviz.metrics.registry import all_families
 from opdviz.options import AnalysisOptions
 from opdviz.io.safefiles import SETTINGS
-from opdviz.store.core import SCHEMAS
+from opdviz.store import SCHEMAS
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 

@@ -15,8 +15,9 @@ from synthetic import make_synthetic_store
 from opdviz.views import export as X
 from opdviz.cli import figures as cmd
 from opdviz.errors import OpdvizError
-from opdviz.store.queries import Selection
-from opdviz.views.single import ViewContext, figure_spec
+from opdviz.store import Selection
+from opdviz.views.context import ViewContext
+from opdviz.views.registry import figure_spec
 
 CHROMIUM = shutil.which("chromium") or shutil.which("/usr/bin/chromium")
 needs_chromium = pytest.mark.skipif(not CHROMIUM, reason="static export needs Chromium (/usr/bin/chromium); "

@@ -8,6 +8,8 @@ import plotly.graph_objects as go
 import pytest
 
 from opdviz.views import figures as F
+from opdviz.views import style
+
 
 RUNS = pd.DataFrame({"run_id": ["opd-a", "rl-a", "sft-a"], "method": ["OPD", "RL", "SFT"]})
 
@@ -50,18 +52,18 @@ def _titled(fig: go.Figure) -> None:
 
 # ------------------------------------------------------------------------ colours
 def test_method_colours_fixed_and_colour_blind_safe():
-    assert F.method_color("OPD") == F.OKABE_ITO["blue"] == F.method_color("opd")
-    assert F.method_color("RL") == F.OKABE_ITO["vermillion"]
-    assert F.method_color("SFT") == F.OKABE_ITO["bluish_green"]
-    assert len({F.method_color(m) for m in ("OPD", "RL", "GRPO", "SFT", "DPO", "base")}) == 6
+    assert style.method_color("OPD") == style.OKABE_ITO["blue"] == style.method_color("opd")
+    assert style.method_color("RL") == style.OKABE_ITO["vermillion"]
+    assert style.method_color("SFT") == style.OKABE_ITO["bluish_green"]
+    assert len({style.method_color(m) for m in ("OPD", "RL", "GRPO", "SFT", "DPO", "base")}) == 6
     # other labels hash stably (sha1, not Python's salted hash)
-    assert F.method_color("my-method") == F.method_color("my-method")
-    assert F.method_color("my-method") in F._EXTRA_COLORS
+    assert style.method_color("my-method") == style.method_color("my-method")
+    assert style.method_color("my-method") in style._EXTRA_COLORS
 
 
 def test_runs_sharing_a_method_differ_by_dash():
-    styles = F.run_styles(pd.DataFrame({"run_id": ["a", "b", "c"], "method": ["OPD", "OPD", "RL"]}))
-    assert styles["a"][0] == styles["b"][0] == F.method_color("OPD")
+    styles = style.run_styles(pd.DataFrame({"run_id": ["a", "b", "c"], "method": ["OPD", "OPD", "RL"]}))
+    assert styles["a"][0] == styles["b"][0] == style.method_color("OPD")
     assert styles["a"][1] != styles["b"][1]
 
 
@@ -73,7 +75,7 @@ def test_method_colour_same_across_figures():
                              kind="low-magnitude"), "t")
     for fig in (lines, bars, cov):
         colors = _colors(fig)
-        assert colors["opd-a"] == F.method_color("OPD") and colors["rl-a"] == F.method_color("RL")
+        assert colors["opd-a"] == style.method_color("OPD") and colors["rl-a"] == style.method_color("RL")
 
 
 # ------------------------------------------------------------------------ heatmaps
@@ -108,7 +110,7 @@ def test_layerwise_lines_colour_per_module_dash_per_method():
     data = [t for t in fig.data if t.showlegend is False]
     assert len(data) == 9
     q = [t for t in data if t.name.startswith("q ·")]
-    assert {t.line.color for t in q} == {F.MODULE_COLORS["q"]} and len({t.line.dash for t in q}) == 3
+    assert {t.line.color for t in q} == {style.MODULE_COLORS["q"]} and len({t.line.dash for t in q}) == 3
     _titled(fig)
 
 
@@ -192,11 +194,11 @@ def test_empty_input_gives_annotated_figure(build):
 
 @pytest.mark.parametrize("width,px", [("single", 336), ("double", 672)])   # 3.5 in and 7 in at 96 px/in
 def test_paper_style_sizes_and_fonts(width, px):
-    fig = F.paper_style(F.heatmap(_by_layer(), "value", "u (%)", "title"), width)
+    fig = style.paper_style(F.heatmap(_by_layer(), "value", "u (%)", "title"), width)
     assert fig.layout.width == px and 10 <= fig.layout.font.size <= 12     # 8–9 pt at 96 px/in
     assert fig.layout.title.text is None
     with pytest.raises(ValueError):
-        F.paper_style(fig, "triple")
+        style.paper_style(fig, "triple")
 
 
 def test_cumulative_energy_of_truncated_spectrum_uses_exact_norm():

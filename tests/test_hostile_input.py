@@ -29,7 +29,7 @@ from opdviz.engine.provenance import training_metadata
 from opdviz.options import AnalysisOptions, check_label
 from opdviz.io.reader import Checkpoint
 from opdviz.io.safefiles import Limits, scan_json
-from opdviz.store.core import Store
+from opdviz.store import Store
 
 SECRET = b"TOP-SECRET-5f3a9c"          # the content of a file outside every checkpoint folder
 CFG = factory.llama_config(layers=1, hidden=16, ffn=32, heads=2, kv_heads=1, vocab=24)

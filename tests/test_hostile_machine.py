@@ -20,7 +20,7 @@ import factory
 from opdviz.engine import queue as jobs
 from opdviz.cli import main as cli
 from opdviz.engine.queue import JobRequest
-from opdviz.store.core import Store, computing
+from opdviz.store import Store, computing
 from waiting import wait_for as _wait_for
 
 LONG_CFG = factory.llama_config(layers=8, hidden=128, ffn=352, heads=4, kv_heads=2, vocab=160)
@@ -128,7 +128,7 @@ def test_concurrent_folds_never_fail_a_job_that_computed_everything(pair, refere
     folders = [subprocess.Popen([sys.executable, "-c", f"""
 import time
 from pathlib import Path
-from opdviz.store.core import Store
+from opdviz.store import Store
 store, end = Store({str(db)!r}), time.monotonic() + 600
 while time.monotonic() < end and not Path({str(stop)!r}).exists():
     store.fold(wait=0.05)
@@ -373,7 +373,7 @@ def test_a_full_disk_while_writing_the_status_file_is_the_same_clear_error(tmp_p
 
 def test_a_full_disk_while_folding_keeps_the_fragments(tmp_path, monkeypatch):
     from opdviz.errors import DiskFullError
-    from opdviz.store.core import RunWriter
+    from opdviz.store import RunWriter
 
     store = Store(tmp_path / "s.duckdb")
     RunWriter(store, "r").write_run({"status": "running"})

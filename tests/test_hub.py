@@ -16,7 +16,7 @@ from opdviz.io import hub  # noqa: E402
 from opdviz.cli import main  # noqa: E402
 from opdviz.errors import CheckpointError  # noqa: E402
 from opdviz.io.reader import Checkpoint  # noqa: E402
-from opdviz.store.core import Store  # noqa: E402
+from opdviz.store import Store  # noqa: E402
 
 
 def cache_model(cache: Path, repo_id: str, folder: Path, *, commit: str, refs=("main",)) -> Path:

@@ -13,7 +13,7 @@ import pytest
 
 import factory
 from opdviz.cli import main as cli
-from opdviz.store.core import Store
+from opdviz.store import Store
 
 REQUIRED = ("sparsity_exact sparsity_abs_1e-8 sparsity_abs_1e-7 sparsity_abs_1e-6 sparsity_abs_1e-5 "
             "sparsity_abs_1e-4 sparsity_relrms_1e-4 sparsity_relrms_1e-3 sparsity_relrms_1e-2 sparsity_bf16_1e-3 "

@@ -18,7 +18,7 @@ from opdviz.engine import queue as jobs
 from opdviz.cli import jobs as jobs_cmd
 from opdviz.errors import OptionsError, StoreError
 from opdviz.engine.queue import JobRequest
-from opdviz.store.core import Store
+from opdviz.store import Store
 from waiting import wait_for as _wait_for
 
 N_TENSORS = len(factory.make_llama_state())

@@ -16,13 +16,14 @@ from safetensors.torch import load_file as _load_torch
 from streamlit.testing.v1 import AppTest
 
 from opdviz.views import lab as VL
+from opdviz.views import lab_findings as LF
 from opdviz.cli import main as cli_main
 from opdviz.errors import OptionsError
 from opdviz.lab.grid import SweepGrid, SweepPoint
 from opdviz.lab.pipeline import run_lab
 from opdviz.lab.sweep import run_sweep
 from opdviz.options import AnalysisOptions
-from opdviz.store.core import Store
+from opdviz.store import Store
 from test_lab import tiny_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,7 +169,7 @@ def _grid(sparsity: dict, acc: dict, seeds=(0, 1, 2), **kw) -> pd.DataFrame:
 def test_sparse_regime_found_when_sparse_runs_improve():
     runs = _grid({("OPD", "bf16", 3e-5): 0.8, ("OPD", "fp32", 3e-5): 0.1},
                  {("OPD", "bf16", 3e-5): 0.45, ("OPD", "fp32", 3e-5): 0.5})
-    text = VL.finding_sparse_regime(runs)
+    text = LF.finding_sparse_regime(runs)
     assert "in 1 of 2 settings" in text and "OPD at lr 3e-5 (bf16" in text and "80 % unchanged" in text
 
 
@@ -176,15 +177,15 @@ def test_sparse_regime_absent_when_sparse_runs_do_not_improve():
     # sparse runs gain 1 point: within two standard errors of a 500-problem test (≈ 4 points)
     runs = _grid({("OPD", "bf16", 1e-6): 0.9, ("OPD", "fp32", 1e-4): 0.05},
                  {("OPD", "bf16", 1e-6): 0.31, ("OPD", "fp32", 1e-4): 0.6})
-    assert VL.finding_sparse_regime(runs).startswith("No setting of the sweep")
+    assert LF.finding_sparse_regime(runs).startswith("No setting of the sweep")
 
 
 def test_precision_finding_counts_matched_runs():
     runs = _grid({("OPD", "bf16", 1e-5): 0.8, ("OPD", "fp32", 1e-5): 0.2}, {("OPD", "bf16", 1e-5): 0.4,
                                                                            ("OPD", "fp32", 1e-5): 0.4})
-    text = VL.finding_precision(runs)
+    text = LF.finding_precision(runs)
     assert "bf16 is sparser in 3 of 3 matched runs" in text and "80 %" in text and "20 %" in text
-    assert "not measured" in VL.finding_precision(runs[runs["precision"] == "bf16"])
+    assert "not measured" in LF.finding_precision(runs[runs["precision"] == "bf16"])
 
 
 @pytest.mark.parametrize("opd, sft, verdict", [(0.8, 0.3, "the claim reproduces for OPD"),
@@ -192,14 +193,14 @@ def test_precision_finding_counts_matched_runs():
 def test_method_claim_uses_the_seed_range(opd, sft, verdict):
     runs = _grid({("OPD", "bf16", 1e-5): opd, ("SFT", "bf16", 1e-5): sft},
                  {("OPD", "bf16", 1e-5): 0.4, ("SFT", "bf16", 1e-5): 0.4})
-    assert verdict in VL.finding_methods(runs)
+    assert verdict in LF.finding_methods(runs)
 
 
 @pytest.mark.parametrize("ffn, attn, verdict", [(0.2, 0.6, "reproduces"), (0.7, 0.3, "does not reproduce")])
 def test_ffn_claim(ffn, attn, verdict):
     runs = _grid({("OPD", "bf16", 1e-5): 0.5}, {("OPD", "bf16", 1e-5): 0.4},
                  sparsity_exact_ffn=ffn, sparsity_exact_attn=attn)
-    assert f"the claim {verdict} here" in VL.finding_blocks(runs)
+    assert f"the claim {verdict} here" in LF.finding_blocks(runs)
 
 
 @pytest.mark.parametrize("opd, sft, verdict", [(0.01, 0.05, "reproduces"), (0.08, 0.05, "does not reproduce")])
@@ -207,7 +208,7 @@ def test_principal_claim(opd, sft, verdict):
     """Matched runs (same precision, rate, seed): OPD below SFT in all 3 or in none."""
     a = _grid({("OPD", "bf16", 1e-5): 0.5}, {("OPD", "bf16", 1e-5): 0.4}, principal_proj_10pct=opd)
     b = _grid({("SFT", "bf16", 1e-5): 0.5}, {("SFT", "bf16", 1e-5): 0.4}, principal_proj_10pct=sft)
-    assert f"{verdict} here" in VL.finding_principal(pd.concat([a, b], ignore_index=True))
+    assert f"{verdict} here" in LF.finding_principal(pd.concat([a, b], ignore_index=True))
 
 
 @pytest.mark.parametrize("masked, rand, verdict", [(0.5, 0.32, "holds in 1 of 1"), (0.5, 0.5, "holds in 0 of 1"),
@@ -221,15 +222,15 @@ def test_subnetwork_claim(masked, rand, verdict):
     table = VL.subnetwork_table(_runs(rows))
     assert list(table["training"]) == ["full OPD", "OPD mask", "random mask"]
     assert table["seeds"].tolist() == [3, 3, 3] and table["mask_density"].iloc[0] == pytest.approx(0.2)
-    text = VL.finding_subnetwork(table)
+    text = LF.finding_subnetwork(table)
     assert verdict in text and "mask 20 % of coordinates" in text
 
 
 def test_empty_sweep_says_so():
     empty = pd.DataFrame(columns=list(VL.COLUMNS))
-    assert "No lab sweep runs" in VL.finding_sparse_regime(empty)
+    assert "No lab sweep runs" in LF.finding_sparse_regime(empty)
     assert VL.fig_unchanged(empty).layout.meta["empty"]
-    assert "not tested" in VL.finding_subnetwork(VL.subnetwork_table(empty))
+    assert "not tested" in LF.finding_subnetwork(VL.subnetwork_table(empty))
 
 
 def test_figures_draw_one_line_per_method_and_panel():
@@ -265,12 +266,12 @@ def test_lab_page_renders_the_sweep(monkeypatch, sweep):
 
 def test_overview_sentence_groups_runs_by_their_settings(sweep):
     _, db, _ = sweep
-    text = VL.overview_sentence(Store(db))
+    text = LF.overview_sentence(Store(db))
     assert text.startswith("You are looking at 8 post-trained runs")      # masked retrainings left out
     assert "at lr 3e-2 with weights in bf16 throughout, no weight decay" in text
     assert "at lr 1e-7 with fp32 master weights saved as bf16" in text
-    assert VL.overview_sentence(Store(db.parent / "missing.duckdb")) == ""
+    assert LF.overview_sentence(Store(db.parent / "missing.duckdb")) == ""
 
 
 def test_markdown_escape_neutralises_links_and_emphasis():
-    assert VL.markdown_escape("[x](javascript:1) *a* `b`") == "\\[x\\]\\(javascript:1\\) \\*a\\* \\`b\\`"
+    assert LF.markdown_escape("[x](javascript:1) *a* `b`") == "\\[x\\]\\(javascript:1\\) \\*a\\* \\`b\\`"

@@ -23,16 +23,15 @@ from opdviz import cli
 from opdviz.views import export as figexport
 from opdviz.views import formatting
 from opdviz.store import queries as Q
-from opdviz.views import single as views
-from opdviz.views import across as views_across
+from opdviz.store import summary as S
+from opdviz.views import registry, sparsity, tables
 from opdviz.metrics.registry import AGGREGATIONS, DERIVED, UNITS, agg_label, all_families, family_of
-from opdviz.store.queries import Selection
-from opdviz.store.core import Store
-from opdviz.views.single import ViewContext
+from opdviz.store import Selection, Store
+from opdviz.views.context import AcrossContext, ViewContext
 
 CFG = factory.llama_config(layers=2, hidden=32, ffn=48, heads=4, kv_heads=2, vocab=40)
 HOSTILE = "RL <b>bold</b> & <a href='x'>link</a>"
-SPECS = list(views.FIGURES) + list(views_across.FIGURES)
+SPECS = list(registry.FIGURES)
 
 
 def _post(base: dict, seed: int, frac: float) -> dict:
@@ -77,7 +76,7 @@ SEL = Selection(runs=("a", "b"))
 
 
 def _build(store, spec):
-    ctx = views_across.AcrossContext() if spec.page in views_across.PAGES else ViewContext()
+    ctx = AcrossContext() if spec.page in registry.ACROSS_PAGES else ViewContext()
     sel = Selection() if spec.page == "trajectory" else SEL
     return spec.build(store, sel, ctx)
 
@@ -165,17 +164,17 @@ def test_sparsity_and_energy_figures_equal_the_metrics_export(real):
     w = _wide(_leaves(store, export))
     ref = _weighted(w, ["run", "layer", "module"], "sparsity_abs_1e-5", w["numel"])
     for key in ("overview.sparsity_heatmap", "sparsity.layerwise"):
-        _, df = views.figure_spec(key).build(store, SEL, ViewContext())
+        _, df = registry.figure_spec(key).build(store, SEL, ViewContext())
         got = df.rename(columns={"run_id": "run"}).groupby(["run", "layer", "module"], dropna=False)["sparsity"]
         # a heatmap cell is (layer, block, module): the test's groups (layer, module) hold one block each
         _same(got.first(), ref)
     # energy share per module: Σ ΔW² of the module / Σ ΔW² of the run
     sq = w.groupby(["run", "module"])["delta_sq_sum"].sum()
     share = sq / sq.groupby(level=0).transform("sum")
-    _, df = views.figure_spec("overview.energy_share").build(store, SEL, ViewContext())
+    _, df = registry.figure_spec("overview.energy_share").build(store, SEL, ViewContext())
     _same(df.rename(columns={"run_id": "run"}).groupby(["run", "module"])["energy_share"].sum(), share)
     # every criterion, parameter-weighted over the whole selection
-    _, df = views.figure_spec("sparsity.criteria").build(store, SEL, ViewContext())
+    _, df = registry.figure_spec("sparsity.criteria").build(store, SEL, ViewContext())
     for row in df.itertuples():
         col = f"sparsity_{row.criterion}"
         part = w[w["run"] == row.run_id]
@@ -188,11 +187,11 @@ def test_coverage_figure_table_and_export_agree(real):
     store, export = real
     w = _wide(_leaves(store, export))
     u = (1 - w["sparsity_abs_1e-5"]) * w["numel"]
-    _, fig_df = views.figure_spec("overview.coverage").build(store, SEL, ViewContext())
-    table = views.overview_table(store, SEL, ViewContext())
+    _, fig_df = registry.figure_spec("overview.coverage").build(store, SEL, ViewContext())
+    table = tables.overview_table(store, SEL, ViewContext())
     for kind, prefix, col in (("principal mask", "principal_coverage", "principal_coverage_10pct"),
                               ("low-magnitude mask", "lowmag_coverage", "lowmag_coverage_10pct")):
-        for a in views.ALPHAS:
+        for a in sparsity.ALPHAS:
             ref = _weighted(w, ["run"], f"{prefix}_{a}pct", u)
             got = fig_df[(fig_df["kind"] == kind) & np.isclose(fig_df["alpha"], a / 100)]
             _same(got.rename(columns={"run_id": "run"}).set_index("run")["coverage"], ref)
@@ -213,7 +212,7 @@ def test_per_matrix_means_equal_the_export(real, key, metric):
     store, export = real
     w = _wide(_leaves(store, export))
     ref = w[w[metric].notna()].groupby(["run", "layer", "block", "module"], dropna=False)[metric].mean()
-    _, df = views.figure_spec(key).build(store, SEL, ViewContext())
+    _, df = registry.figure_spec(key).build(store, SEL, ViewContext())
     got = df[df[f"{metric}_mean"].notna()].rename(columns={"run_id": "run"})
     _same(got.set_index(["run", "layer", "block", "module"])[f"{metric}_mean"], ref)
 
@@ -271,7 +270,7 @@ def test_compare_figures_pool_by_the_catalog_rule(real, metric, agg):
         return pd.DataFrame(rows)
 
     # per module: one bar per (run, module)
-    fig, _ = views.figure_spec("compare.bars").build(store, SEL, ctx)
+    fig, _ = registry.figure_spec("compare.bars").build(store, SEL, ctx)
     assert fig.layout.yaxis.title.text == formatting.label_of(name) + "<br>" + agg_label(agg)   # says how it pools
     got = pd.DataFrame([{"run": _trace_run(t), "module": x, "got": y} for t in fig.data if t.type == "bar"
                         for x, y in zip(t.x, t.y)])
@@ -280,7 +279,7 @@ def test_compare_figures_pool_by_the_catalog_rule(real, metric, agg):
     assert len(m) == len(r) == len(got), m
     np.testing.assert_allclose(m["got"].to_numpy(float), m["ref"].to_numpy(float), rtol=1e-12, equal_nan=True)
     # per layer: one line per run (tensors without a layer are not drawn)
-    fig, _ = views.figure_spec("compare.layerwise").build(store, SEL, ctx)
+    fig, _ = registry.figure_spec("compare.layerwise").build(store, SEL, ctx)
     got = pd.DataFrame([{"run": _trace_run(t), "layer": int(x), "got": y} for t in fig.data
                         if t.type == "scatter" and t.x is not None for x, y in zip(t.x, t.y) if x is not None])
     r = ref(["run", "layer"]).dropna(subset=["layer"]).astype({"layer": int})
@@ -288,7 +287,7 @@ def test_compare_figures_pool_by_the_catalog_rule(real, metric, agg):
     assert len(m) == len(got) and set(m["run"]) == {"a", "b"}
     np.testing.assert_allclose(m["got"].to_numpy(float), m["ref"].to_numpy(float), rtol=1e-12, equal_nan=True)
     # B − A per layer and module: the heatmap cell
-    fig, _ = views.figure_spec("compare.difference").build(store, SEL, ctx)
+    fig, _ = registry.figure_spec("compare.difference").build(store, SEL, ctx)
     hm = fig.data[0]
     ra = ref(["run", "layer", "module"]).dropna(subset=["layer"])
     a = ra[ra["run"] == "a"].set_index(["layer", "module"])["ref"]
@@ -300,11 +299,11 @@ def test_compare_figures_pool_by_the_catalog_rule(real, metric, agg):
 
 
 def test_group_summary_and_run_summary_pool_by_the_catalog(real):
-    """Every group summary that aggregates catalog metrics goes through the one rule (queries.pool_sql)."""
+    """Every group summary that aggregates catalog metrics goes through the one rule (summary.pool_sql)."""
     store, export = real
     w = _wide(_leaves(store, export))
     names = tuple(m if m != "sparsity" else "sparsity_abs_1e-5" for m, _ in COMPARE_METRICS)
-    df = Q.run_summary(store, SEL, matrix_metrics=names)
+    df = S.run_summary(store, SEL, matrix_metrics=names)
     for run, g in w.groupby("run"):
         row = df.set_index("run_id").loc[run]
         for n in names:
@@ -315,7 +314,7 @@ def test_overlap_figures_equal_the_stored_counts(real):
     store, _ = real
     c = store.query("SELECT criterion, sum(n_a) a, sum(n_b) b, sum(n_ab) ab, sum(numel) n FROM overlap "
                     "WHERE run_a = 'a' AND run_b = 'b' GROUP BY criterion")
-    _, df = views_across.figure_spec("overlap.criteria").build(store, Selection(), views_across.AcrossContext())
+    _, df = registry.figure_spec("overlap.criteria").build(store, Selection(), AcrossContext())
     got = df.set_index("criterion")
     for r in c.itertuples():
         pa, pb = r.a / r.n, r.b / r.n
@@ -326,7 +325,7 @@ def test_overlap_figures_equal_the_stored_counts(real):
 
 def test_trajectory_step_sparsity_equals_the_per_step_export(real):
     store, export = real
-    _, df = views_across.figure_spec("trajectory.step_metric").build(store, Selection(), views_across.AcrossContext())
+    _, df = registry.figure_spec("trajectory.step_metric").build(store, Selection(), AcrossContext())
     t = Q.tensors(store, Selection(runs=("a-traj@5", "a-traj@10")))
     e = export[export["run"].isin(t["run_id"]) & export["tensor"].isin(t["tensor"])
                & (export["metric"] == "sparsity_abs_1e-5")]
@@ -397,26 +396,26 @@ def test_table_display_scales_only_fractions():
 
 def test_untrusted_labels_render_literally(real):
     store, _ = real
-    fig, _ = views.figure_spec("sparsity.criteria").build(store, SEL, ViewContext())
+    fig, _ = registry.figure_spec("sparsity.criteria").build(store, SEL, ViewContext())
     names = [t.name for t in fig.data if t.name]
     assert any("&lt;b&gt;bold&lt;/b&gt; &amp; &lt;a href='x'&gt;" in n for n in names)
     assert not any("<b>" in n or "<a " in n for n in names)
-    fig, _ = views.figure_spec("overview.sparsity_heatmap").build(store, SEL, ViewContext())
+    fig, _ = registry.figure_spec("overview.sparsity_heatmap").build(store, SEL, ViewContext())
     titles = [a.text for a in fig.layout.annotations]
     assert not any("<b>" in t for t in titles) and any("&lt;b&gt;" in t for t in titles)
 
 
 def test_approximate_values_are_marked_in_every_export(real):
     store, _ = real
-    counts = views.approx_counts(store, Selection(runs=("a", "b", "c")))
+    counts = tables.approx_counts(store, Selection(runs=("a", "b", "c")))
     assert set(counts) == {"c"} and counts["c"] > 0
     sel = Selection(runs=("a", "c"))
     man = figexport.manifest(store, sel, ViewContext())
     assert man["approximate"] == {"c": counts["c"]}
     assert [r["approx_spectra"] for r in man["runs"]] == [0, counts["c"]]
-    table = views.overview_table(store, sel, ViewContext()).set_index("run_id")
+    table = tables.overview_table(store, sel, ViewContext()).set_index("run_id")
     assert table.at["a", "approx_spectra"] == 0 and table.at["c", "approx_spectra"] == counts["c"]
-    items = [("sparsity.sweep", *views.figure_spec("sparsity.sweep").build(store, sel, ViewContext()))]
+    items = [("sparsity.sweep", *registry.figure_spec("sparsity.sweep").build(store, sel, ViewContext()))]
     import io
     import zipfile
     zf = zipfile.ZipFile(io.BytesIO(figexport.page_zip(items, fmt="html", manifest=man)))
@@ -432,7 +431,7 @@ def test_cli_figures_covers_every_page_and_leaves_steps_out(real, tmp_path):
                      "--page", "overlap", "--page", "trajectory"]) == 0
     man = json.loads((out / "manifest.json").read_text())
     keys = {f["key"] for f in man["figures"]}
-    assert {s.key for s in views_across.FIGURES} == keys
+    assert {s.key for s in registry.FIGURES if s.page in registry.ACROSS_PAGES} == keys
     assert all((out / f["file"]).exists() and (out / f["data"]).exists() for f in man["figures"])
     # as the dashboard's "all runs": the trajectory's per-step runs are not among the runs shown
     assert [r["run_id"] for r in man["runs"]] == ["a", "b", "c"] and man["filters"]["runs"] == ["a", "b", "c"]

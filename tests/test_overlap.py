@@ -16,10 +16,10 @@ from opdviz.errors import CheckpointError, OptionsError
 from opdviz.options import AnalysisOptions
 from opdviz.engine.overlap import OverlapSpec, run_overlap
 from opdviz.io.reader import Checkpoint
-from opdviz.store.queries import Selection
-from opdviz.store.core import Store
-from opdviz.views.single import ViewContext
-from opdviz.views.across import AcrossContext, figures_for, overlap_groups, overlap_stats, top_overlaps
+from opdviz.store import Selection, Store
+from opdviz.views.context import AcrossContext, ViewContext
+from opdviz.views.across import overlap_groups, overlap_stats, top_overlaps
+from opdviz.views.registry import figures_for
 
 CFG = factory.llama_config(layers=2, hidden=32, ffn=48, heads=4, kv_heads=2, vocab=40)
 

@@ -20,7 +20,7 @@ from opdviz.engine.local import LocalExecutor, Work  # noqa: E402
 from opdviz.engine.raycluster import RayExecutor, plan_tasks  # noqa: E402
 from opdviz.engine.runner import JobSpec, run_job  # noqa: E402
 from opdviz.store.queries import export_rows  # noqa: E402
-from opdviz.store.core import Store, _slug  # noqa: E402
+from opdviz.store import Store, slug  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +36,7 @@ def spec(pair, db, name="run1", **kw) -> JobSpec:
 
 
 def tasks_state(db, run_id) -> dict:
-    return json.loads((Store(db).staging / "progress" / f"{_slug(run_id)}.json").read_text())
+    return json.loads((Store(db).staging / "progress" / f"{slug(run_id)}.json").read_text())
 
 
 @pytest.fixture(scope="module")

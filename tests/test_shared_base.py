@@ -24,7 +24,7 @@ from opdviz.engine.runner import JobSpec, run_jobs
 from opdviz.metrics import analyse_pair, base_work
 from opdviz.metrics.geometry import SMALL_SELECT, linalg_base, principal_coverage
 from opdviz.options import AnalysisOptions
-from opdviz.store.core import Store
+from opdviz.store import Store
 
 # big enough that the FFN and embedding matrices (≥ 49152 entries) take the histogram selection
 # and the vocabulary matrices tall enough (m ≥ 8n + 8) for their factors to enter the base cache

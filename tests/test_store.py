@@ -9,7 +9,8 @@ import textwrap
 import duckdb
 import pytest
 
-from opdviz.store.core import SCHEMAS, SMALL_ARRAY, QueryMemo, RunWriter, Store, _ddl, now
+from opdviz.store import SCHEMAS, QueryMemo, RunWriter, Store, now
+from opdviz.store.schema import SMALL_ARRAY, ddl
 
 
 def _tensor(writer: RunWriter, name: str, value: float, layer: int = 0) -> None:
@@ -141,7 +142,7 @@ def test_store_folded_before_the_split_is_read(store):
     store.db_path.parent.mkdir(parents=True, exist_ok=True)
     with duckdb.connect(str(store.db_path)) as con:
         for table in SCHEMAS:
-            con.execute(_ddl(table))
+            con.execute(ddl(table))
         con.execute("INSERT INTO tensors (run_id, tensor, status) VALUES ('old', 'x', 'ok')")
         con.execute("INSERT INTO arrays VALUES ('old', 'x', 'short', [2], [1.0, 2.0])")
     assert store.query("SELECT \"values\" FROM arrays")["values"].map(list).tolist() == [[1.0, 2.0]]
@@ -156,7 +157,7 @@ def test_reused_connection_sees_new_results_and_never_holds_the_file(store):
         _tensor(w, name, 2.0)                      # staged: seen by the next query
         assert len(store.query("SELECT * FROM metrics")) == i + 2
         # another process can fold between our queries (the file is attached only during one)
-        code = f"from opdviz.store.core import Store; assert Store({str(store.db_path)!r}).fold(wait=0)"
+        code = f"from opdviz.store import Store; assert Store({str(store.db_path)!r}).fold(wait=0)"
         subprocess.run([sys.executable, "-c", code], check=True)
         assert not store._fragments("metrics")
     assert sorted(store.query("SELECT tensor FROM metrics")["tensor"]) == ["x", "y", "z"]
@@ -214,7 +215,7 @@ def test_idle_connections_are_bounded_and_closed_before_a_fork(store):
     import os
     import threading
 
-    from opdviz.store.core import _CONNECTIONS
+    from opdviz.store.pool import _CONNECTIONS
 
     w = RunWriter(store, "a")
     _tensor(w, "x", 1.0)

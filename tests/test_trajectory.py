@@ -14,11 +14,13 @@ import factory
 from opdviz.cli import across
 from opdviz.errors import OptionsError
 from opdviz.options import AnalysisOptions
-from opdviz.store.queries import Selection
-from opdviz.store.core import Store
+from opdviz.store import Selection, Store
 from opdviz.engine.trajectory import (TrajectorySpec, delta_spectrum, find_checkpoints, hill_alpha, run_trajectory,
                                subspace_sim)
-from opdviz.views.across import AcrossContext, figures_for, trajectories, trajectory_by_module
+from opdviz.store.across import trajectories
+from opdviz.views.across import trajectory_by_module
+from opdviz.views.context import AcrossContext
+from opdviz.views.registry import figures_for
 
 CFG = factory.llama_config(layers=1, hidden=32, ffn=48, heads=4, kv_heads=2, vocab=40)
 STEPS = (10, 20, 30)

@@ -68,7 +68,7 @@ def register(sub) -> None:
 def overlap_main(args: argparse.Namespace) -> int:
     from opdviz.engine.overlap import OverlapSpec, run_overlap
     from opdviz.views.across import overlap_groups
-    from opdviz.store.core import Store
+    from opdviz.store import Store
 
     opts = options_from_args(args)
     prefetch([args.base, args.a, args.b, args.base_b], args.download)

@@ -69,7 +69,7 @@ def compute_demo(db: Path, demo_dir: Path, progress: bool = True, log=print) -> 
     """Compute every demo result the store does not hold complete yet (resuming partial ones), in this
     process: the final runs (today's and the sparse regime's), then trajectories, then overlaps."""
     from opdviz.engine.runner import JobSpec, run_job
-    from opdviz.store.core import Store
+    from opdviz.store import Store
 
     base = demo_dir / "base"
     runs = demo_runs(demo_dir)
@@ -144,7 +144,7 @@ def _checkpoints(post: Path) -> list[tuple[int, Path]]:
 
 def demo_complete(db: Path, demo_dir: Path) -> bool:
     """Whether the store holds every demo run (done), trajectory and overlap: nothing left to compute."""
-    from opdviz.store.core import Store
+    from opdviz.store import Store
     from opdviz.store.progress import overlap_pairs, trajectory_names
 
     store = Store(db)

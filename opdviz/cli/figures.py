@@ -66,9 +66,9 @@ def main(args: argparse.Namespace) -> int:
     if not args.out:
         raise OptionsError("--out FOLDER is required (or --list to see the figure names)")
     from opdviz.views.export import export_figures
-    from opdviz.store.queries import Selection, runs
-    from opdviz.store.core import Store
-    from opdviz.views.single import ViewContext
+    from opdviz.store import Selection, Store
+    from opdviz.store.queries import runs
+    from opdviz.views.context import ViewContext
 
     store = Store(args.db)
     if not store.exists():

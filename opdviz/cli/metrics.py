@@ -97,7 +97,7 @@ def runs_main(args: argparse.Namespace) -> int:
 
 
 def fold_main(args: argparse.Namespace) -> int:
-    from opdviz.store.core import Store
+    from opdviz.store import Store
 
     store = Store(args.db)
     if not store.exists():

@@ -26,11 +26,12 @@ import streamlit as st
 
 from opdviz.errors import OpdvizError
 from opdviz.store import listing, queries
-from opdviz.store.core import QueryMemo, Store
-from opdviz.store.queries import Selection
-from opdviz.views import across as views_across
-from opdviz.views import single as views
-from opdviz.views.single import ViewContext
+from opdviz.store import QueryMemo, Store
+from opdviz.store import Selection
+from opdviz.store.across import overlap_pairs, trajectories
+from opdviz.views import registry, tables
+from opdviz.views.across import top_overlaps
+from opdviz.views.context import ViewContext
 
 from opdviz.dashboard.text import md
 
@@ -65,7 +66,7 @@ MEMO = QueryMemo(max_bytes=int(os.environ.get("OPDVIZ_MEMO_MB", "512")) << 20)
 
 
 def _build(store: Store, key: str, sel: Selection, ctx: ViewContext):
-    return views.figure_spec(key).build(store, sel, ctx)
+    return registry.figure_spec(key).build(store, sel, ctx)
 
 
 QUERIES: dict[str, Callable] = {
@@ -77,9 +78,9 @@ QUERIES: dict[str, Callable] = {
     "not_ok": listing.not_ok,
     "largest_tensor": listing.largest_tensor,
     "n_top_done": listing.n_top_done,
-    "overview_table": views.overview_table,
-    "approx_counts": views.approx_counts,
-    "provenance": views.provenance,
+    "overview_table": tables.overview_table,
+    "approx_counts": tables.approx_counts,
+    "provenance": tables.provenance,
     "figure": _build,
 }
 
@@ -109,11 +110,10 @@ def across(name: str, db: str, stamp_: tuple, *args):
     """The Overlap and Trajectory pages' reads: the stored pairs (``pairs``), the top tensors (``top``), the
     trajectories (``trajectories``), or the figure ``name`` of ``opdviz.views.across``; cached per stamp."""
     store = Store(db)
-    reads = {"pairs": views_across.overlap_pairs, "top": views_across.top_overlaps,
-             "trajectories": views_across.trajectories}
+    reads = {"pairs": overlap_pairs, "top": top_overlaps, "trajectories": trajectories}
     if name in reads:
         return reads[name](store, *args)
-    return views_across.figure_spec(name).build(store, *args)
+    return registry.figure_spec(name).build(store, *args)
 
 
 class Warmer:
@@ -200,7 +200,7 @@ class Warmer:
             tensor = direct("largest_tensor", view.db, view.sel)
         except OpdvizError:
             return
-        for spec in views.FIGURES:
+        for spec in (f for f in registry.FIGURES if f.page in registry.RUN_PAGES):
             with self._lock:
                 if self._wanted != key:
                     return

@@ -15,7 +15,7 @@ import pandas as pd
 import streamlit as st
 
 from opdviz.io import roots
-from opdviz.store.core import Store, _slug
+from opdviz.store import slug, Store
 
 from opdviz.dashboard.cache import View, query
 from opdviz.dashboard.routes import route_through_app
@@ -78,7 +78,7 @@ def _run_notices(view: View, runs: pd.DataFrame) -> None:
 
 def _progress(view: View, run_id: str) -> tuple[int, str]:
     """Tensors done so far: the job's progress file when present (fresh every tensor), else a count."""
-    path = Path(view.db + ".staging") / "progress" / f"{_slug(run_id)}.json"
+    path = Path(view.db + ".staging") / "progress" / f"{slug(run_id)}.json"
     try:
         state = json.loads(path.read_text())
         return int(state.get("n_done", 0)), str(state.get("current") or "")

@@ -12,7 +12,7 @@ import streamlit as st
 from opdviz.engine import queue as jobs
 from opdviz.errors import OpdvizError
 from opdviz.store import queries
-from opdviz.store.core import Store
+from opdviz.store import Store
 
 from opdviz.dashboard.new_analysis import Session
 from opdviz.dashboard.text import code, md

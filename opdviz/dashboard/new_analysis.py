@@ -23,7 +23,7 @@ from opdviz.errors import OpdvizError
 from opdviz.io import folders as server, uploads, validation
 from opdviz.options import AnalysisOptions
 from opdviz.store import listing
-from opdviz.store.core import Store
+from opdviz.store import Store
 from opdviz.views import formatting
 
 from opdviz.dashboard.sidebar import chosen_db, criterion_label

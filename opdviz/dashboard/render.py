@@ -17,7 +17,7 @@ import streamlit as st
 from opdviz.errors import OpdvizError
 from opdviz.views import export as figexport
 from opdviz.views import formatting
-from opdviz.views import single as views
+from opdviz.views import registry
 
 from opdviz.dashboard.cache import View, warmer
 from opdviz.dashboard.header import approx_notice
@@ -34,7 +34,7 @@ def figures(view: View, page: str) -> None:
     Figures are built on a small thread pool (DuckDB and pandas release the GIL) and drawn in order as
     they arrive; afterwards the other pages' figures for this selection are warmed in the background.
     """
-    specs = views.figures_for(page)
+    specs = registry.figures_for(page)
     approx_notice(view)
     zip_slot = st.container()
     built = []

@@ -20,11 +20,11 @@ import streamlit as st
 from opdviz import options
 from opdviz.errors import OpdvizError
 from opdviz.io import roots
-from opdviz.store.core import Store
-from opdviz.store.queries import Selection
-from opdviz.views import single as views
+from opdviz.store import Store
+from opdviz.store import Selection
 from opdviz.views.figures import module_sort_key  # the figures' module order (q k v o gate up down …)
-from opdviz.views.single import ViewContext
+from opdviz.views.compare import GROUP_COLUMNS
+from opdviz.views.context import ViewContext
 
 from opdviz.dashboard.cache import cached, stamp
 from opdviz.dashboard.params import PAGE_PARAMS, init_state, param_list, parse_range, sync_params
@@ -65,7 +65,7 @@ def run_label(runs: pd.DataFrame) -> Callable[[str], str]:
 def compare_metrics(names: list[str]) -> list[str]:
     """The Compare page's metric choices: group columns first, then the stored per-matrix scalars
     (sparsity_* come through the sidebar criterion instead; bookkeeping scalars are left out)."""
-    head = [m for m in views.GROUP_COLUMNS if m not in ("changed", "numel")]
+    head = [m for m in GROUP_COLUMNS if m not in ("changed", "numel")]
     skip = re.compile(r"^(sparsity_|spectrum_exact$|(base|post|delta)_(sq_sum|fro)$|base_rms$)")
     return head + [m for m in names if not skip.match(m) and m not in head]
 

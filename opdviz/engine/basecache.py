@@ -29,7 +29,7 @@ import torch
 
 from opdviz.metrics.linalg import BaseFactors
 from opdviz.options import AnalysisOptions
-from opdviz.store.core import _slug
+from opdviz.store import slug
 
 CACHE_VERSION = 1
 
@@ -55,7 +55,7 @@ class BaseCache:
         self.hits = self.misses = self.writes = 0
 
     def _path(self, name: str) -> Path:
-        return self.dir / f"{_slug(name)}.{self.key}.safetensors"
+        return self.dir / f"{slug(name)}.{self.key}.safetensors"
 
     @staticmethod
     def worth_keeping(wb: torch.Tensor, factors: BaseFactors) -> bool:

@@ -16,7 +16,7 @@ import os
 import time
 from pathlib import Path
 
-from opdviz.store.core import _slug
+from opdviz.store import slug
 from opdviz.store.progress import trajectory_run_extras
 
 REFRESH_S = 5.0          # how often the Trajectory page refreshes while a live trajectory grows
@@ -24,7 +24,7 @@ REFRESH_S = 5.0          # how often the Trajectory page refreshes while a live 
 
 def live_dir(db, name: str) -> Path:
     """Folder of the snapshots of live trajectory ``name`` (next to the store: ``<db>.live/<slug>/``)."""
-    return Path(str(db) + ".live") / _slug(name)
+    return Path(str(db) + ".live") / slug(name)
 
 
 def status_path(db, name: str) -> Path:

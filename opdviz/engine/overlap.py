@@ -32,7 +32,7 @@ from opdviz.engine.runner import name_filter, run_keyed
 from opdviz.io.naming import parse_name
 from opdviz.options import AnalysisOptions, check_label
 from opdviz.io.reader import Checkpoint, PairItem, plan_pairs
-from opdviz.store.core import RunWriter, Store, dumps, now
+from opdviz.store import dumps, now, RunWriter, Store
 from opdviz.store.progress import overlap_criteria, overlap_done
 
 

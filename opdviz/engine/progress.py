@@ -16,7 +16,7 @@ import sys
 import time
 
 from opdviz.errors import StoreError
-from opdviz.store.core import Store, _slug, disk_full, is_disk_full, lock_path
+from opdviz.store import disk_full, is_disk_full, lock_path, slug, Store
 
 
 @contextlib.contextmanager
@@ -58,7 +58,7 @@ class Progress:
 
     def __init__(self, store: Store, run_id: str, n_total: int, bytes_total: int, n_done: int, bytes_done: int,
                  show: bool):
-        self.path = store.staging / "progress" / f"{_slug(run_id)}.json"
+        self.path = store.staging / "progress" / f"{slug(run_id)}.json"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.state = {"run_id": run_id, "pid": os.getpid(), "n_total": n_total, "n_done": n_done,
                       "bytes_total": bytes_total, "bytes_done": bytes_done, "current": "",

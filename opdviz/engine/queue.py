@@ -40,7 +40,7 @@ from pathlib import Path
 
 from opdviz.errors import OpdvizError, OptionsError, StoreError
 from opdviz.options import AnalysisOptions, check_label
-from opdviz.store.core import Store, _slug, computing
+from opdviz.store import Store, computing, slug
 
 IDLE_EXIT_S = 30.0        # the worker exits after this long with nothing queued
 POLL_S = 0.5              # how often an idle worker looks at the queue
@@ -606,7 +606,7 @@ def _run_progress(db, job: dict, post: str, name: str, method: str, result: dict
     base = RunProgress(run_id=name, post=post, method=method)
     if job.get("attempt_started") is None:
         return base
-    prog = _read_json(Store(db).staging / "progress" / f"{_slug(name)}.json")
+    prog = _read_json(Store(db).staging / "progress" / f"{slug(name)}.json")
     # a progress file older than this attempt belongs to an earlier job of the same run name
     if not prog or prog.get("started", 0) < job["attempt_started"] - 1.0:
         if job["state"] in ("done", "failed", "cancelled") and result:

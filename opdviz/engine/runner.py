@@ -35,7 +35,7 @@ from opdviz.io.adapters import open_post
 from opdviz.io.naming import parse_name
 from opdviz.io.reader import Checkpoint, plan_pairs
 from opdviz.options import AnalysisOptions, check_label
-from opdviz.store.core import RunWriter, Store, _slug, dumps, now
+from opdviz.store import dumps, now, RunWriter, slug, Store
 from opdviz.store.progress import run_status_counts, run_stored
 
 FOLD_EVERY_S = 60.0        # try to fold staged fragments into the .duckdb file this often
@@ -352,7 +352,7 @@ def _maybe_fault(writer: RunWriter, key: str, rows, n: int) -> None:
 
     if kind == "torn":
         tensors, metrics, arrays, failures = rows
-        name = f"{writer.slug}__{_slug(key)}.parquet"
+        name = f"{writer.slug}__{slug(key)}.parquet"
         writer._write("metrics", [{**r, "run_id": writer.run_id} for r in metrics], name)
     os.kill(os.getpid(), signal.SIGKILL)
 

@@ -47,7 +47,7 @@ from opdviz.metrics.linalg import VALID_REL, chunk_rows, eigh_desc, lowrank
 from opdviz.io.layouts import matrix_view
 from opdviz.options import MAX_LABEL_CHARS, AnalysisOptions, check_label, fmt_pct
 from opdviz.io.reader import Checkpoint, plan_pairs
-from opdviz.store.core import Store
+from opdviz.store import Store
 from opdviz.store.progress import trajectory_done, trajectory_stored
 
 STEP_RE = re.compile(r"^(?:checkpoint|step|global_step|ckpt|iter)[-_]?(\d+)$", re.IGNORECASE)

@@ -112,7 +112,7 @@ def run_sweep(grid: SweepGrid, lab: Path, out: Path, db: Path, *, progress: Call
     """
     from opdviz.engine.runner import JobSpec, run_job
     from opdviz.options import AnalysisOptions
-    from opdviz.store.core import Store
+    from opdviz.store import Store
 
     emit = progress or (lambda line: None)
     lab, out, db = Path(lab), Path(out), Path(db)

@@ -1,68 +1,21 @@
-"""Read-side queries over the store: DataFrames for the dashboard, the CLI and exports.
+"""Read-side queries over the store's runs, tensors, metrics and arrays: DataFrames for the dashboard,
+the CLI, the Python API and exports.
 
-Only this module and ``opdviz.store.core`` speak SQL. Every function takes a ``Store`` and a
-``Selection`` (which runs, towers, layers, blocks, modules) and returns a pandas DataFrame.
-
-Aggregation rules: every catalog metric is pooled over a group by its own rule (``pool_sql``, from the
-catalog's ``agg``: parameter-, changed- or energy-weighted, pooled sums, or the mean over matrices); fused
-tensors are counted once — through their parts when they were split (``parent`` rows with parts are not
-"leaves"), else whole.
+Only ``opdviz.store`` speaks SQL: these per-run reads, the group aggregates (``opdviz.store.summary``), the
+overlap and trajectory reads (``opdviz.store.across``) and the lab sweep's (``opdviz.store.lab``). Functions
+take a ``Store`` and, where a page filters, a ``Selection``, and return a pandas DataFrame.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 
-from opdviz.options import LAB_CRITERIA
-from opdviz.store.core import Store, computing
-
-GROUP_KEYS = {
-    "run": (),
-    "layer": ("layer",),
-    "module": ("block", "module"),
-    "block": ("block",),
-    "layer_module": ("layer", "block", "module"),
-    "tensor": ("tensor", "layer", "block", "module"),
-}
-
-
-@dataclass(frozen=True)
-class Selection:
-    """Which rows a query covers. Empty tuples mean 'all'."""
-
-    runs: tuple[str, ...] = ()
-    towers: tuple[str, ...] = ()
-    blocks: tuple[str, ...] = ()
-    modules: tuple[str, ...] = ()
-    layer_min: int | None = None
-    layer_max: int | None = None
-    leaves_only: bool = True          # count fused tensors once (through their parts)
-    extra: tuple[str, ...] = field(default=())   # tensor-name substrings to keep (any)
-
-    def where(self, alias: str = "t") -> tuple[str, list]:
-        """SQL predicate over the ``tensors`` view aliased ``alias``, with its parameters."""
-        clauses, params = [f"{alias}.status = 'ok'"], []
-        for col, values in (("run_id", self.runs), ("tower", self.towers), ("block", self.blocks),
-                            ("module", self.modules)):
-            if values:
-                clauses.append(f"{alias}.{col} IN ({', '.join('?' * len(values))})")
-                params.extend(values)
-        if self.layer_min is not None:
-            clauses.append(f"({alias}.layer IS NULL OR {alias}.layer >= ?)")
-            params.append(int(self.layer_min))
-        if self.layer_max is not None:
-            clauses.append(f"({alias}.layer IS NULL OR {alias}.layer <= ?)")
-            params.append(int(self.layer_max))
-        if self.leaves_only:
-            clauses.append(f"NOT EXISTS (SELECT 1 FROM tensors c WHERE c.run_id = {alias}.run_id "
-                           f"AND c.parent = {alias}.tensor AND c.status = 'ok')")
-        if self.extra:
-            clauses.append("(" + " OR ".join(f"{alias}.tensor LIKE ?" for _ in self.extra) + ")")
-            params.extend(f"%{s}%" for s in self.extra)
-        return " AND ".join(clauses), params
+from opdviz.store.core import Store
+from opdviz.store.locks import computing
+from opdviz.store.selection import Selection
 
 
 def runs(store: Store) -> pd.DataFrame:
@@ -139,98 +92,6 @@ def wide_metrics(store: Store, sel: Selection = Selection(), metrics: tuple[str,
     return fields.merge(values.reset_index(), on=["run_id", "tensor"], how="left")
 
 
-def pool_sql(metric: str, v: str) -> str:
-    """The SQL aggregate that pools per-tensor column ``v`` of ``metric`` over a group by the metric's catalog
-    rule (``opdviz.metrics.registry.AGGREGATIONS``), over a CTE ``per`` with numel, delta_sq (ΣΔW²), base_sq
-    (ΣW²), u (entries changed under the run's own mask criterion) and u_exact (bitwise-changed entries).
-    Weighted rules weigh only the tensors where the value is defined (NULL/NaN values drop out)."""
-    from opdviz.views.formatting import agg_of    # the catalog: formatting knows every stored and derived name
-    agg = agg_of(metric)
-    weight = {"numel": "per.numel", "changed": "per.u", "changed_exact": "per.u_exact",
-              "energy": "per.delta_sq"}.get(agg)
-    if weight:
-        return f"sum({v} * {weight}) / nullif(sum(CASE WHEN {v} IS NOT NULL THEN {weight} END), 0)"
-    if agg == "pooled" and metric == "rel_change":
-        return (f"sqrt(sum(CASE WHEN {v} IS NOT NULL THEN per.delta_sq END)) / "
-                f"nullif(sqrt(sum(CASE WHEN {v} IS NOT NULL THEN per.base_sq END)), 0)")
-    if agg == "pooled":                  # a Frobenius norm: ‖group‖F = sqrt(Σ ‖tensor‖F²)
-        return f"sqrt(sum({v} * {v}))"
-    if agg in ("sum", "max", "min"):
-        return f"{agg}({v})"
-    return f"avg({v})"                   # matrix_mean: each matrix counts once
-
-
-# group_summary's own columns: a pooled metric of the same name is this column (one definition)
-SUMMARY_COLUMNS = ("run_id", "method", "layer", "block", "module", "tensor", "n_tensors", "numel", "sparsity",
-                   "changed", "delta_sq", "base_sq", "energy_share", "rel_change")
-
-
-def group_summary(store: Store, sel: Selection = Selection(), by: str = "layer_module",
-                  criterion: str = "abs_1e-5", matrix_metrics: tuple[str, ...] = ()) -> pd.DataFrame:
-    """Aggregates per run and group ``by`` (run, layer, module, block, layer_module, tensor).
-
-    Columns: run_id, method, <group keys>, n_tensors, numel, sparsity (numel-weighted fraction
-    unchanged under ``criterion``), changed, delta_sq, base_sq, energy_share (group ΣΔ² / the
-    run's ΣΔ² over the selection), rel_change (sqrt(ΣΔ²)/sqrt(ΣW²)), and for each catalog metric in
-    ``matrix_metrics``: ``<name>``, pooled by its catalog rule (``pool_sql``: parameter-, changed- or
-    energy-weighted, pooled, or the mean over matrices), plus its unweighted per-matrix mean and median
-    (``<name>_mean``, ``<name>_median``). NaN values count as undefined (left out).
-    """
-    keys = GROUP_KEYS[by]
-    where, params = sel.where("t")
-    wanted = (f"sparsity_{criterion}", "delta_sq_sum", "base_sq_sum", "sparsity_exact") + tuple(matrix_metrics)
-    ph = ", ".join("?" * len(wanted))
-    kcols = "".join(f"t.{k}, " for k in keys if k != "tensor")
-    extra = "".join(
-        f", max(CASE WHEN m.metric = '{_q(n)}' AND NOT isnan(m.value) THEN m.value END) AS \"{_q(n)}_v\""
-        for n in matrix_metrics)
-    pooled = "".join(f', {pool_sql(n, f"per.{_ident(n)}")} AS "{_q(n)}"'
-                     for n in dict.fromkeys(matrix_metrics) if n not in SUMMARY_COLUMNS)
-    stats = "".join(f', avg(per."{_q(n)}_v") AS "{_q(n)}_mean", median(per."{_q(n)}_v") AS "{_q(n)}_median"'
-                    for n in dict.fromkeys(matrix_metrics))
-    gkeys = "".join(f", per.{k}" for k in keys)
-    order = "".join(f", per.{k} NULLS FIRST" for k in keys)
-    sql = f"""
-        WITH mask AS (
-            SELECT run_id, 'sparsity_' || coalesce(json_extract_string(options, '$.criterion'), 'abs_1e-5') AS name
-            FROM runs),
-        per AS (
-            SELECT t.run_id, {kcols}t.tensor, t.numel,
-                   max(CASE WHEN m.metric = ? THEN m.value END) AS sparsity,
-                   max(CASE WHEN m.metric = 'delta_sq_sum' THEN m.value END) AS delta_sq,
-                   max(CASE WHEN m.metric = 'base_sq_sum' THEN m.value END) AS base_sq,
-                   (1 - max(CASE WHEN m.metric = mask.name THEN m.value END)) * t.numel AS u,
-                   (1 - max(CASE WHEN m.metric = 'sparsity_exact' THEN m.value END)) * t.numel AS u_exact
-                   {extra}
-            FROM tensors t JOIN metrics m USING (run_id, tensor) LEFT JOIN mask USING (run_id)
-            WHERE {where} AND (m.metric IN ({ph}) OR m.metric = mask.name)
-            GROUP BY t.run_id, {kcols}t.tensor, t.numel
-        )
-        SELECT per.run_id, r.method{gkeys},
-               count(*) AS n_tensors, sum(per.numel) AS numel,
-               sum(per.sparsity * per.numel) / sum(per.numel) AS sparsity,
-               sum((1 - per.sparsity) * per.numel) AS changed,
-               sum(per.delta_sq) AS delta_sq, sum(per.base_sq) AS base_sq,
-               sum(per.delta_sq) / sum(sum(per.delta_sq)) OVER (PARTITION BY per.run_id) AS energy_share,
-               sqrt(sum(per.delta_sq)) / nullif(sqrt(sum(per.base_sq)), 0) AS rel_change
-               {pooled}{stats}
-        FROM per LEFT JOIN runs r USING (run_id)
-        GROUP BY per.run_id, r.method{gkeys}
-        ORDER BY per.run_id{order}"""
-    return store.query(sql, [f"sparsity_{criterion}"] + params + list(wanted))
-
-
-def run_summary(store: Store, sel: Selection = Selection(), criterion: str = "abs_1e-5",
-                matrix_metrics: tuple[str, ...] = ("top16_energy", "stable_rank")) -> pd.DataFrame:
-    """One row per run over the selection: the main table of 2606.13657 (numel-weighted sparsity,
-    pooled relative change, and ``matrix_metrics`` pooled by their catalog rule, as ``group_summary``)."""
-    df = group_summary(store, sel, by="run", criterion=criterion, matrix_metrics=tuple(matrix_metrics))
-    if df.empty:
-        return df
-    drop = {"energy_share"} | {f"{n}_{s}" for n in matrix_metrics for s in ("mean", "median")}
-    return df.drop(columns=[c for c in df.columns if c in drop])
-
-
 def array(store: Store, run_id: str, tensor: str, name: str) -> np.ndarray | None:
     """One stored array, reshaped to its stored shape; None when absent."""
     df = store.query("SELECT shape, \"values\" FROM arrays WHERE run_id = ? AND tensor = ? AND name = ?",
@@ -243,14 +104,31 @@ def array(store: Store, run_id: str, tensor: str, name: str) -> np.ndarray | Non
 
 
 def arrays_long(store: Store, sel: Selection, name: str) -> pd.DataFrame:
-    """All arrays called ``name`` for the selection: tensor fields plus a ``values`` list column."""
+    """All arrays called ``name`` for the selection: tensor fields (run_id, method, tensor, layer, block,
+    module, numel, rows, cols) plus ``shape`` and a ``values`` list column."""
     where, params = sel.where("t")
     return store.query(f"""
-        SELECT t.run_id, r.method, t.tensor, t.tower, t.layer, t.block, t.module, t.expert,
+        SELECT t.run_id, r.method, t.tensor, t.layer, t.block, t.module, t.numel, t.rows, t.cols, a.shape,
+               a."values"
+        FROM tensors t JOIN arrays a USING (run_id, tensor) LEFT JOIN runs r USING (run_id)
+        WHERE {where} AND a.name = ? ORDER BY t.run_id, t.seq, t.tensor""", params + [name])
+
+
+def tensor_arrays(store: Store, sel: Selection, tensors: tuple[str, ...]) -> pd.DataFrame:
+    """Every stored array of ``tensors`` (parts included) in the selected runs, with tensor fields.
+
+    One query for a page's drill-down: DuckDB decodes list columns 2048 rows at a time, so a tensor's
+    spectra, maps and angles cost about the same read together as one of them alone."""
+    if not tensors:
+        return pd.DataFrame(columns=["run_id", "method", "tensor", "layer", "block", "module", "numel", "rows",
+                                     "cols", "name", "shape", "values"])
+    where, params = replace(sel, leaves_only=False).where("t")
+    return store.query(f"""
+        SELECT t.run_id, r.method, t.tensor, t.layer, t.block, t.module, t.numel, t.rows, t.cols, a.name,
                a.shape, a."values"
         FROM tensors t JOIN arrays a USING (run_id, tensor) LEFT JOIN runs r USING (run_id)
-        WHERE {where} AND a.name = ?
-        ORDER BY t.run_id, t.seq, t.tensor""", params + [name])
+        WHERE {where} AND t.tensor IN ({', '.join('?' * len(tensors))})
+        ORDER BY t.run_id, t.seq, t.tensor, a.name""", params + list(tensors))
 
 
 EXPORT_COLUMNS = ("run", "method", "tensor", "tower", "layer", "block", "module", "metric", "value")
@@ -297,43 +175,3 @@ def selection_values(store: Store) -> dict[str, set]:
            "layers": {int(x) for x in facets["layer"].dropna()}, "blocks": set(facets["block"].dropna()),
            "modules": set(facets["module"].dropna()), "metrics": set(metric_names(store))}
     return out
-
-
-def _ident(name: str) -> str:
-    """``name`` as a quoted SQL identifier of its per-tensor value column (``"<name>_v"``)."""
-    return f'"{_q(name)}_v"'
-
-
-def _q(name: str) -> str:
-    return name.replace("'", "''").replace('"', '""')
-
-
-def lab_runs(store: Store) -> pd.DataFrame:
-    """Runs written by ``opdviz lab sweep`` (``runs.extra`` has ``"sweep": true``), one row per run and block:
-    run_id, method, status, extra (JSON text), block, numel, delta_sq (ΣΔ²), base_sq (ΣW²), per-criterion numel-weighted sparsity
-    ``sparsity_<criterion>`` for ``opdviz.options.LAB_CRITERIA``, rel_change (sqrt(ΣΔ²)/sqrt(ΣW²)) and ``principal_proj_10pct``
-    (ΔW energy share in the top-10 % principal subspaces of W_base, ‖ΔW‖²-weighted over matrices)."""
-    per_crit = "".join(f", max(CASE WHEN m.metric = 'sparsity_{c}' THEN m.value END) AS \"s_{c}\"" for c in LAB_CRITERIA)
-    agg_crit = "".join(f", sum(per.\"s_{c}\" * per.numel) / nullif(sum(CASE WHEN per.\"s_{c}\" IS NOT NULL "
-                       f"THEN per.numel END), 0) AS \"sparsity_{c}\"" for c in LAB_CRITERIA)
-    where, params = Selection().where("t")
-    return store.query(f"""
-        WITH lab AS (SELECT run_id, method, status, extra FROM runs
-                     WHERE json_extract(extra, '$.sweep')::VARCHAR = 'true'),
-        per AS (
-            SELECT t.run_id, t.block, t.tensor, t.numel,
-                   max(CASE WHEN m.metric = 'delta_sq_sum' THEN m.value END) AS dsq,
-                   max(CASE WHEN m.metric = 'base_sq_sum' THEN m.value END) AS bsq,
-                   max(CASE WHEN m.metric = 'principal_proj_10pct' THEN m.value END) AS proj
-                   {per_crit}
-            FROM tensors t JOIN metrics m USING (run_id, tensor)
-            WHERE {where} AND t.run_id IN (SELECT run_id FROM lab)
-            GROUP BY t.run_id, t.block, t.tensor, t.numel)
-        SELECT lab.run_id, lab.method, lab.status, lab.extra, per.block, sum(per.numel) AS numel
-               {agg_crit}, sum(per.dsq) AS delta_sq, sum(per.bsq) AS base_sq,
-               sqrt(sum(per.dsq)) / nullif(sqrt(sum(per.bsq)), 0) AS rel_change,
-               sum(per.proj * per.dsq) / nullif(sum(CASE WHEN per.proj IS NOT NULL THEN per.dsq END), 0)
-                   AS principal_proj_10pct
-        FROM lab JOIN per USING (run_id)
-        GROUP BY lab.run_id, lab.method, lab.status, lab.extra, per.block
-        ORDER BY lab.run_id, per.block""", params)

@@ -1,10 +1,10 @@
-"""Views across runs (mask overlap) and along trajectories: read-side queries and figure specs.
+"""Views across runs (mask overlap) and along trajectories: statistics and the figure builds of the
+Overlap and Trajectory pages (listed in ``opdviz.views.registry``).
 
 The ``overlap`` and ``trajectory`` tables (written by ``opdviz.engine.overlap`` and ``opdviz.engine.trajectory``)
-are read here; statistics are derived from stored counts, so every group value is numel-weighted
-by construction (sums of |A|, |B|, |A∩B|, numel). ``FIGURES`` uses the ``FigureSpec`` type of
-``opdviz.views.single`` with pages "overlap" and "trajectory"; builds accept an ``AcrossContext`` (or a
-plain ``ViewContext``, whose criterion/run_a/run_b are used) and never raise on empty data.
+are read through ``opdviz.store.across``; statistics are derived from stored counts, so every group value is numel-weighted
+by construction (sums of |A|, |B|, |A∩B|, numel). Builds accept an ``AcrossContext`` (or a plain
+``ViewContext``, whose criterion/run_a/run_b are used) and never raise on empty data.
 
 Overlap statistics for masks A, B of one tensor group, densities p_A = |A|/numel, p_B = |B|/numel:
   jaccard  |A∩B| / |A∪B|,  independence baseline p_A·p_B / (p_A + p_B − p_A·p_B)
@@ -15,44 +15,24 @@ Overlap statistics for masks A, B of one tensor group, densities p_A = |A|/numel
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pandas as pd
 
 from opdviz.views import figures_across as FA
-from opdviz.store import queries as Q
-from opdviz.store.queries import Selection
-from opdviz.store.core import Store
-from opdviz.views import formatting
+from opdviz.store import summary as S
+from opdviz.store.across import (overlap_counts, overlap_pairs, trajectories, trajectory_long,
+                                 trajectory_metric_names, trajectory_steps)
+from opdviz.store import Selection, Store
 from opdviz.options import criterion_sort_key
-from opdviz.views.single import FigureSpec, catalog_name, metric_label
+from opdviz.views import formatting
+from opdviz.views.context import AcrossContext, across_context
 
-PAGES = ("overlap", "trajectory")
 GROUPS = {"all": (), "layer": ("layer",), "module": ("block", "module"), "block": ("block",),
           "layer_module": ("layer", "block", "module"), "tensor": ("tensor", "layer", "block", "module")}
 STEP_METRICS = {"sparsity": "entries unchanged vs base (%)", "rel_change": "relative change ‖ΔW‖/‖W‖",
                 "energy_share": "share of the step's ‖ΔW‖² (%)", "stable_rank": "stable rank (per-matrix mean)",
                 "effective_rank": "effective rank (per-matrix mean)", "top16_energy": "top-16 energy (%)",
                 "nss": "NSS (per-matrix mean)"}
-
-
-@dataclass(frozen=True)
-class AcrossContext:
-    """Page choices for the overlap and trajectory pages (None → the first stored pair / trajectory)."""
-
-    criterion: str = "abs_1e-5"
-    run_a: str | None = None
-    run_b: str | None = None
-    trajectory: str | None = None
-    metric: str = "sparsity"            # trajectory page: per-step metric
-
-
-def _ctx(ctx) -> AcrossContext:
-    if isinstance(ctx, AcrossContext):
-        return ctx
-    return AcrossContext(criterion=getattr(ctx, "criterion", "abs_1e-5"), run_a=getattr(ctx, "run_a", None),
-                         run_b=getattr(ctx, "run_b", None))
 
 
 # ------------------------------------------------------------------------------------ statistics
@@ -78,35 +58,7 @@ def overlap_stats(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-# ------------------------------------------------------------------------------------ overlap queries
-def _overlap_where(sel: Selection, alias: str = "o") -> tuple[str, list]:
-    clauses, params = ["true"], []
-    for col, values in (("tower", sel.towers), ("block", sel.blocks), ("module", sel.modules)):
-        if values:
-            clauses.append(f"{alias}.{col} IN ({', '.join('?' * len(values))})")
-            params.extend(values)
-    if sel.layer_min is not None:
-        clauses.append(f"({alias}.layer IS NULL OR {alias}.layer >= ?)")
-        params.append(int(sel.layer_min))
-    if sel.layer_max is not None:
-        clauses.append(f"({alias}.layer IS NULL OR {alias}.layer <= ?)")
-        params.append(int(sel.layer_max))
-    return " AND ".join(clauses), params
-
-
-def overlap_pairs(store: Store, sel: Selection = Selection()) -> pd.DataFrame:
-    """Stored pairs: run_a, run_b, method_a, method_b, n_tensors, criteria (count). With ``sel.runs``,
-    only pairs that involve a selected run."""
-    df = store.query("""SELECT o.run_a, o.run_b, ra.method AS method_a, rb.method AS method_b,
-                               count(DISTINCT o.tensor) AS n_tensors, count(DISTINCT o.criterion) AS criteria
-                        FROM overlap o LEFT JOIN runs ra ON ra.run_id = o.run_a
-                        LEFT JOIN runs rb ON rb.run_id = o.run_b
-                        GROUP BY ALL ORDER BY o.run_a, o.run_b""")
-    if sel.runs and not df.empty:
-        df = df[df["run_a"].isin(sel.runs) | df["run_b"].isin(sel.runs)]
-    return df.reset_index(drop=True)
-
-
+# ------------------------------------------------------------------------------------ overlap
 def _pick_pair(store: Store, sel: Selection, ctx: AcrossContext) -> tuple[str, str] | None:
     if ctx.run_a and ctx.run_b:
         return ctx.run_a, ctx.run_b
@@ -118,18 +70,7 @@ def overlap_groups(store: Store, run_a: str, run_b: str, criterion: str | None, 
                    sel: Selection = Selection()) -> pd.DataFrame:
     """Summed counts per group ``by`` (all, layer, module, block, layer_module, tensor) and criterion
     (all criteria when ``criterion`` is None), with ``overlap_stats`` columns."""
-    keys = GROUPS[by]
-    where, params = _overlap_where(sel)
-    crit = ""
-    if criterion is not None:
-        crit = " AND o.criterion = ?"
-        params = params + [criterion]
-    kcols = "".join(f"o.{k}, " for k in keys)
-    order = ", ".join([f"o.{k} NULLS FIRST" for k in keys] + ["o.criterion"])
-    df = store.query(f"""SELECT {kcols}o.criterion, count(*) AS n_tensors, sum(o.numel) AS numel,
-                                sum(o.n_a) AS n_a, sum(o.n_b) AS n_b, sum(o.n_ab) AS n_ab
-                         FROM overlap o WHERE o.run_a = ? AND o.run_b = ? AND {where}{crit}
-                         GROUP BY {kcols}o.criterion ORDER BY {order}""", [run_a, run_b] + params)
+    df = overlap_counts(store, run_a, run_b, criterion, GROUPS[by], sel)
     df.insert(0, "run_b", run_b)
     df.insert(0, "run_a", run_a)
     return overlap_stats(df)
@@ -138,7 +79,7 @@ def overlap_groups(store: Store, run_a: str, run_b: str, criterion: str | None, 
 def top_overlaps(store: Store, sel: Selection, ctx, n: int = 25) -> pd.DataFrame:
     """The tensors whose masks overlap most beyond chance (highest Jaccard ÷ baseline) for the pair and
     criterion of ``ctx``; numbers as fractions."""
-    ctx = _ctx(ctx)
+    ctx = across_context(ctx)
     pair = _pick_pair(store, sel, ctx)
     if pair is None:
         return pd.DataFrame()
@@ -148,37 +89,12 @@ def top_overlaps(store: Store, sel: Selection, ctx, n: int = 25) -> pd.DataFrame
     return df.sort_values(["jaccard_ratio", "n_ab"], ascending=False, na_position="last")[cols].head(n)
 
 
-# ------------------------------------------------------------------------------------ trajectory queries
-def trajectories(store: Store) -> pd.DataFrame:
-    """Trajectories: name, method, n_steps, first, last (from the per-step runs) and has_metrics
-    (whether the trajectory table holds rows for it)."""
-    df = store.query("""SELECT r.trajectory, any_value(r.method) AS method, count(*) AS n_steps,
-                               min(r.step) AS first, max(r.step) AS last,
-                               EXISTS (SELECT 1 FROM trajectory t WHERE t.trajectory = r.trajectory) AS has_metrics
-                        FROM runs r WHERE r.trajectory IS NOT NULL GROUP BY r.trajectory ORDER BY r.trajectory""")
-    return df
-
-
+# ------------------------------------------------------------------------------------ trajectory
 def _pick_trajectory(store: Store, ctx: AcrossContext) -> str | None:
     if ctx.trajectory:
         return ctx.trajectory
     t = trajectories(store)
     return None if t.empty else str(t["trajectory"].iloc[0])
-
-
-def trajectory_long(store: Store, name: str, sel: Selection = Selection(), metrics: tuple[str, ...] = ()) -> pd.DataFrame:
-    """Trajectory-table rows of ``name`` joined with the tensor fields of the per-step runs: step, tensor,
-    tower, layer, block, module, numel, metric, value."""
-    where, params = Selection(towers=sel.towers, blocks=sel.blocks, modules=sel.modules, layer_min=sel.layer_min,
-                              layer_max=sel.layer_max, leaves_only=False).where("t")
-    mf = ""
-    if metrics:
-        mf = f" AND tr.metric IN ({', '.join('?' * len(metrics))})"
-        params = params + list(metrics)
-    return store.query(f"""SELECT tr.step, tr.tensor, t.tower, t.layer, t.block, t.module, t.numel, tr.metric, tr.value
-        FROM trajectory tr JOIN runs r ON r.trajectory = tr.trajectory AND r.step = tr.step
-        JOIN tensors t ON t.run_id = r.run_id AND t.tensor = tr.tensor
-        WHERE tr.trajectory = ? AND {where}{mf} ORDER BY tr.step, t.seq, tr.tensor""", [name] + params)
 
 
 def trajectory_by_module(store: Store, name: str, sel: Selection, metric: str, weight: str | None = None) -> pd.DataFrame:
@@ -206,18 +122,18 @@ def trajectory_by_module(store: Store, name: str, sel: Selection, metric: str, w
 def step_summary(store: Store, name: str, sel: Selection, criterion: str, metric: str) -> pd.DataFrame:
     """A per-pair metric of every step run, per module: step, module, ``metric`` (group_summary columns, or a
     catalog metric pooled over the module by its catalog rule, as the Compare page)."""
-    runs = store.query("SELECT run_id, step FROM runs WHERE trajectory = ? ORDER BY step", [name])
+    runs = trajectory_steps(store, name)
     if runs.empty:
         return pd.DataFrame(columns=["step", "module", metric])
     s = Selection(runs=tuple(runs["run_id"]), towers=sel.towers, blocks=sel.blocks, modules=sel.modules,
                   layer_min=sel.layer_min, layer_max=sel.layer_max)
     group_cols = ("sparsity", "energy_share", "rel_change")
     mm = () if metric in group_cols else (metric,)
-    df = Q.group_summary(store, s, by="module", criterion=criterion, matrix_metrics=mm)
+    df = S.group_summary(store, s, by="module", criterion=criterion, matrix_metrics=mm)
     if df.empty:
         return pd.DataFrame(columns=["step", "module", metric])
     col = metric
-    if mm and metric in Q.SUMMARY_COLUMNS:
+    if mm and metric in S.SUMMARY_COLUMNS:
         return pd.DataFrame(columns=["step", "module", metric])
     df = df.merge(runs, on="run_id")
     return df.assign(**{metric: df[col]})[["step", "module", metric]]
@@ -233,8 +149,8 @@ def _no_pair(title: str):
                              "--run-a A --run-b B`", title), pd.DataFrame()
 
 
-def _cov_heatmap(store, sel, ctx):
-    ctx = _ctx(ctx)
+def cov_heatmap(store, sel, ctx):
+    ctx = across_context(ctx)
     title = "Coverage: share of one run's changes the other made too"
     pair = _pick_pair(store, sel, ctx)
     if pair is None:
@@ -245,8 +161,8 @@ def _cov_heatmap(store, sel, ctx):
     return FA.overlap_heatmaps(df, panels, "coverage (%)", f"{title} ({_pair_title(pair)}, {ctx.criterion})"), df
 
 
-def _jaccard_heatmap(store, sel, ctx):
-    ctx = _ctx(ctx)
+def jaccard_heatmap(store, sel, ctx):
+    ctx = across_context(ctx)
     title = "Jaccard overlap of the changed masks"
     pair = _pick_pair(store, sel, ctx)
     if pair is None:
@@ -256,8 +172,8 @@ def _jaccard_heatmap(store, sel, ctx):
     return FA.overlap_heatmaps(df, panels, "Jaccard (%)", f"{title} ({_pair_title(pair)}, {ctx.criterion})"), df
 
 
-def _ratio_heatmap(store, sel, ctx):
-    ctx = _ctx(ctx)
+def ratio_heatmap(store, sel, ctx):
+    ctx = across_context(ctx)
     title = "Overlap beyond chance: observed ÷ independence baseline"
     pair = _pick_pair(store, sel, ctx)
     if pair is None:
@@ -268,8 +184,8 @@ def _ratio_heatmap(store, sel, ctx):
                                 f"{title} ({_pair_title(pair)}, {ctx.criterion})", ratio=True), df)
 
 
-def _by_criterion(store, sel, ctx):
-    ctx = _ctx(ctx)
+def by_criterion(store, sel, ctx):
+    ctx = across_context(ctx)
     title = "Overlap under each criterion (whole selection)"
     pair = _pick_pair(store, sel, ctx)
     if pair is None:
@@ -289,8 +205,8 @@ def _no_traj(title: str):
                              "--method LABEL`", title), pd.DataFrame()
 
 
-def _step_metric(store, sel, ctx):
-    ctx = _ctx(ctx)
+def step_metric(store, sel, ctx):
+    ctx = across_context(ctx)
     name = _pick_trajectory(store, ctx)
     head = STEP_METRICS.get(ctx.metric, ctx.metric).split(" (")[0]
     title = _traj_title(f"{head[0].upper()}{head[1:]} by step", name)
@@ -298,26 +214,26 @@ def _step_metric(store, sel, ctx):
         return _no_traj(title)
     df = step_summary(store, name, sel, ctx.criterion, ctx.metric)
     # the axis from the catalog: label, unit and how a module pools the metric (as on the Compare page)
-    pct = formatting.unit_of(catalog_name(ctx.metric, ctx.criterion)) == "fraction"
-    return FA.step_lines(df, ctx.metric, metric_label(ctx.metric, ctx.criterion), title, percent=pct), df
+    pct = formatting.unit_of(formatting.catalog_name(ctx.metric, ctx.criterion)) == "fraction"
+    return FA.step_lines(df, ctx.metric, formatting.metric_label(ctx.metric, ctx.criterion), title, percent=pct), df
 
 
-def _sim_k(store, sel, ctx):
-    ctx = _ctx(ctx)
+def sim_k(store, sel, ctx):
+    ctx = across_context(ctx)
     name = _pick_trajectory(store, ctx)
     title = _traj_title("Subspace locking Sim_K(t) = ‖V_K(t)ᵀV_K(T)‖²/K", name)
     if name is None:
         return _no_traj(title)
-    names = store.query("SELECT DISTINCT metric FROM trajectory WHERE trajectory = ? AND metric LIKE 'sim_k%'", [name])
-    if names.empty:
+    names = trajectory_metric_names(store, name, "sim_k")
+    if not names:
         return FA.F.empty_figure(title=title), pd.DataFrame()
-    metric = str(names["metric"].iloc[0])
+    metric = str(names[0])
     df = trajectory_by_module(store, name, sel, metric, weight="matrix")
     return FA.step_lines(df, metric, f"Sim_K, K = {metric[5:]} (per-matrix mean)", title), df
 
 
-def _consecutive(store, sel, ctx):
-    ctx = _ctx(ctx)
+def consecutive(store, sel, ctx):
+    ctx = across_context(ctx)
     name = _pick_trajectory(store, ctx)
     title = _traj_title("Entries unchanged between consecutive checkpoints", name)
     if name is None:
@@ -330,8 +246,8 @@ def _consecutive(store, sel, ctx):
     return FA.step_lines(df, metric, f"unchanged t−1 → t, {metric[16:]} (%)", title, percent=True), df
 
 
-def _outside_final(store, sel, ctx):
-    ctx = _ctx(ctx)
+def outside_final(store, sel, ctx):
+    ctx = across_context(ctx)
     name = _pick_trajectory(store, ctx)
     title = _traj_title("Updates outside the final mask", name)
     if name is None:
@@ -346,60 +262,15 @@ def _outside_final(store, sel, ctx):
                          title, percent=True), df
 
 
-def _hill(store, sel, ctx):
-    ctx = _ctx(ctx)
+def hill(store, sel, ctx):
+    ctx = across_context(ctx)
     name = _pick_trajectory(store, ctx)
     title = _traj_title("Heavy-tail exponent of the ESD of Δ_t (Hill)", name)
     if name is None:
         return _no_traj(title)
-    names = store.query("SELECT DISTINCT metric FROM trajectory WHERE trajectory = ? AND metric LIKE 'hill_alpha%'",
-                        [name])
-    if names.empty:
+    names = trajectory_metric_names(store, name, "hill_alpha")
+    if not names:
         return FA.F.empty_figure(title=title), pd.DataFrame()
-    metric = str(names["metric"].iloc[0])
+    metric = str(names[0])
     df = trajectory_by_module(store, name, sel, metric, weight="matrix")
     return FA.step_lines(df, metric, "Hill α̂ (per-matrix mean)", title), df
-
-
-FIGURES: tuple[FigureSpec, ...] = (
-    FigureSpec("overlap.coverage", "overlap", "Coverage of one run's mask by the other",
-               "|A∩B|/|A|: of the entries run A changed, the share run B changed too; its independence baseline is "
-               "B's density p_B (and symmetrically). Counts are summed per layer and module (numel-weighted).",
-               _cov_heatmap),
-    FigureSpec("overlap.jaccard", "overlap", "Jaccard overlap",
-               "|A∩B|/|A∪B| of the two changed masks, next to the value two independent random masks of the same "
-               "densities would give, p_A·p_B/(p_A+p_B−p_A·p_B).", _jaccard_heatmap),
-    FigureSpec("overlap.ratio", "overlap", "Observed ÷ baseline",
-               "log₂ of how many times more overlap than chance: 0 = independent masks, +1 = twice chance, −1 = half "
-               "(diverging colours centred on 0).",
-               _ratio_heatmap),
-    FigureSpec("overlap.criteria", "overlap", "Overlap under each criterion",
-               "Whole-selection Jaccard and coverages for every stored criterion (log scale), thin grey bars = "
-               "independence baselines.", _by_criterion),
-    FigureSpec("trajectory.step_metric", "trajectory", "Per-pair metric by step",
-               "A metric of the per-step runs (each checkpoint vs the base) per module against the training step.",
-               _step_metric),
-    FigureSpec("trajectory.sim_k", "trajectory", "Subspace locking",
-               "Sim_K(t) = (1/K)‖V_K(t)ᵀV_K(T)‖F², V_K the top-K right singular vectors of Δ_t = W_t − W_base; "
-               "1 = the update already points where it ends (arXiv 2606.07082). Mean over matrices.", _sim_k),
-    FigureSpec("trajectory.consecutive", "trajectory", "Consecutive-step sparsity",
-               "Share of entries unchanged between checkpoint t−1 and t (the base before the first), numel-weighted.",
-               _consecutive),
-    FigureSpec("trajectory.outside_final", "trajectory", "Updates outside the final mask",
-               "Of the entries changed at step t (vs the base), the share the final checkpoint leaves unchanged: "
-               "transient updates. Weighted by the changed counts.", _outside_final),
-    FigureSpec("trajectory.hill", "trajectory", "Heavy-tail exponent",
-               "Hill estimate α̂ = 1 + k/Σ ln(λ_i/λ_{k+1}) over the top 10 % eigenvalues λ = σ² of Δ_tᵀΔ_t "
-               "(density exponent; smaller = heavier tail).", _hill),
-)
-
-
-def figures_for(page: str) -> tuple[FigureSpec, ...]:
-    return tuple(f for f in FIGURES if f.page == page)
-
-
-def figure_spec(key: str) -> FigureSpec:
-    for f in FIGURES:
-        if f.key == key:
-            return f
-    raise KeyError(f"no figure {key!r}; known: {', '.join(f.key for f in FIGURES)}")

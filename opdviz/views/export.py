@@ -23,7 +23,7 @@ import plotly.graph_objects as go
 
 from opdviz.views.csvsafe import to_csv
 from opdviz.errors import OpdvizError
-from opdviz.views.figures import paper_style
+from opdviz.views.style import paper_style
 
 STATIC_FORMATS = ("png", "svg", "pdf")
 FIGURE_FORMATS = STATIC_FORMATS + ("html",)
@@ -102,16 +102,14 @@ def _file_stem(key: str) -> str:
 
 def all_specs(pages: Iterable[str] | None = None) -> list:
     """FigureSpecs of ``pages`` (default: every page, single-run and across-run), in page order."""
-    from opdviz.views import single as views
-    from opdviz.views import across as views_across
+    from opdviz.views.registry import FIGURES, PAGES
 
-    order = views.PAGES + views_across.PAGES
+    order = PAGES
     wanted = tuple(pages) if pages else order
     unknown = [p for p in wanted if p not in order]
     if unknown:
         raise ExportError(f"unknown page {', '.join(map(repr, unknown))}; pages are {', '.join(order)}")
-    specs = list(views.FIGURES) + list(views_across.FIGURES)
-    return [f for p in wanted for f in specs if f.page == p]
+    return [f for p in wanted for f in FIGURES if f.page == p]
 
 
 def _spec(key: str):
@@ -125,7 +123,7 @@ def manifest(store, sel, ctx, runs: Iterable[str] | None = None) -> dict:
     next to the figures, with a ``figures`` list (file, data CSV, key, title, caption) added."""
     from opdviz import __version__
     from opdviz.store import queries as Q
-    from opdviz.views.single import provenance
+    from opdviz.views.tables import provenance
 
     run_ids = list(runs if runs is not None else (sel.runs or Q.runs(store)["run_id"]))
     approx = Q.long_metrics(store, dataclasses.replace(sel, runs=tuple(run_ids), leaves_only=False),

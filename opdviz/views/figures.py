@@ -1,110 +1,29 @@
 """Figures: pure functions from tidy DataFrames to Plotly figures (no I/O, no SQL, no streamlit, no torch).
 
-Every function documents the columns it reads. Colours: one fixed Okabe–Ito colour per method
-(``method_color``) wherever a method appears, a separate colour-blind-safe palette (Paul Tol's
-"muted") for modules, so a module is never mistaken for a method. Sequential maps are Cividis,
-diverging maps PuOr centred on 0. ``paper_style`` sizes a figure for a single (3.5 in) or double
-(7 in) column with 8-pt text; ``opdviz.views.export`` applies it before writing PDF/SVG/PNG.
+Every function documents the columns it reads. How they look (colours per method and module, template,
+paper sizing) is ``opdviz.views.style``.
 
 Try it:  python -c "import opdviz.views.figures as f, pandas as pd; f.empty_figure().show()"
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-from plotly.subplots import make_subplots
 
 from opdviz.views.formatting import escape
+from opdviz.views.style import (BASELINE_COLOR, DASHES, DIVERGING, SEQUENTIAL, base_figure, method_color, module_color,
+                                 module_sort_key, run_label, run_styles)
 
-# --------------------------------------------------------------------------------------- colours
-OKABE_ITO = {"black": "#000000", "orange": "#E69F00", "sky_blue": "#56B4E9", "bluish_green": "#009E73",
-             "yellow": "#F0E442", "blue": "#0072B2", "vermillion": "#D55E00", "reddish_purple": "#CC79A7"}
-METHOD_COLORS = {"OPD": OKABE_ITO["blue"], "RL": OKABE_ITO["vermillion"], "GRPO": OKABE_ITO["reddish_purple"],
-                 "SFT": OKABE_ITO["bluish_green"], "DPO": OKABE_ITO["orange"], "BASE": OKABE_ITO["black"]}
-# other labels hash into colours still distinguishable under deuteranopia/protanopia (Okabe–Ito rest + Tol)
-_EXTRA_COLORS = (OKABE_ITO["sky_blue"], "#B8A000", "#882255", "#44AA99", "#332288", "#999933", "#777777")
-MODULE_COLORS = {"q": "#332288", "k": "#88CCEE", "v": "#44AA99", "o": "#117733", "gate": "#999933",
-                 "up": "#DDCC77", "down": "#CC6677", "qkv": "#882255", "gate_up": "#AA4499",
-                 "embed": "#555555", "lm_head": "#000000", "norm": "#BBBBBB"}
-MODULE_ORDER = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "embed", "lm_head", "norm")
-DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
-SEQUENTIAL = "Cividis"
-DIVERGING = "PuOr"
-BASELINE_COLOR = "#7F7F7F"
-FONT = "Arial, 'Liberation Sans', Helvetica, sans-serif"
 NO_DATA = "no data for this selection"
-
-# Chromium prints 96 CSS px per inch; 8 pt = 10.7 px. Widths of a two-column paper: 3.5 in and 7 in.
-PAPER_WIDTH_PX = {"single": 336, "double": 672}
-PAPER_FONT_PX = {"single": 11, "double": 12}
-
-
-def method_color(method: str | None) -> str:
-    """The colour of a method label: fixed for OPD/RL/GRPO/SFT/DPO/base (case-insensitive), else a
-    stable hash of the label (the same in every process and on every page)."""
-    label = (method or "").strip()
-    if label.upper() in METHOD_COLORS:
-        return METHOD_COLORS[label.upper()]
-    digest = int(hashlib.sha1(label.encode()).hexdigest()[:8], 16)
-    return _EXTRA_COLORS[digest % len(_EXTRA_COLORS)]
-
-
-def module_color(module: str | None) -> str:
-    if module in MODULE_COLORS:
-        return MODULE_COLORS[module]
-    digest = int(hashlib.sha1(str(module).encode()).hexdigest()[:8], 16)
-    return _EXTRA_COLORS[digest % len(_EXTRA_COLORS)]
-
-
-def run_styles(runs: pd.DataFrame) -> dict[str, tuple[str, str]]:
-    """run_id → (colour, dash): colour from the run's method; runs sharing a method differ by dash.
-
-    ``runs`` needs columns run_id and method (extra rows are ignored)."""
-    styles, seen = {}, {}
-    for run_id, method in runs[["run_id", "method"]].drop_duplicates("run_id").itertuples(index=False):
-        n = seen.get(method, 0)
-        seen[method] = n + 1
-        styles[run_id] = (method_color(method), DASHES[n % len(DASHES)])
-    return styles
-
-
-def run_label(run_id: str, method: str | None) -> str:
-    """Legend/facet label of a run, escaped (run names and method labels are untrusted text)."""
-    text = run_id if not method or str(method) == str(run_id) else f"{run_id} ({method})"
-    return escape(text)
-
-
-def module_sort_key(module) -> tuple:
-    return (MODULE_ORDER.index(module) if module in MODULE_ORDER else len(MODULE_ORDER), str(module))
-
-
-# --------------------------------------------------------------------------------------- base layout
-def _template() -> go.layout.Template:
-    # automargin: long category labels (tensor, criterion names) push the margin out instead of being clipped
-    axis = dict(showline=True, linecolor="black", linewidth=1, ticks="outside", ticklen=3, mirror=False,
-                showgrid=True, gridcolor="#E5E5E5", gridwidth=0.5, zeroline=False, title_standoff=4, automargin=True)
-    return go.layout.Template(layout=dict(
-        font=dict(family=FONT, size=13, color="black"), paper_bgcolor="white", plot_bgcolor="white",
-        xaxis=axis, yaxis=axis, colorway=list(METHOD_COLORS.values()),
-        legend=dict(bgcolor="rgba(255,255,255,0.8)", borderwidth=0, tracegroupgap=2),
-        margin=dict(l=60, r=20, t=50, b=50), hoverlabel=dict(namelength=-1)))
-
-
-def _figure(title: str, rows: int = 1, cols: int = 1, **subplot_kw) -> go.Figure:
-    fig = make_subplots(rows=rows, cols=cols, **subplot_kw) if rows * cols > 1 or subplot_kw else go.Figure()
-    fig.update_layout(template=_template(), title=dict(text=title, x=0, xanchor="left"),
-                      meta={"panels": rows * cols, "rows": rows})
-    return fig
 
 
 def empty_figure(message: str = NO_DATA, title: str = "") -> go.Figure:
     """A blank figure that says why it is blank (never raise on an empty selection)."""
-    fig = _figure(title)
+    fig = base_figure(title)
     fig.add_annotation(text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
                        font=dict(size=15, color="#555555"))
     fig.update_xaxes(visible=False)
@@ -152,8 +71,8 @@ def _lines(df: pd.DataFrame, x: str, y: str, color: str, title: str, xlabel: str
     ncols = min(len(facets), max_cols)
     nrows = math.ceil(len(facets) / ncols)
     titles = [_facet_title(df, facet, f) for f in facets] if facet else None
-    fig = _figure(title, nrows, ncols, shared_yaxes=True, shared_xaxes=True, subplot_titles=titles,
-                  horizontal_spacing=0.04, vertical_spacing=_vspace(0.12, nrows)) if facet else _figure(title)
+    fig = base_figure(title, nrows, ncols, shared_yaxes=True, shared_xaxes=True, subplot_titles=titles,
+                  horizontal_spacing=0.04, vertical_spacing=_vspace(0.12, nrows)) if facet else base_figure(title)
     colors = _ordered(df[color], color)
     dashes = _ordered(df[dash], dash) if dash else [None]
     dash_of = {d: DASHES[i % len(DASHES)] for i, d in enumerate(dashes)}
@@ -247,8 +166,8 @@ def heatmap(df: pd.DataFrame, z: str, zlabel: str, title: str, x: str = "module"
     nrows = math.ceil(len(facets) / ncols)
     titles = [_facet_title(df, facet, f) for f in facets] if facet else None
     # rows of panels leave room for the slanted module labels and the next row's panel titles
-    fig = _figure(title, nrows, ncols, shared_yaxes=True, subplot_titles=titles, horizontal_spacing=0.03,
-                  vertical_spacing=_vspace(0.1, nrows)) if facet else _figure(title)
+    fig = base_figure(title, nrows, ncols, shared_yaxes=True, subplot_titles=titles, horizontal_spacing=0.03,
+                  vertical_spacing=_vspace(0.1, nrows)) if facet else base_figure(title)
     if nrows > 1:
         fig.update_layout(height=340 * nrows)
     xs = _ordered(df[x], x)
@@ -468,7 +387,7 @@ def bars(df: pd.DataFrame, x: str, y: str, title: str, xlabel: str, ylabel: str,
     if df.empty or df[y].notna().sum() == 0:
         return empty_figure(title=title)
     styles = run_styles(df)
-    fig = _figure(title)
+    fig = base_figure(title)
     xs = _ordered(df[x], x)
     scale = 100 if percent else 1
     patterns = {"solid": "", "dash": "/", "dot": ".", "dashdot": "x", "longdash": "\\", "longdashdot": "+"}
@@ -509,7 +428,7 @@ def sparsity_map(image: np.ndarray | None, row_frac: np.ndarray | None, col_frac
     image = np.atleast_2d(np.asarray(image, dtype=float))
     rows, cols = shape or (len(row_frac) if row_frac is not None else image.shape[0],
                            len(col_frac) if col_frac is not None else image.shape[1])
-    fig = _figure(title, 2, 2, column_widths=[0.8, 0.2], row_heights=[0.22, 0.78], shared_xaxes=True,
+    fig = base_figure(title, 2, 2, column_widths=[0.8, 0.2], row_heights=[0.22, 0.78], shared_xaxes=True,
                   shared_yaxes=True, horizontal_spacing=0.02, vertical_spacing=0.02)
     dy, dx = rows / image.shape[0], cols / image.shape[1]
     fig.add_trace(go.Heatmap(z=100 * image, x0=dx / 2, dx=dx, y0=dy / 2, dy=dy, coloraxis="coloraxis",
@@ -539,55 +458,3 @@ def sparsity_map(image: np.ndarray | None, row_frac: np.ndarray | None, col_frac
     fig.update_xaxes(visible=False, row=1, col=2)
     fig.update_yaxes(visible=False, row=1, col=2)
     return fig
-
-
-# --------------------------------------------------------------------------------------- paper style
-def _slanted_labels_px(fig: go.Figure, fs: int) -> int:
-    """Extra bottom margin for slanted category labels: Kaleido's automargin does not make room for the
-    axis title under them, so reserve their drawn height (longest label × glyph width × sin angle)."""
-    angle = fig.layout.xaxis.tickangle if fig.layout.xaxis.tickangle is not None else 0
-    if not angle:
-        return 0
-    longest = max((len(str(v)) for t in fig.data if t.type in ("bar", "heatmap") and t.x is not None
-                   for v in t.x), default=0)
-    return int(longest * (fs - 1) * 0.55 * abs(math.sin(math.radians(float(angle)))))
-
-
-def paper_style(fig: go.Figure, width: str = "single", height: int | None = None) -> go.Figure:
-    """Size ``fig`` for a paper column: ``single`` 3.5 in, ``double`` 7 in wide (96 px/in as
-    Chromium prints), 8–9 pt text, no title (the caption goes in the paper), legend above the plot.
-    Returns a new figure; the input is left as it is."""
-    if width not in PAPER_WIDTH_PX:
-        raise ValueError(f"width must be 'single' or 'double', not {width!r}")
-    out = go.Figure(fig)
-    w, fs = PAPER_WIDTH_PX[width], PAPER_FONT_PX[width]
-    meta = out.layout.meta if isinstance(out.layout.meta, dict) else {}
-    rows = int(meta.get("rows", 1) or 1)
-    h = height or int((0.72 if width == "single" else 0.42) * w * (1 + 0.6 * (rows - 1)))
-    names = [str(t.name) for t in out.data if t.showlegend is not False and t.name]
-    # legend above the plot, entries wrapped to rows as plotly does; estimate the rows to reserve room
-    rows_needed, used = (1, 0) if names else (0, 0)
-    for n in names:
-        item = int(len(n) * (fs - 1) * 0.58) + 46                     # text + symbol + gaps, px
-        if used and used + item > w - 10:
-            rows_needed, used = rows_needed + 1, 0
-        used += item
-    legend_h = int(1.6 * fs) * rows_needed
-    titled = any(a.yref == "paper" and (a.y or 0) >= 1 for a in out.layout.annotations)   # subplot titles
-    bottom = 54 + _slanted_labels_px(out, fs)
-    top = 8 + legend_h + (fs + 6 if titled else 0)
-    out.update_layout(
-        width=w, height=h + top, title=None, font=dict(family=FONT, size=fs, color="black"),
-        margin=dict(l=48, r=8, t=top, b=bottom), showlegend=bool(names),   # b: ticks + labels + axis title
-        legend=dict(orientation="h", x=0, xanchor="left", y=0.995, yanchor="top", yref="container",
-                    font=dict(size=fs - 1), itemwidth=30, tracegroupgap=0),
-    )
-    out.update_annotations(font_size=fs)
-    out.update_xaxes(tickfont_size=fs - 1, title_font_size=fs, title_standoff=2, ticklen=2, automargin=True)
-    out.update_yaxes(tickfont_size=fs - 1, title_font_size=fs, title_standoff=2, ticklen=2, automargin=True)
-    if out.layout.coloraxis and out.layout.coloraxis.colorbar:
-        out.update_layout(coloraxis_colorbar=dict(thickness=8, tickfont_size=fs - 1, title_font_size=fs,
-                                                  xpad=2))
-    out.update_traces(line_width=1.2, selector=dict(type="scatter"))
-    out.update_traces(textfont_size=max(6, fs - 3), selector=dict(type="heatmap"))
-    return out

@@ -11,6 +11,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from opdviz.views import figures as F
+from opdviz.views import style
 
 PCT = " (%)"
 
@@ -37,7 +38,7 @@ def overlap_heatmaps(df: pd.DataFrame, panels: list[tuple[str, str]], zlabel: st
     # log₂ so that 2× and ½× chance get opposite colours of one strength, centred on chance (0)
     v = d["value"].astype(float)
     d["value"] = np.log2(v.where(v > 0))
-    return F.heatmap(d, "value", zlabel, title, facet="panel", colorscale=F.DIVERGING, zmid=0.0,
+    return F.heatmap(d, "value", zlabel, title, facet="panel", colorscale=style.DIVERGING, zmid=0.0,
                      max_cols=len(panels), fmt=".2g")
 
 
@@ -47,15 +48,15 @@ def overlap_by_criterion(df: pd.DataFrame, title: str) -> go.Figure:
     cov_b_baseline (fractions)."""
     if df.empty:
         return F.empty_figure(title=title)
-    fig = F._figure(title)
+    fig = style.base_figure(title)
     xs = [str(c) for c in df["criterion"]]
-    colors = (F.OKABE_ITO["blue"], F.OKABE_ITO["vermillion"], F.OKABE_ITO["bluish_green"])
+    colors = (style.OKABE_ITO["blue"], style.OKABE_ITO["vermillion"], style.OKABE_ITO["bluish_green"])
     for (col, name), color in zip((("jaccard", "Jaccard |A∩B|/|A∪B|"), ("cov_a", "|A∩B|/|A|"),
                                    ("cov_b", "|A∩B|/|B|")), colors):
         fig.add_trace(go.Bar(x=xs, y=100 * df[col].astype(float), name=name, marker=dict(color=color),
                              offsetgroup=col, hovertemplate=f"%{{x}}<br>{name}: %{{y:.3g}} %<extra></extra>"))
         fig.add_trace(go.Bar(x=xs, y=100 * df[f"{col}_baseline"].astype(float), name=f"{name}: independence",
-                             offsetgroup=col, base=0, width=0.08, marker=dict(color=F.BASELINE_COLOR),
+                             offsetgroup=col, base=0, width=0.08, marker=dict(color=style.BASELINE_COLOR),
                              showlegend=col == "jaccard", legendgroup="baseline",
                              hovertemplate=f"%{{x}}<br>independence baseline: %{{y:.3g}} %<extra></extra>"))
     fig.data[1].name = "independence baseline (grey)"

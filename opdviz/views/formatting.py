@@ -19,9 +19,11 @@ which otherwise interprets ``<b>``, ``<br>``, ``<a href>`` in titles, legends, h
 from __future__ import annotations
 
 import html
+import json
 import math
 import re
 
+from opdviz import options
 from opdviz.metrics.registry import MetricInfo, agg_label, family_of
 
 SCALE = {"fraction": 100.0, "radians": 180.0 / math.pi}
@@ -164,3 +166,32 @@ def column_formats(df, labels: dict[str, str] | None = None) -> dict[str, tuple[
             fmt = "%d" if len(v) and (v == v.round()).all() else fmt
         out[c] = ((head + unit) if head else label_of(str(c)), fmt)
     return out
+
+
+def criterion_label(c: str) -> str:
+    """What a criterion counts as changed, for titles: ``abs_1e-5`` → ``|ΔW| > 1e-5``."""
+    return options.criterion_label(c)
+
+
+def catalog_name(metric: str, criterion: str = "abs_1e-5") -> str:
+    """The catalog name of a Compare-page metric: ``sparsity`` is ``sparsity_<criterion>``."""
+    return f"sparsity_{criterion}" if metric == "sparsity" else metric
+
+
+def metric_label(metric: str, criterion: str = "abs_1e-5") -> str:
+    """Axis title of a Compare-page metric, all from the catalog: label, unit and how a group pools it
+    on a second line (``sparsity (%)<br>parameter-weighted``: ``formatting.axis_title``). The figure's title
+    names the metric itself (``top16_energy per module``)."""
+    return axis_title(catalog_name(metric, criterion), sep="<br>")
+
+
+def json_dict(text) -> dict:
+    """A provenance JSON column (options, versions, extra) as a dict: {} when empty, ``{"raw": text}`` when not
+    JSON, ``{"value": …}`` when JSON but not an object."""
+    if not isinstance(text, str) or not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {"raw": text}
+    return value if isinstance(value, dict) else {"value": value}
