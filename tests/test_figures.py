@@ -8,6 +8,7 @@ import plotly.graph_objects as go
 import pytest
 
 from opdviz.views import figures as F
+from opdviz.views import figures_spectral as FS
 from opdviz.views import style
 
 
@@ -71,7 +72,7 @@ def test_method_colour_same_across_figures():
     lines = F.layerwise_lines(_by_layer(), "value", "entries unchanged (%)", "t", color="run_id", dash="module",
                               facet=None)
     bars = F.bars(_by_layer().query("layer == 0"), "module", "value", "t", "module", "entries unchanged (%)")
-    cov = F.coverage(_curves("alpha", "coverage", [0.01, 0.1, 0.5], lambda a, i: a * (1.5 - 0.2 * i),
+    cov = FS.coverage(_curves("alpha", "coverage", [0.01, 0.1, 0.5], lambda a, i: a * (1.5 - 0.2 * i),
                              kind="low-magnitude"), "t")
     for fig in (lines, bars, cov):
         colors = _colors(fig)
@@ -124,7 +125,7 @@ def test_sweep_log_x_and_criterion_marker():
 
 def test_spectra_normalised_log_log():
     df = _curves("index", "sigma", range(1, 101), lambda i, r: 5.0 * i ** -(0.5 + 0.3 * r), label="L1 q")
-    fig = F.spectra(df, "t")
+    fig = FS.spectra(df, "t")
     assert fig.layout.xaxis.type == "log" and fig.layout.yaxis.type == "log"
     lines = [t for t in fig.data if t.showlegend is False]
     assert all(max(t.y) == pytest.approx(1.0) for t in lines)          # σ/σ₁
@@ -133,19 +134,19 @@ def test_spectra_normalised_log_log():
 
 def test_spectra_thin_long_curves():
     df = _curves("index", "sigma", range(1, 4097), lambda i, r: 1.0 / i, label="L1 q")
-    assert all(len(t.x) <= 300 for t in F.spectra(df, "t").data if t.showlegend is False)
+    assert all(len(t.x) <= 300 for t in FS.spectra(df, "t").data if t.showlegend is False)
 
 
 def test_cumulative_energy_reaches_100():
     df = _curves("index", "sigma", range(1, 65), lambda i, r: 1.0 / i, label="L1 q")
-    lines = [t for t in F.cumulative_energy(df, "t").data if t.showlegend is False]
+    lines = [t for t in FS.cumulative_energy(df, "t").data if t.showlegend is False]
     assert all(t.y[-1] == pytest.approx(100) for t in lines)
 
 
 def test_principal_projection_has_random_baselines():
     r = np.geomspace(0.01, 1, 10)
     df = pd.concat([_curves("rank_frac", "share", r, lambda x, i: x ** 1.3, kind=k) for k in ("joint", "left")])
-    fig = F.principal_projection(df, "t")
+    fig = FS.principal_projection(df, "t")
     base = [t for t in fig.data if (t.meta or {}).get("baseline")]
     assert {t.name for t in base} == {"random, one side (r)", "random, joint (r²)"}
     joint = next(t for t in base if "joint" in t.name)
@@ -155,7 +156,7 @@ def test_principal_projection_has_random_baselines():
 def test_coverage_baseline_y_equals_alpha_in_each_panel():
     df = pd.concat([_curves("alpha", "coverage", [0.01, 0.1, 0.5], lambda a, i: a * 1.4, kind=k)
                     for k in ("low-magnitude", "principal")])
-    fig = F.coverage(df, "t")
+    fig = FS.coverage(df, "t")
     base = [t for t in fig.data if (t.meta or {}).get("baseline")]
     assert len(base) == 2 and all(list(t.x) == list(t.y) for t in base)
     _titled(fig)
@@ -163,7 +164,7 @@ def test_coverage_baseline_y_equals_alpha_in_each_panel():
 
 def test_angles_in_degrees():
     df = _curves("index", "angle_deg", range(1, 17), lambda i, r: 0.5 * i, label="L1 q · left k=16")
-    fig = F.principal_angles(df, "t")
+    fig = FS.principal_angles(df, "t")
     assert "degrees" in fig.layout.yaxis.title.text
 
 
@@ -184,7 +185,7 @@ def test_energy_shares_bars_per_method():
 
 @pytest.mark.parametrize("build", [
     lambda e: F.heatmap(e, "value", "u", "t"), lambda e: F.layerwise_lines(e, "value", "u", "t"),
-    lambda e: F.sweep(e, "t"), lambda e: F.spectra(e, "t"), lambda e: F.coverage(e, "t"),
+    lambda e: F.sweep(e, "t"), lambda e: FS.spectra(e, "t"), lambda e: FS.coverage(e, "t"),
     lambda e: F.bars(e.assign(x=[]), "x", "value", "t", "x", "u"), lambda e: F.sparsity_map(None, None, None, "t")])
 def test_empty_input_gives_annotated_figure(build):
     empty = pd.DataFrame(columns=["run_id", "method", "layer", "module", "value"])
@@ -203,7 +204,7 @@ def test_paper_style_sizes_and_fonts(width, px):
 
 def test_cumulative_energy_of_truncated_spectrum_uses_exact_norm():
     df = _curves("index", "sigma", range(1, 9), lambda i, r: 1.0, label="L1 q").assign(delta_sq_sum=16.0)
-    lines = [t for t in F.cumulative_energy(df, "t").data if t.showlegend is False]
+    lines = [t for t in FS.cumulative_energy(df, "t").data if t.showlegend is False]
     assert all(t.y[-1] == pytest.approx(50) for t in lines)        # 8 of 16 units of ‖ΔW‖²_F
 
 
@@ -215,7 +216,7 @@ def test_facet_grids_hold_a_sweep_of_50_runs():
 
     df = pd.DataFrame({"run_id": [f"r{i:02d}" for i in range(50) for _ in range(2)],
                        "method": ["OPD"] * 100, "x": [1, 2] * 50, "y": [0.1, 0.2] * 50})
-    fig = figures._lines(df, "x", "y", "run_id", "t", "x", "y", facet="run_id")
+    fig = figures.lines(df, "x", "y", "run_id", "t", "x", "y", facet="run_id")
     assert {t.name for t in fig.data if t.name} >= {f"r{i:02d} (OPD)" for i in range(50)}
 
 

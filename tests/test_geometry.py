@@ -165,9 +165,9 @@ def _ref_coverage(B, mask, alpha, r, decimals=None):
 def selection_path(request, monkeypatch):
     """Run a coverage test through both top-K selections (stable sort for small matrices, bit-pattern
     histogram for large ones), which must agree with the reference and with each other."""
-    import opdviz.metrics.geometry as geometry
+    import opdviz.metrics.topk_coverage as topk_coverage
 
-    monkeypatch.setattr(geometry, "SMALL_SELECT", 1 << 40 if request.param == "sorted" else 0)
+    monkeypatch.setattr(topk_coverage, "SMALL_SELECT", 1 << 40 if request.param == "sorted" else 0)
     return request.param
 
 

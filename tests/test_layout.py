@@ -52,14 +52,23 @@ def test_sql_lives_only_in_the_store():
     assert not found, "SQL or duckdb outside opdviz/store (move it into a function there):\n" + "\n".join(found)
 
 
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
+        (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
 def imports_of(path: Path, known: set[str]) -> set[str]:
     """The opdviz modules a file imports anywhere in it (inside functions too), resolved to the most specific
     module that exists; the root package ``opdviz`` (the public face) is left out."""
     tree = ast.parse(path.read_text(), str(path))
     here = module_name(path)
     package = here if path.name == "__init__.py" else here.rpartition(".")[0]
+    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and _is_type_checking(block.test)
+                   for stmt in block.body for n in ast.walk(stmt)}
     out = set()
     for node in ast.walk(tree):
+        if id(node) in typing_only:           # ``if TYPE_CHECKING:`` imports are for annotations, never run
+            continue
         targets = []
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]

@@ -22,7 +22,8 @@ from opdviz.metrics import geometry
 from opdviz.engine.local import LocalExecutor
 from opdviz.engine.runner import JobSpec, run_jobs
 from opdviz.metrics import analyse_pair, base_work
-from opdviz.metrics.geometry import SMALL_SELECT, linalg_base, principal_coverage
+from opdviz.metrics.geometry import linalg_base, principal_coverage
+from opdviz.metrics.topk_coverage import SMALL_SELECT
 from opdviz.options import AnalysisOptions
 from opdviz.store import Store
 

@@ -36,7 +36,7 @@ import torch
 
 from opdviz.errors import TensorMismatchError
 from opdviz.options import AnalysisOptions, fmt_pct
-from opdviz.metrics.chunkops import arr, bincount, count, floor32, gt, sumsq, total
+from opdviz.metrics.chunkops import INT_OF, arr, bincount, check_pair, count, floor32, gt, sumsq, total
 from opdviz.metrics.deltatop import SWEEP_EPS, TOP_FRACS, DeltaTop
 from opdviz.metrics.linalg import floor_frac
 from opdviz.metrics.lowmag import NONFINITE_KEY, RankCoverage
@@ -106,10 +106,6 @@ FAMILIES: tuple[MetricInfo, ...] = (
                label="sparsity at ε", unit="fraction", agg="numel"),
 )
 
-_INT_OF = {torch.bfloat16: torch.int16, torch.float16: torch.int16,
-           torch.float32: torch.int32, torch.float64: torch.int64}
-
-
 @dataclass
 class BaseStats:
     """The base-only part of the elementwise pass (its prepass), computed once per base tensor and shared
@@ -136,7 +132,7 @@ def elementwise_metrics(wb: torch.Tensor, wp: torch.Tensor, opts: AnalysisOption
     computed (results are identical either way). Returns float64 scalars/arrays and the "default"
     (``opts.criterion``) and "exact" changed masks. Raises TensorMismatchError for a bad pair or
     NaN/Inf values."""
-    _check_pair(wb, wp)
+    check_pair(wb, wp)
     p = _Pass(wb, wp, opts)
     return p.run(base if base is not None else p.prepass())
 
@@ -144,26 +140,8 @@ def elementwise_metrics(wb: torch.Tensor, wp: torch.Tensor, opts: AnalysisOption
 def base_stats(wb: torch.Tensor, opts: AnalysisOptions) -> BaseStats:
     """The prepass over W_base alone (see ``BaseStats``). Raises TensorMismatchError for NaN/Inf in a
     16-bit base."""
-    _check_pair(wb, wb)
+    check_pair(wb, wb)
     return _Pass(wb, wb, opts).prepass()
-
-
-def _check_pair(wb: torch.Tensor, wp: torch.Tensor) -> None:
-    if wb.shape != wp.shape:
-        raise TensorMismatchError(f"shape mismatch: base {tuple(wb.shape)} vs post {tuple(wp.shape)}; "
-                                  "the checkpoints are not of the same architecture")
-    if wb.dtype != wp.dtype:
-        raise TensorMismatchError(f"dtype mismatch: base {wb.dtype} vs post {wp.dtype}; cast one checkpoint "
-                                  "to the other's dtype before comparing")
-    if wb.dtype not in _INT_OF:
-        raise TensorMismatchError(f"dtype {wb.dtype} is not analysed (bf16, fp16, fp32, fp64 only)")
-    if wb.dim() not in (1, 2):
-        raise TensorMismatchError(f"elementwise metrics take 1-D or 2-D tensors, got shape {tuple(wb.shape)}; "
-                                  "reshape stacks to [out, in] first")
-    if wb.device != wp.device:
-        raise TensorMismatchError(f"base on {wb.device} but post on {wp.device}")
-    if wb.numel() == 0:
-        raise TensorMismatchError("empty tensor: nothing to compare")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,7 +159,7 @@ class _Pass(RankCoverage, DeltaTop):
         self.R, self.C = self.w2b.shape
         self.n = self.R * self.C
         self.dtype = wb.dtype
-        self.idt = _INT_OF[wb.dtype]
+        self.idt = INT_OF[wb.dtype]
         self.fdt = torch.float64 if wb.dtype == torch.float64 else torch.float32
         self.hist16 = wb.dtype in (torch.bfloat16, torch.float16)
         self.rows = max(1, min(self.R, opts.chunk_elems // max(self.C, 1)))

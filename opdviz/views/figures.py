@@ -50,7 +50,7 @@ def _color_of(kind: str, value, styles: dict) -> str:
     return module_color(str(value))   # a stable sha1 hash, never Python's salted hash()
 
 
-def _ordered(values, kind: str) -> list:
+def ordered(values, kind: str) -> list:
     vals = list(dict.fromkeys(v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))))
     if kind == "module":
         return sorted(vals, key=module_sort_key)
@@ -62,19 +62,19 @@ def _vspace(preferred: float, nrows: int) -> float:
     return preferred if nrows <= 1 else min(preferred, 0.5 / (nrows - 1))
 
 
-def _lines(df: pd.DataFrame, x: str, y: str, color: str, title: str, xlabel: str, ylabel: str,
+def lines(df: pd.DataFrame, x: str, y: str, color: str, title: str, xlabel: str, ylabel: str,
            dash: str | None = None, facet: str | None = None, log_x: bool = False, log_y: bool = False,
            markers: bool = False, hover: str | None = None, max_cols: int = 3) -> go.Figure:
     """Lines of ``y`` against ``x``, one per (color, dash, facet) value; legends key colour and dash."""
     styles = run_styles(df) if "run_id" in df and "method" in df else {}
-    facets = _ordered(df[facet], "run") if facet else [None]
+    facets = ordered(df[facet], "run") if facet else [None]
     ncols = min(len(facets), max_cols)
     nrows = math.ceil(len(facets) / ncols)
     titles = [_facet_title(df, facet, f) for f in facets] if facet else None
     fig = base_figure(title, nrows, ncols, shared_yaxes=True, shared_xaxes=True, subplot_titles=titles,
                   horizontal_spacing=0.04, vertical_spacing=_vspace(0.12, nrows)) if facet else base_figure(title)
-    colors = _ordered(df[color], color)
-    dashes = _ordered(df[dash], dash) if dash else [None]
+    colors = ordered(df[color], color)
+    dashes = ordered(df[dash], dash) if dash else [None]
     dash_of = {d: DASHES[i % len(DASHES)] for i, d in enumerate(dashes)}
     for fi, fval in enumerate(facets):
         sub = df if fval is None else df[df[facet] == fval]
@@ -136,7 +136,7 @@ def _facet_title(df: pd.DataFrame, facet: str, value) -> str:
     return _name(df, facet, value) if facet == "run_id" else escape(value)
 
 
-def _baseline(fig: go.Figure, x, y, name: str, row: int | None = None, col: int | None = None,
+def baseline(fig: go.Figure, x, y, name: str, row: int | None = None, col: int | None = None,
               showlegend: bool = True) -> None:
     trace = go.Scatter(x=list(x), y=list(y), mode="lines", name=name, showlegend=showlegend,
                        line=dict(color=BASELINE_COLOR, dash="dot", width=1.5),
@@ -161,7 +161,7 @@ def heatmap(df: pd.DataFrame, z: str, zlabel: str, title: str, x: str = "module"
     df = df[df[y].notna()] if y in df else df
     if df.empty or z not in df or df[z].notna().sum() == 0:
         return empty_figure(title=title)
-    facets = _ordered(df[facet], "run") if facet else [None]
+    facets = ordered(df[facet], "run") if facet else [None]
     ncols = min(len(facets), max_cols)
     nrows = math.ceil(len(facets) / ncols)
     titles = [_facet_title(df, facet, f) for f in facets] if facet else None
@@ -170,7 +170,7 @@ def heatmap(df: pd.DataFrame, z: str, zlabel: str, title: str, x: str = "module"
                   vertical_spacing=_vspace(0.1, nrows)) if facet else base_figure(title)
     if nrows > 1:
         fig.update_layout(height=340 * nrows)
-    xs = _ordered(df[x], x)
+    xs = ordered(df[x], x)
     ys = sorted(int(v) for v in df[y].dropna().unique())
     for i, fval in enumerate(facets):
         sub = df if fval is None else df[df[facet] == fval]
@@ -218,7 +218,7 @@ def layerwise_lines(df: pd.DataFrame, y: str, ylabel: str, title: str, color: st
     df = df[df["layer"].notna()] if "layer" in df else df
     if df.empty or y not in df or df[y].notna().sum() == 0:
         return empty_figure(title=title)
-    fig = _lines(df, "layer", y, color, title, "layer index", ylabel, dash=dash, facet=facet, log_y=log_y,
+    fig = lines(df, "layer", y, color, title, "layer index", ylabel, dash=dash, facet=facet, log_y=log_y,
                  markers=df["layer"].nunique() <= 12)
     integer_axis(fig, "x", df["layer"])
     return fig
@@ -243,7 +243,7 @@ def sweep(df: pd.DataFrame, title: str, mark_eps: float | None = 1e-5) -> go.Fig
     if df.empty:
         return empty_figure(title=title)
     d = df.assign(sparsity_pct=100 * df["sparsity"])
-    fig = _lines(d, "eps", "sparsity_pct", "run_id", title, "threshold ε on |ΔW| (absolute, log scale)",
+    fig = lines(d, "eps", "sparsity_pct", "run_id", title, "threshold ε on |ΔW| (absolute, log scale)",
                  "entries unchanged, |ΔW| ≤ ε (%)", dash="label" if "label" in d else None, log_x=True,
                  markers=True)
     if mark_eps:
@@ -255,117 +255,6 @@ def sweep(df: pd.DataFrame, title: str, mark_eps: float | None = 1e-5) -> go.Fig
     return fig
 
 
-def spectra(df: pd.DataFrame, title: str) -> go.Figure:
-    """ΔW singular spectra normalised σᵢ/σ₁ against i, log–log.
-
-    Columns: run_id, method, label (which tensor), index (1-based), sigma."""
-    if df.empty:
-        return empty_figure(title=title)
-    d = df.copy()
-    d["norm"] = d["sigma_over_sigma1"] if "sigma_over_sigma1" in d else \
-        d["sigma"] / d.groupby(["run_id", "label"])["sigma"].transform("max")
-    d = _thin_log(d)
-    d = d[d["norm"] > 0]
-    return _lines(d, "index", "norm", "run_id", title, "singular value index i (log scale)",
-                  "σᵢ(ΔW) / σ₁(ΔW) (log scale)", dash="label", log_x=True, log_y=True)
-
-
-def cumulative_energy(df: pd.DataFrame, title: str) -> go.Figure:
-    """Share of ‖ΔW‖²_F in the top-i singular directions, Σ_{j≤i} σⱼ² / Σ σⱼ², against i (log x).
-
-    Columns: run_id, method, label, index (1-based), sigma; optional delta_sq_sum (exact ‖ΔW‖²_F, the
-    denominator when the spectrum is a top-q approximation)."""
-    if df.empty:
-        return empty_figure(title=title)
-    d = df.sort_values(["run_id", "label", "index"]).copy()
-    sq = d["sigma"] ** 2
-    total = sq.groupby([d["run_id"], d["label"]]).transform("sum")
-    if "delta_sq_sum" in d:        # exact ‖ΔW‖²_F: right for a top-q (approximate) spectrum too
-        total = d["delta_sq_sum"].where(d["delta_sq_sum"] > 0, total)
-    d["energy"] = 100 * (d["cumulative_energy"] if "cumulative_energy" in d
-                         else sq.groupby([d["run_id"], d["label"]]).cumsum() / total)
-    d = _thin_log(d)
-    fig = _lines(d, "index", "energy", "run_id", title, "number of singular directions i (log scale)",
-                 "cumulative energy of ΔW (% of ‖ΔW‖²<sub>F</sub>)", dash="label", log_x=True)
-    fig.update_yaxes(range=[0, 101])
-    return fig
-
-
-def topk_energy(df: pd.DataFrame, title: str) -> go.Figure:
-    """Mean top-k energy share against k (log₂ x). Columns: run_id, method, k, energy (fraction)."""
-    if df.empty:
-        return empty_figure(title=title)
-    d = df.assign(energy_pct=100 * df["energy"])
-    fig = _lines(d, "k", "energy_pct", "run_id", title, "k, top singular directions (log scale)",
-                 "top-k energy of ΔW (% of ‖ΔW‖²<sub>F</sub>)", log_x=True, markers=True)
-    fig.update_xaxes(tickvals=sorted(d["k"].unique()))
-    fig.update_yaxes(range=[0, 101])
-    return fig
-
-
-def principal_projection(df: pd.DataFrame, title: str) -> go.Figure:
-    """Share of ‖ΔW‖²_F inside the top-k singular subspaces of W_base against r = k/min(m, n).
-
-    Columns: run_id, method, kind (joint / left / right), rank_frac (fraction), share (fraction).
-    Random baselines (an isotropic ΔW of a square matrix): left or right r, joint r²; for an m×n
-    matrix they are k/m, k/n and k²/(mn)."""
-    if df.empty:
-        return empty_figure(title=title)
-    d = df.assign(rank_pct=100 * df["rank_frac"], share_pct=100 * df["share"])
-    fig = _lines(d, "rank_pct", "share_pct", "run_id", title,
-                 "subspace rank r = k/min(m,n) (%)",
-                 "ΔW energy in subspace (%)", dash="kind", log_x=True,
-                 log_y=True)
-    r = np.geomspace(max(d["rank_frac"].min(), 1e-4), 1, 60)
-    kinds = set(d["kind"])
-    if kinds & {"left", "right"}:
-        _baseline(fig, 100 * r, 100 * r, "random, one side (r)")
-    if "joint" in kinds:
-        _baseline(fig, 100 * r, 100 * r**2, "random, joint (r²)")
-        fig.data[-1].line.dash = "dashdot"
-    return fig
-
-
-def _thin_log(d: pd.DataFrame, points: int = 300) -> pd.DataFrame:
-    """Keep ~``points`` log-spaced indices per curve (a 4096-point spectrum on a log axis draws the same,
-    and the exported SVG/PDF stays small). Column ``index`` is 1-based."""
-    n = int(d["index"].max()) if len(d) else 0
-    if n <= points:
-        return d
-    keep = np.unique(np.round(np.geomspace(1, n, points)).astype(int))
-    return d[d["index"].isin(keep)]
-
-
-def principal_angles(df: pd.DataFrame, title: str) -> go.Figure:
-    """Principal angles between the top-k singular subspaces of W_base and W_post, in degrees.
-
-    Columns: run_id, method, label (tensor · side · k), index (1-based), angle_deg."""
-    if df.empty:
-        return empty_figure(title=title)
-    return _lines(df, "index", "angle_deg", "run_id", title, "principal angle index i",
-                  "principal angle θᵢ (degrees)", dash="label")
-
-
-def coverage(df: pd.DataFrame, title: str) -> go.Figure:
-    """Coverage |M_α ∩ U| / |U| of the changed set U by a mask M_α of α·numel entries, against α,
-    one panel per mask kind, with the random baseline coverage = α.
-
-    Columns: run_id, method, kind (e.g. "low-magnitude", "principal"), alpha (fraction), coverage (fraction)."""
-    if df.empty:
-        return empty_figure(title=title)
-    d = df.assign(alpha_pct=100 * df["alpha"], coverage_pct=100 * df["coverage"])
-    fig = _lines(d, "alpha_pct", "coverage_pct", "run_id", title, "mask size α (% of entries)",
-                 "coverage of changed entries (%)", facet="kind", markers=True)
-    kinds = _ordered(d["kind"], "run")
-    ncols = min(len(kinds), 3)
-    a = np.array([0, 100])
-    for i, _ in enumerate(kinds):
-        _baseline(fig, a, a, "random (coverage = α)", row=i // ncols + 1, col=i % ncols + 1, showlegend=i == 0)
-    fig.update_xaxes(range=[0, 52])
-    fig.update_yaxes(range=[0, 101])
-    return fig
-
-
 def decile_profile(df: pd.DataFrame, title: str) -> go.Figure:
     """Update density in each decile of abs(W_base), relative to the tensor's mean density (1 = uniform).
 
@@ -373,9 +262,9 @@ def decile_profile(df: pd.DataFrame, title: str) -> go.Figure:
     ``relative`` (density / mean over deciles)."""
     if df.empty:
         return empty_figure(title=title)
-    fig = _lines(df, "decile", "relative", "run_id", title, "decile of |W<sub>base</sub>| (1 = smallest)",
+    fig = lines(df, "decile", "relative", "run_id", title, "decile of |W<sub>base</sub>| (1 = smallest)",
                  "update density / mean density", markers=True, hover="density_label" if "density_label" in df else None)
-    _baseline(fig, [1, 10], [1, 1], "uniform (no magnitude preference)")
+    baseline(fig, [1, 10], [1, 1], "uniform (no magnitude preference)")
     fig.update_xaxes(tickvals=list(range(1, 11)))
     return fig
 
@@ -388,10 +277,10 @@ def bars(df: pd.DataFrame, x: str, y: str, title: str, xlabel: str, ylabel: str,
         return empty_figure(title=title)
     styles = run_styles(df)
     fig = base_figure(title)
-    xs = _ordered(df[x], x)
+    xs = ordered(df[x], x)
     scale = 100 if percent else 1
     patterns = {"solid": "", "dash": "/", "dot": ".", "dashdot": "x", "longdash": "\\", "longdashdot": "+"}
-    for run_id in _ordered(df["run_id"], "run"):
+    for run_id in ordered(df["run_id"], "run"):
         part = df[df["run_id"] == run_id].set_index(x).reindex(xs)
         color, dash = styles[run_id]
         fig.add_trace(go.Bar(x=[escape(v) for v in xs], y=scale * part[y].astype(float), name=_name(df, "run_id", run_id),
@@ -400,7 +289,7 @@ def bars(df: pd.DataFrame, x: str, y: str, title: str, xlabel: str, ylabel: str,
                              hovertemplate=f"%{{x}}<br>{ylabel}: %{{y:.4g}}<extra>{escape(run_id)}</extra>"))
     if baseline is not None:
         fig.add_hline(y=scale * baseline, line=dict(color=BASELINE_COLOR, dash="dot", width=1.5))
-        _baseline(fig, [None], [None], baseline_name)
+        baseline(fig, [None], [None], baseline_name)
     fig.update_layout(barmode="group", bargap=0.25, bargroupgap=0.05)
     fig.update_xaxes(title_text=xlabel, type="category", showgrid=False)
     # a bar's length is its value: the axis always starts at 0 (negative values extend below it)

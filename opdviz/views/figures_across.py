@@ -78,9 +78,9 @@ def step_lines(df: pd.DataFrame, y: str, ylabel: str, title: str, color: str = "
     d = df[df[y].notna()].copy()
     if percent:
         d[y] = 100 * d[y].astype(float)
-    fig = F._lines(d, "step", y, color, title, "training step", ylabel, markers=d["step"].nunique() <= 20,
+    fig = F.lines(d, "step", y, color, title, "training step", ylabel, markers=d["step"].nunique() <= 20,
                    log_y=log_y)
     if baseline is not None:
         steps = sorted(d["step"].unique())
-        F._baseline(fig, [steps[0], steps[-1]], [baseline * (100 if percent else 1)] * 2, baseline_name)
+        F.baseline(fig, [steps[0], steps[-1]], [baseline * (100 if percent else 1)] * 2, baseline_name)
     return fig

@@ -155,7 +155,7 @@ def fig_accuracy(runs: pd.DataFrame) -> go.Figure:
         base = float(full["base_accuracy"].dropna().iloc[0]) * 100
         lrs = sorted(full["lr"].dropna())
         for col in range(1, len(_panels(full)) + 1):
-            F._baseline(fig, [lrs[0], lrs[-1]], [base, base], "base accuracy", row=1, col=col, showlegend=col == 1)
+            F.baseline(fig, [lrs[0], lrs[-1]], [base, base], "base accuracy", row=1, col=col, showlegend=col == 1)
     return fig
 
 
@@ -225,7 +225,7 @@ def fig_subnetwork(table: pd.DataFrame, base_accuracy: float | None = None) -> g
                                            "<extra></extra>"))
     if base_accuracy is not None and np.isfinite(base_accuracy):
         xs = list(dict.fromkeys(table["x"]))
-        F._baseline(fig, xs, [base_accuracy * 100] * len(xs), "base accuracy")
+        F.baseline(fig, xs, [base_accuracy * 100] * len(xs), "base accuracy")
     fig.update_layout(barmode="group")
     fig.update_yaxes(title_text="accuracy (%)")
     return fig

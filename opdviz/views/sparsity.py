@@ -13,6 +13,7 @@ from opdviz.store import summary as S
 from opdviz.options import DEFAULT_CRITERIA
 from opdviz.views import drilldown as D
 from opdviz.views import figures as F
+from opdviz.views import figures_spectral as FS
 from opdviz.views import formatting
 from opdviz.views.context import ViewContext
 
@@ -139,5 +140,5 @@ def coverage_frame(store, sel, ctx, kinds=(("lowmag_coverage", "low-magnitude ma
 
 def coverage(store, sel, ctx):
     df = coverage_frame(store, sel, ctx)
-    return F.coverage(df, "Which entries change: coverage of the changed set by low-magnitude and principal "
+    return FS.coverage(df, "Which entries change: coverage of the changed set by low-magnitude and principal "
                           "masks"), df

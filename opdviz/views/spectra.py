@@ -12,6 +12,7 @@ from opdviz.store import queries as Q
 from opdviz.store import summary as S
 from opdviz.views import drilldown as D
 from opdviz.views import figures as F
+from opdviz.views import figures_spectral as FS
 from opdviz.views import formatting
 from opdviz.metrics.rankgrid import PROJ_GRID, rank_grid
 from opdviz.views.sparsity import coverage_frame
@@ -44,12 +45,12 @@ def spectra_frame(store, sel, ctx, name="spectrum") -> pd.DataFrame:
 
 def spectra(store, sel, ctx):
     df = spectra_frame(store, sel, ctx)
-    return F.spectra(df, "Singular spectra of ΔW, normalised by σ₁"), df
+    return FS.spectra(df, "Singular spectra of ΔW, normalised by σ₁"), df
 
 
 def cumulative(store, sel, ctx):
     df = spectra_frame(store, sel, ctx)
-    return F.cumulative_energy(df, "Cumulative energy of ΔW over its singular directions"), df
+    return FS.cumulative_energy(df, "Cumulative energy of ΔW over its singular directions"), df
 
 
 def topk(store, sel, ctx):
@@ -58,7 +59,7 @@ def topk(store, sel, ctx):
         return F.empty_figure(title="Top-k energy of ΔW"), df
     df = df.groupby(["run_id", "method", "metric"], dropna=False)["value"].mean().reset_index(name="energy")
     df["k"] = df["metric"].str.extract(r"top(\d+)_energy")[0].astype(int)
-    return F.topk_energy(df, "Top-k energy of ΔW (mean over matrices)"), df
+    return FS.topk_energy(df, "Top-k energy of ΔW (mean over matrices)"), df
 
 
 def stable_rank(store, sel, ctx):
@@ -88,7 +89,7 @@ def principal_projection(store, sel, ctx):
                       "n_matrices": int(n), "random_one_side": r, "random_joint": r * r}
                      for r, m, n in zip(PROJ_GRID, mean, n_ok) if n > 0]
     df = pd.DataFrame(rows)
-    return F.principal_projection(df, "ΔW energy inside the principal subspaces of W<sub>base</sub>"), df
+    return FS.principal_projection(df, "ΔW energy inside the principal subspaces of W<sub>base</sub>"), df
 
 
 def angles(store, sel, ctx):
@@ -123,7 +124,7 @@ def angles_for(store, sel, tensors, title, fetch=None):
         frames.append(a[["run_id", "method", "tensor", "label", "index", "angle_deg"]])
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
         columns=["run_id", "method", "tensor", "label", "index", "angle_deg"])
-    return F.principal_angles(df, title), df
+    return FS.principal_angles(df, title), df
 
 
 def nss_heatmap(store, sel, ctx):
@@ -137,4 +138,4 @@ def coverage_variants(store, sel, ctx):
     kinds = (("principal_coverage", "principal, r=α·min"), ("principal_coverage_r64", "principal, r=64"),
              ("lowmag_coverage_exact", "low-mag., exact U"))
     df = coverage_frame(store, sel, ctx, kinds)
-    return F.coverage(df, "Coverage variants: principal mask rank and exact changed mask"), df
+    return FS.coverage(df, "Coverage variants: principal mask rank and exact changed mask"), df

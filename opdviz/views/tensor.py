@@ -11,6 +11,7 @@ import pandas as pd
 from opdviz.store import queries as Q
 from opdviz.views import drilldown as D
 from opdviz.views import figures as F
+from opdviz.views import figures_spectral as FS
 from opdviz.views.context import ViewContext
 from opdviz.views.spectra import angles_for, spectra_frame
 
@@ -55,7 +56,7 @@ def tensor_spectrum(store, sel, ctx):
     tensor = D.pick_tensor(store, sel, ctx)
     df = spectra_frame(store, replace(sel, leaves_only=False), ViewContext(tensors=(tensor,))) if tensor \
         else pd.DataFrame()
-    return F.spectra(df, f"Singular spectrum of ΔW — {tensor}"), df
+    return FS.spectra(df, f"Singular spectrum of ΔW — {tensor}"), df
 
 
 def tensor_angles(store, sel, ctx):
