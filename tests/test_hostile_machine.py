@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 
 import factory
+from opdviz.engine import jobfiles
 from opdviz.engine import queue as jobs
 from opdviz.cli import main as cli
 from opdviz.engine.queue import JobRequest
@@ -196,7 +197,7 @@ def test_kill_9_of_the_worker_stops_its_compute(long_pair, tmp_path, stop_worker
     worker = subprocess.Popen([sys.executable, "-m", "opdviz.engine.queue", "worker", "--db", str(db), "--idle-exit", "0"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        child = wait_for(lambda: (jobs._read_json(jobs._job_path(db, job_id)) or {}).get("child_pid"),
+        child = wait_for(lambda: (jobfiles.read_json(jobfiles.job_path(db, job_id)) or {}).get("child_pid"),
                          what="the compute process")
         wait_for(lambda: jobs.get_job(db, job_id).runs[0].n_done >= 2, what="two stored tensors")
         assert not gone(child) and jobs.get_job(db, job_id).state == "running"
@@ -230,7 +231,7 @@ def test_cancel_stops_the_compute_and_counts_what_is_stored(pair, reference, tmp
     db = tmp_path / "q.duckdb"
     job_id = jobs.submit(db, JobRequest(str(pair[0]), ((str(pair[1]), "run1", "OPD"),)))
     jobs.ensure_worker(db, idle_exit_s=1)
-    child = wait_for(lambda: (jobs._read_json(jobs._job_path(db, job_id)) or {}).get("child_pid"),
+    child = wait_for(lambda: (jobfiles.read_json(jobfiles.job_path(db, job_id)) or {}).get("child_pid"),
                      what="the compute process")
     wait_for(lambda: jobs.get_job(db, job_id).runs[0].n_done >= 2, what="two stored tensors")
     jobs.cancel(db, job_id)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import factory
+from opdviz.engine import jobfiles, worker
 from opdviz.engine import queue as jobs
 from opdviz.cli import jobs as jobs_cmd
 from opdviz.errors import OptionsError, StoreError
@@ -159,8 +160,8 @@ def test_a_killed_job_fails_with_resume_and_resumes(bigger_pair, tmp_path, monke
 def test_a_dead_worker_leaves_a_resumable_failed_job(llama_pair, tmp_path):
     db = tmp_path / "q.duckdb"
     job_id = jobs.submit(db, request(llama_pair, "w"))
-    with jobs._queue_lock(db):
-        jobs._claim_next(db)  # claimed by a worker that then vanished (no worker lock held)
+    with jobfiles.queue_lock(db):
+        worker.claim_next(db)  # claimed by a worker that then vanished (no worker lock held)
     job = jobs.get_job(db, job_id)
     assert job.state == "failed" and "worker stopped" in job.error
     jobs.resume(db, job_id)
@@ -210,7 +211,7 @@ def test_full_disk_is_a_store_error_and_leaves_no_job(llama_pair, tmp_path, monk
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(jobs.os, "replace", full)
+    monkeypatch.setattr(jobfiles.os, "replace", full)
     with pytest.raises(StoreError, match="disk is full"):
         jobs.submit(db, request(llama_pair, "a"))
     monkeypatch.undo()

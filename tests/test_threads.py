@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from opdviz.errors import OptionsError
-from opdviz.engine.queue import _child_env
+from opdviz.engine import worker
 from opdviz.engine.threads import THREADS_ENV, available_cores, child_env, choose_threads
 
 
@@ -30,7 +30,7 @@ def test_thread_count_flag_then_env_then_affinity(monkeypatch):
 def test_children_wait_passively_unless_the_operator_chose(monkeypatch):
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     assert child_env()["OMP_WAIT_POLICY"] == "PASSIVE"
-    assert _child_env()["OMP_WAIT_POLICY"] == "PASSIVE"        # the dashboard's compute children
+    assert worker.child_env()["OMP_WAIT_POLICY"] == "PASSIVE"        # the dashboard's compute children
     assert "OMP_WAIT_POLICY" not in os.environ                  # only the child's copy changes
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     assert child_env()["OMP_WAIT_POLICY"] == "ACTIVE"

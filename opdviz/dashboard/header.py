@@ -8,14 +8,14 @@ to show.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import contextlib
 
 import pandas as pd
 import streamlit as st
 
+from opdviz.engine.progress import read_progress
 from opdviz.io import roots
-from opdviz.store import slug, Store
+from opdviz.store import Store
 
 from opdviz.dashboard.cache import View, query
 from opdviz.dashboard.routes import route_through_app
@@ -78,12 +78,11 @@ def _run_notices(view: View, runs: pd.DataFrame) -> None:
 
 def _progress(view: View, run_id: str) -> tuple[int, str]:
     """Tensors done so far: the job's progress file when present (fresh every tensor), else a count."""
-    path = Path(view.db + ".staging") / "progress" / f"{slug(run_id)}.json"
-    try:
-        state = json.loads(path.read_text())
-        return int(state.get("n_done", 0)), str(state.get("current") or "")
-    except (OSError, ValueError):
-        return query("n_top_done", view.db, view.stamp, run_id), ""
+    state = read_progress(Store(view.db), run_id)
+    if state is not None:
+        with contextlib.suppress(TypeError, ValueError):
+            return int(state.get("n_done", 0)), str(state.get("current") or "")
+    return query("n_top_done", view.db, view.stamp, run_id), ""
 
 
 def approx_notice(view: View) -> None:

@@ -1,8 +1,9 @@
 """What a running job shows and holds: its lock, its progress file and its progress bars.
 
 ``run_lock`` makes sure two processes never compute the same run (or overlap, or trajectory) at once;
-``Progress`` keeps ``<staging>/progress/<run>.json`` up to date for the app (and a tqdm bar on stderr);
-``TotalBar`` is the one bar over every run of a multi-run job.
+``Progress`` keeps ``<staging>/progress/<run>.json`` up to date for the app (and a tqdm bar on stderr),
+``read_progress`` reads it back (the job queue, the dashboard); ``TotalBar`` is the one bar over every run
+of a multi-run job.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import socket
 import sys
 import time
+from pathlib import Path
 
 from opdviz.errors import StoreError
 from opdviz.store import disk_full, is_disk_full, lock_path, slug, Store
@@ -53,12 +55,28 @@ def run_lock(store: Store, run_id: str):
         fh.close()
 
 
+def progress_path(store: Store, run_id: str) -> Path:
+    """``<staging>/progress/<run>.json``: where the job computing ``run_id`` reports its progress."""
+    return store.staging / "progress" / f"{slug(run_id)}.json"
+
+
+def read_progress(store: Store, run_id: str) -> dict | None:
+    """The progress the job computing ``run_id`` last wrote — run_id, pid, n_total, n_done, bytes_total,
+    bytes_done, current (tensor), started (epoch s), status (running | done | failed | interrupted), eta_s,
+    error, tasks — or None when there is none or it cannot be read."""
+    try:
+        data = json.loads(progress_path(store, run_id).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 class Progress:
     """Progress on stderr (tqdm: tensors, bytes, ETA) and in ``<staging>/progress/<run>.json`` for the app."""
 
     def __init__(self, store: Store, run_id: str, n_total: int, bytes_total: int, n_done: int, bytes_done: int,
                  show: bool):
-        self.path = store.staging / "progress" / f"{slug(run_id)}.json"
+        self.path = progress_path(store, run_id)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.state = {"run_id": run_id, "pid": os.getpid(), "n_total": n_total, "n_done": n_done,
                       "bytes_total": bytes_total, "bytes_done": bytes_done, "current": "",
