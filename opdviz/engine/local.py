@@ -57,7 +57,7 @@ def compute_shared(base: Checkpoint, posts: list[tuple[int, Checkpoint, list[Pai
                    opts: AnalysisOptions, device, stages: dict | None = None, cache=None
                    ) -> Iterator[tuple[int, PairItem, tuple]]:
     """The one computing loop every executor runs: iterate the base tensors, each read once, and for
-    each analyse every post that has it (``opdviz.engine.runner.analyse_items``: base work shared).
+    each analyse every post that has it (``opdviz.engine.analyse.analyse_items``: base work shared).
 
     ``posts``: (key, post checkpoint, its todo items, its seq map) per post-trained checkpoint of this
     base. Yields (key, item, rows) per post and tensor. Base tensors are visited in the first post's

@@ -36,7 +36,7 @@ UNITS = {
     "text": "not a number",
 }
 # agg → how per-tensor values are pooled into a group (layer, module, run): "short name: rule". The short
-# name (before the colon) is what an axis says the number is (``agg_label``); opdviz.store.queries.pool_sql computes it.
+# name (before the colon) is what an axis says the number is (``agg_label``); opdviz.store.summary.pool_sql computes it.
 AGGREGATIONS = {
     "numel": "parameter-weighted: Σ value·numel / Σ numel (a share of entries)",
     "changed": "weighted by changed entries: Σ value·|U| / Σ |U|, U the run's changed mask (a share of U)",

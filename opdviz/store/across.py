@@ -1,7 +1,7 @@
 """Reads across runs: the ``overlap`` table (mask overlap of two runs) and the ``trajectory`` table with
 its per-step runs, written by ``opdviz.engine.overlap`` and ``opdviz.engine.trajectory``.
 
-Counts are returned summed, never divided: ``opdviz.views.overlap`` derives every statistic from them,
+Counts are returned summed, never divided: ``opdviz.views.across`` derives every statistic from them,
 so a group's value is numel-weighted by construction.
 """
 
