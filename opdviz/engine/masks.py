@@ -88,7 +88,7 @@ def changed_chunks(wb: torch.Tensor, wp: torch.Tensor, criteria: tuple[str, ...]
     ΔW = W_post − W_base in float32 from the stored values (float64 for fp64); exact = stored bits
     differ; abs_ε: |ΔW| > ε and relrms_τ: |ΔW| > τ·RMS(W_base) compared as if in float64 (threshold
     rounded down to float32 with elementwise's ``floor32``); bf16_η: |ΔW| > fl(η·max(|W_base|, |W_post|))
-    in ΔW's dtype. ``tests/test_masks.py`` checks the masks equal elementwise's for every criterion.
+    in ΔW's dtype. ``tests/engine/test_masks.py`` checks the masks equal elementwise's for every criterion.
     The masks are valid until the next chunk.
     """
     if wb.shape != wp.shape or wb.dtype != wp.dtype:

@@ -11,7 +11,7 @@ as the checkpoint PEFT's ``merge_and_unload()`` + ``save_pretrained()`` would wr
 
 which is PEFT's own arithmetic in ``merge_and_unload()`` (safe_merge=False, the default) for float32 adapter
 weights (PEFT upcasts bf16/fp16 adapter weights to float32 when it loads them): every tensor equals the
-merged checkpoint's bit for bit when PEFT merges on CPU (tests/test_adapters.py checks this against PEFT,
+merged checkpoint's bit for bit when PEFT merges on CPU (tests/io/test_adapters.py checks this against PEFT,
 float32 and bfloat16 bases). Tolerance otherwise: PEFT's ``safe_merge=True`` rounds ΔW to the weight's
 dtype before adding it, and a GPU matmul may round B·A differently; either moves single elements of W_post
 by at most one unit in the last place of the weight's dtype (1 bf16 ulp = 2⁻⁸ relative). ``modules_to_save`` tensors are read whole from the adapter. Every other base tensor is

@@ -5,7 +5,7 @@ Llama-4 expert stacks are stored ``[in, out]``). ``fused_parts`` / ``split_part`
 (q/k/v, gate/up, per-expert slices of 3-D stacks) into the matrices the model really multiplies by.
 Names are parsed by ``opdviz.io.naming``; the layout of a fused tensor comes from its config.
 
-Run its tests with ``.venv/bin/pytest tests/test_naming.py -q``.
+Run its tests with ``.venv/bin/pytest tests/io/test_naming.py -q``.
 """
 
 from __future__ import annotations

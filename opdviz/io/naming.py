@@ -8,7 +8,7 @@ layer index, then the rest of the path is matched against ``LAYER_ROWS`` or ``GL
 
 How such a tensor is oriented and cut into parts is ``opdviz.io.layouts``.
 
-Run its tests with ``.venv/bin/pytest tests/test_naming.py -q``.
+Run its tests with ``.venv/bin/pytest tests/io/test_naming.py -q``.
 """
 
 from __future__ import annotations

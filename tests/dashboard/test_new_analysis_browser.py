@@ -21,7 +21,7 @@ import factory
 from waiting import wait_for as _wait_for
 
 CHROMIUM = "/usr/bin/chromium"
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 APP = os.environ.get("OPDVIZ_TEST_APP", str(REPO / "app.py"))  # another entry file for development only
 LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                "--disable-sync", "--no-first-run"]

@@ -4,7 +4,7 @@ A module fixture computes a small store with ``opdviz compute`` from two tiny Ll
 (tests/factory.py), starts ``streamlit run app.py`` on a free port, and the tests open every page (a deep
 link first, on a fresh server), change a filter, and download figures through the buttons.
 
-    .venv/bin/pytest tests/test_browser.py -m browser -q          # screenshots: $OPDVIZ_SCREENSHOTS or a tmp dir
+    .venv/bin/pytest tests/dashboard/test_browser.py -m browser -q          # screenshots: $OPDVIZ_SCREENSHOTS or a tmp dir
 
 Skipped when /usr/bin/chromium or playwright is missing. Never runs ``playwright install``.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 CHROMIUM = "/usr/bin/chromium"
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PAGES = ("sparsity", "overview", "spectra", "geometry", "tensor", "compare")   # a deep link comes first
 IDLE = '[data-testid="stApp"][data-test-script-state="notRunning"]'
 DRAWN = '[data-testid="stPlotlyChart"] .main-svg'

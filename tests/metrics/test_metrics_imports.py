@@ -7,7 +7,7 @@ from pathlib import Path
 
 from opdviz.metrics import registry
 
-METRICS = Path(__file__).resolve().parents[1] / "opdviz" / "metrics"
+METRICS = Path(__file__).resolve().parents[2] / "opdviz" / "metrics"
 FORBIDDEN = ("opdviz.io", "opdviz.engine", "opdviz.store", "opdviz.views", "opdviz.dashboard", "opdviz.cli",
              "opdviz.lab", "opdviz.api", "opdviz.results", "opdviz.integrations", "streamlit")
 

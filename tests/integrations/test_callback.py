@@ -20,7 +20,7 @@ from safetensors.numpy import load_file  # noqa: E402
 from opdviz.engine.live import live_dir, read_status, training_log  # noqa: E402
 from opdviz.store import Store  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "train_with_callback.py"
 
 

@@ -2,7 +2,7 @@
 module of Streamlit's internals (``streamlit.runtime``, ``streamlit.web``, ``streamlit.elements``,
 ``streamlit.proto``…), which change without notice between releases.
 
-Run: .venv/bin/pytest tests/test_dashboard_imports.py -q
+Run: .venv/bin/pytest tests/dashboard/test_dashboard_imports.py -q
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PUBLIC = {"streamlit", "streamlit.components.v1", "streamlit.testing.v1"}   # the documented import paths
 SOURCES = sorted([ROOT / "app.py", *(ROOT / "opdviz").rglob("*.py"), *(ROOT / "pages").rglob("*.py")])
 

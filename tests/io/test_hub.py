@@ -163,7 +163,7 @@ def test_dashboard_lists_cached_models_beside_folders(hf_cache, monkeypatch, tmp
 
     from opdviz.io import folders, validation
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     sys.path.insert(0, str(root))
     monkeypatch.setenv("OPDVIZ_CHECKPOINT_ROOTS", str(tmp_path / "roots"))
     monkeypatch.setenv("OPDVIZ_UPLOAD_DIR", str(tmp_path / "uploads"))

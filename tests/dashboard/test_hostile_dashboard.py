@@ -7,7 +7,7 @@
   the app sends with markdown-it, an independent CommonMark parser).
 * Uploads are private to a session, listed only to it, and deletable by it.
 
-Run: .venv/bin/pytest tests/test_hostile_dashboard.py -q
+Run: .venv/bin/pytest tests/dashboard/test_hostile_dashboard.py -q
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from opdviz.io import uploads
 from opdviz.errors import StoreError
 from synthetic import make_synthetic_store
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # the pages package lives next to app.py
 
 from opdviz.dashboard import cache, sidebar  # noqa: E402

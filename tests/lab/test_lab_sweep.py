@@ -26,7 +26,7 @@ from opdviz.options import AnalysisOptions
 from opdviz.store import Store
 from test_lab import tiny_settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # analyse two matrices per run (an FFN and an attention one), which keeps the tiny sweep fast
 OPTS = AnalysisOptions(include=r"layers\.0\.(mlp\.down_proj|self_attn\.q_proj)\.weight", device="cpu")
 GRID = SweepGrid(methods=("opd", "sft"), lrs=(1e-7, 3e-2), precisions=("fp32", "bf16"), weight_decays=(0.0,),

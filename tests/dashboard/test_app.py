@@ -2,7 +2,7 @@
 sidebar filter changes the figures and the URL, and the empty, running and error states say what to do.
 
 AppTest has no Plotly accessor, so figures are read as JSON from ``at.get("plotly_chart")[i].proto.spec``.
-Run: .venv/bin/pytest tests/test_app.py -q
+Run: .venv/bin/pytest tests/dashboard/test_app.py -q
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from opdviz.store import RunWriter
 from opdviz.views.registry import figures_for
 from synthetic import make_synthetic_store
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # the pages package lives next to app.py
 
 from opdviz.dashboard import cache, sidebar  # noqa: E402
