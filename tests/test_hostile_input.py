@@ -17,8 +17,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
-from safetensors.torch import save_file
 
 import factory
 from opdviz.cli import main as cli
@@ -28,7 +26,7 @@ from opdviz.views.export import data_bytes
 from opdviz.engine.provenance import training_metadata
 from opdviz.options import AnalysisOptions, check_label
 from opdviz.io.reader import Checkpoint
-from opdviz.io.safefiles import Limits, scan_json
+from opdviz.io.safefiles import scan_json
 from opdviz.store import Store
 
 SECRET = b"TOP-SECRET-5f3a9c"          # the content of a file outside every checkpoint folder

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 from opdviz.errors import OptionsError, StoreError
-from opdviz.store.queries import EXPORT_COLUMNS  # noqa: F401  (the export's columns, re-exported)
 from opdviz.options import finite_number
 from opdviz.cli.compute import DEFAULT_DB
 

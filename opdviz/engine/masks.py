@@ -29,7 +29,7 @@ from opdviz.io.adapters import open_post
 from opdviz.errors import OptionsError, StoreError
 from opdviz.masked_training import MaskedTrainer, MaskHandle, apply_masks
 from opdviz.metrics.chunkops import floor32
-from opdviz.options import CRITERION_KINDS, AnalysisOptions
+from opdviz.options import CRITERION_KINDS
 from opdviz.io.reader import Checkpoint, iter_pairs, plan_pairs
 from opdviz.io.safefiles import Limits, loads_json
 

@@ -21,7 +21,8 @@ import torch
 from opdviz.errors import TensorMismatchError
 from opdviz.options import AnalysisOptions, fmt_pct
 from opdviz.metrics.rankgrid import rank_grid
-from opdviz.metrics.linalg import (MetricInfo, BaseFactors, Factors, approx_factors, base_factors, exact_factors,
+from opdviz.metrics.registry import MetricInfo
+from opdviz.metrics.linalg import (BaseFactors, Factors, approx_factors, base_factors, exact_factors,
                      floor_frac)
 from opdviz.metrics.spectral import spectrum_metrics
 from opdviz.metrics.topk_coverage import mask_code, principal_coverage_counts

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from opdviz.metrics.registry import MetricInfo  # noqa: F401  (re-exported for spectral/geometry)
 
 VALID_REL = 1e-6          # σ ≤ VALID_REL·σ₁: direction treated as null (Gram noise floor ≈ 1e-8·σ₁)
 CPU_CHUNK_ELEMS = 1 << 22  # elements per row chunk on CPU (measured: 4M beats 16M on 2 cores)

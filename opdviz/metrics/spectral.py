@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 from opdviz.options import fmt_num, fmt_pct
-from opdviz.metrics.linalg import MetricInfo, ceil_frac
+from opdviz.metrics.linalg import ceil_frac
+from opdviz.metrics.registry import MetricInfo
 
 RANK_TOLS = (1e-6, 1e-5, 1e-4)
 ENERGY_KS = (1, 2, 4, 8, 16, 32, 64)

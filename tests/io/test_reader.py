@@ -8,7 +8,6 @@ import struct
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import opdviz.io.reader as reader
 from opdviz.errors import CheckpointError
