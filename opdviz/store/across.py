@@ -14,21 +14,6 @@ from opdviz.store.selection import Selection
 
 
 # ------------------------------------------------------------------------------------ overlap
-def _overlap_where(sel: Selection, alias: str = "o") -> tuple[str, list]:
-    clauses, params = ["true"], []
-    for col, values in (("tower", sel.towers), ("block", sel.blocks), ("module", sel.modules)):
-        if values:
-            clauses.append(f"{alias}.{col} IN ({', '.join('?' * len(values))})")
-            params.extend(values)
-    if sel.layer_min is not None:
-        clauses.append(f"({alias}.layer IS NULL OR {alias}.layer >= ?)")
-        params.append(int(sel.layer_min))
-    if sel.layer_max is not None:
-        clauses.append(f"({alias}.layer IS NULL OR {alias}.layer <= ?)")
-        params.append(int(sel.layer_max))
-    return " AND ".join(clauses), params
-
-
 def overlap_pairs(store: Store, sel: Selection = Selection()) -> pd.DataFrame:
     """Stored pairs: run_a, run_b, method_a, method_b, n_tensors, criteria (count). With ``sel.runs``,
     only pairs that involve a selected run."""
@@ -46,7 +31,7 @@ def overlap_counts(store: Store, run_a: str, run_b: str, criterion: str | None, 
                    sel: Selection = Selection()) -> pd.DataFrame:
     """Counts of the pair summed per group of columns ``keys`` and criterion (every criterion when
     ``criterion`` is None): <keys>, criterion, n_tensors, numel, n_a, n_b, n_ab."""
-    where, params = _overlap_where(sel)
+    where, params = sel.shape_where("o")
     crit = ""
     if criterion is not None:
         crit = " AND o.criterion = ?"

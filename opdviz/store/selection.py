@@ -22,11 +22,11 @@ class Selection:
     leaves_only: bool = True          # count fused tensors once (through their parts)
     extra: tuple[str, ...] = field(default=())   # tensor-name substrings to keep (any)
 
-    def where(self, alias: str = "t") -> tuple[str, list]:
-        """SQL predicate over the ``tensors`` view aliased ``alias``, with its parameters."""
-        clauses, params = [f"{alias}.status = 'ok'"], []
-        for col, values in (("run_id", self.runs), ("tower", self.towers), ("block", self.blocks),
-                            ("module", self.modules)):
+    def shape_where(self, alias: str) -> tuple[str, list]:
+        """The predicate on where a tensor sits (tower, block, module, layer range) over any table with
+        those columns aliased ``alias`` (``tensors``, ``overlap``); ``"true"`` when the selection has none."""
+        clauses, params = ["true"], []
+        for col, values in (("tower", self.towers), ("block", self.blocks), ("module", self.modules)):
             if values:
                 clauses.append(f"{alias}.{col} IN ({', '.join('?' * len(values))})")
                 params.extend(values)
@@ -36,6 +36,17 @@ class Selection:
         if self.layer_max is not None:
             clauses.append(f"({alias}.layer IS NULL OR {alias}.layer <= ?)")
             params.append(int(self.layer_max))
+        return " AND ".join(clauses), params
+
+    def where(self, alias: str = "t") -> tuple[str, list]:
+        """SQL predicate over the ``tensors`` view aliased ``alias``, with its parameters."""
+        clauses, params = [f"{alias}.status = 'ok'"], []
+        if self.runs:
+            clauses.append(f"{alias}.run_id IN ({', '.join('?' * len(self.runs))})")
+            params.extend(self.runs)
+        shape, shape_params = self.shape_where(alias)
+        clauses.append(shape)
+        params.extend(shape_params)
         if self.leaves_only:
             clauses.append(f"NOT EXISTS (SELECT 1 FROM tensors c WHERE c.run_id = {alias}.run_id "
                            f"AND c.parent = {alias}.tensor AND c.status = 'ok')")
