@@ -16,6 +16,7 @@ from opdviz.dashboard.text import md, md_frame
 
 INPUT_FIELDS = ("base_path", "base_fingerprint", "base_bytes", "post_path", "post_fingerprint", "post_bytes", "kind",
                 "dtype")
+NONE_BAD = pd.DataFrame(columns=["tensor", "status", "reason"])     # a run whose every tensor was analysed
 JOB_FIELDS = ("device", "seed", "status", "error", "created_at", "finished_at", "wall_s", "n_tensors", "n_done",
               "n_skipped", "n_failed")
 
@@ -39,13 +40,13 @@ def run_records(view: View) -> None:
     """One expander per run in the selection (all runs when none is chosen)."""
     runs = query("runs", view.db, view.stamp)
     shown_runs = runs[runs["run_id"].isin(view.sel.runs)] if view.sel.runs else runs
+    provs = query("provenances", view.db, view.stamp)      # every run's record and skipped/failed
+    bad = query("not_ok", view.db, view.stamp)               # tensors: one query each, not one per run
     for run_id in shown_runs["run_id"]:
-        _run_record(view, run_id)
+        _run_record(run_id, provs.get(run_id, {}), bad.get(run_id, NONE_BAD))
 
 
-def _run_record(view: View, run_id: str) -> None:
-    prov = query("provenance", view.db, view.stamp, run_id)
-    bad = query("not_ok", view.db, view.stamp, run_id)
+def _run_record(run_id: str, prov: dict, bad: pd.DataFrame) -> None:
     n_skip, n_fail = int((bad["status"] == "skipped").sum()), int((bad["status"] == "failed").sum())
     label = md(f"{run_id} — {prov.get('method')}, {prov.get('status')}, {prov.get('n_done')}/"
                f"{prov.get('n_tensors')} tensors, {n_skip} skipped, {n_fail} failed")
