@@ -23,7 +23,7 @@ JOB_FIELDS = ("device", "seed", "status", "error", "created_at", "finished_at", 
 
 def provenance_rows(prov: dict, keys: Iterable[str]) -> pd.DataFrame:
     """Two-column (field, value) table of the provenance ``keys`` that are set, byte counts humanised."""
-    rows = []
+    fields, values = [], []
     for k in keys:
         v = prov.get(k)
         if v is None or v == "":
@@ -32,8 +32,9 @@ def provenance_rows(prov: dict, keys: Iterable[str]) -> pd.DataFrame:
             v = formatting.human_bytes(v)
         elif k == "wall_s" and isinstance(v, (int, float)):
             v = f"{v:.1f} s"
-        rows.append({"field": k, "value": str(v)})
-    return pd.DataFrame(rows, columns=["field", "value"]).set_index("field")
+        fields.append(k)
+        values.append(str(v))
+    return pd.DataFrame({"value": values}, index=pd.Index(fields, name="field"), dtype=None if values else object)
 
 
 def run_records(view: View) -> None:

@@ -61,12 +61,12 @@ def not_ok(store: Store) -> dict[str, pd.DataFrame]:
     failures, their stage and error. Runs with none are left out. Two queries for every run at once."""
     bad = store.query("""SELECT run_id, tensor, status, reason FROM tensors WHERE status IS DISTINCT FROM 'ok'
                          ORDER BY run_id, seq, tensor""")
-    fails = queries.failures(store)
+    fails = dict(iter(queries.failures(store).groupby("run_id", sort=False)))
     out = {}
     for run_id, df in bad.groupby("run_id", sort=False):
         df = df[["tensor", "status", "reason"]]
-        f = fails[fails["run_id"] == run_id]
-        if not f.empty:
+        f = fails.get(run_id)
+        if f is not None:
             df = df.merge(f[["tensor", "stage", "error", "message"]], on="tensor", how="left")
         out[run_id] = df.reset_index(drop=True)
     return out
