@@ -35,8 +35,8 @@ def empty_figure(message: str = NO_DATA, title: str = "") -> go.Figure:
 def _legend_key(fig: go.Figure, entries: list[tuple[str, str, str]]) -> None:
     """Legend-only traces: (name, colour, dash). Lets a figure key colour and dash separately
     (no legend groups: in a horizontal legend a group stacks its items vertically)."""
-    fig.add_traces([go.Scatter(x=[None], y=[None], mode="lines", name=name, showlegend=True,
-                               line=dict(color=color, dash=dash, width=2), hoverinfo="skip")
+    fig.add_traces([dict(type="scatter", x=[None], y=[None], mode="lines", name=name, showlegend=True,
+                         line=dict(color=color, dash=dash, width=2), hoverinfo="skip")
                     for name, color, dash in entries])
 
 
@@ -95,8 +95,8 @@ def lines(df: pd.DataFrame, x: str, y: str, color: str, title: str, xlabel: str,
                 line_dash = dash_of[dval] if dash else (styles.get(cval, ("", "solid"))[1] if color == "run_id"
                                                         else "solid")
                 name = name_of(cval) + (f" · {escape(dval)}" if dash else "")
-                traces.append(go.Scatter(
-                    x=_plain(part[x]), y=_plain(part[y]), name=name, mode="lines+markers" if markers else "lines",
+                traces.append(dict(           # plain dicts: add_traces validates each trace once
+                    type="scatter", x=_plain(part[x]), y=_plain(part[y]), name=name, mode="lines+markers" if markers else "lines",
                     line=dict(color=_color_of(color, cval, styles), dash=line_dash, width=1.8),
                     marker=dict(size=5), showlegend=False,
                     hovertemplate=f"{name}<br>{xlabel}: %{{x}}<br>{ylabel}: %{{y:.4g}}"
@@ -145,10 +145,13 @@ def _axis_titles(fig: go.Figure, nrows: int, ncols: int, npanels: int, xlabel: s
     for i in range(npanels):
         r, c = i // ncols + 1, i % ncols + 1
         # one x title per row of panels, under the middle one (repeated titles collide at column width)
-        if (r == nrows or i + ncols >= npanels) and (nrows > 1 or c == (min(ncols, npanels) + 1) // 2):
-            fig.update_xaxes(title_text=xlabel, row=r, col=c)
-        if c == 1:
-            fig.update_yaxes(title_text=ylabel, row=r, col=c)
+        x_title = (r == nrows or i + ncols >= npanels) and (nrows > 1 or c == (min(ncols, npanels) + 1) // 2)
+        if x_title or c == 1:
+            panel = fig.get_subplot(r, c)     # its axes directly: update_xaxes(row=…) scans every axis
+            if x_title:
+                panel.xaxis.update(title_text=xlabel)
+            if c == 1:
+                panel.yaxis.update(title_text=ylabel)
 
 
 def _namer(df: pd.DataFrame, kind: str):
@@ -203,10 +206,10 @@ def heatmap(df: pd.DataFrame, z: str, zlabel: str, title: str, x: str = "module"
     for fval in facets:
         cells = means if fval is None else means.loc[fval] if fval in present else pd.DataFrame(dtype=float)
         grid = cells.reindex(index=ys, columns=xs)
-        traces.append(go.Heatmap(z=grid.to_numpy(dtype=float), x=xs, y=ys, coloraxis="coloraxis", xgap=1, ygap=1,
-                                 hovertemplate=f"{x}: %{{x}}<br>{y}: %{{y}}<br>{zlabel}: %{{z:.4g}}<extra>"
-                                               f"{'' if fval is None else escape(fval)}</extra>",
-                                 texttemplate=f"%{{z:{fmt}}}" if text else None, textfont=dict(size=9)))
+        traces.append(dict(type="heatmap", z=grid.to_numpy(dtype=float), x=xs, y=ys, coloraxis="coloraxis", xgap=1,
+                           ygap=1, hovertemplate=f"{x}: %{{x}}<br>{y}: %{{y}}<br>{zlabel}: %{{z:.4g}}<extra>"
+                                                 f"{'' if fval is None else escape(fval)}</extra>",
+                           texttemplate=f"%{{z:{fmt}}}" if text else None, textfont=dict(size=9)))
     if facet:
         fig.add_traces(traces, rows=[i // ncols + 1 for i in range(len(facets))],
                        cols=[i % ncols + 1 for i in range(len(facets))])
@@ -315,10 +318,10 @@ def bars(df: pd.DataFrame, x: str, y: str, title: str, xlabel: str, ylabel: str,
     for run_id in ordered(df["run_id"], "run"):
         part = parts[run_id].set_index(x).reindex(xs)
         color, dash = styles[run_id]
-        traces.append(go.Bar(x=[escape(v) for v in xs], y=scale * part[y].astype(float), name=name_of(run_id),
-                             marker=dict(color=color, pattern=dict(shape=patterns[dash], fgcolor="white",
-                                                                    fillmode="overlay", solidity=0.35)),
-                             hovertemplate=f"%{{x}}<br>{ylabel}: %{{y:.4g}}<extra>{escape(run_id)}</extra>"))
+        traces.append(dict(type="bar", x=[escape(v) for v in xs], y=scale * part[y].astype(float),
+                           name=name_of(run_id), marker=dict(color=color, pattern=dict(
+                               shape=patterns[dash], fgcolor="white", fillmode="overlay", solidity=0.35)),
+                           hovertemplate=f"%{{x}}<br>{ylabel}: %{{y:.4g}}<extra>{escape(run_id)}</extra>"))
     fig.add_traces(traces)
     if baseline is not None:
         fig.add_hline(y=scale * baseline, line=dict(color=BASELINE_COLOR, dash="dot", width=1.5))
