@@ -141,8 +141,8 @@ def coverage_frame(store, sel, ctx, kinds=(("lowmag_coverage", "low-magnitude ma
             u = u_all[rows]
             ok = u.notna()
             w = u.where(ok)
-            agg = pd.DataFrame({"w": w, "cw": wide.loc[rows, col].astype(float) * w, "ok": ok}).groupby(
-                [g["run_id"], g["method"]], dropna=False).agg(w=("w", "sum"), cw=("cw", "sum"), n=("ok", "sum"))
+            agg = pd.DataFrame({"w": w, "cw": wide.loc[rows, col].astype(float) * w, "n": ok}).groupby(
+                [g["run_id"], g["method"]], dropna=False).sum()
             cov = (agg["cw"] / agg["w"]).where(agg["w"] > 0)
             frames.append(pd.DataFrame({"run_id": agg.index.get_level_values(0),
                                         "method": agg.index.get_level_values(1), "kind": label,
