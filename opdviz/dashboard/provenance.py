@@ -16,9 +16,9 @@ from opdviz.dashboard.text import md, md_frame
 
 INPUT_FIELDS = ("base_path", "base_fingerprint", "base_bytes", "post_path", "post_fingerprint", "post_bytes", "kind",
                 "dtype")
-NONE_BAD = pd.DataFrame(columns=["tensor", "status", "reason"])     # a run whose every tensor was analysed
 JOB_FIELDS = ("device", "seed", "status", "error", "created_at", "finished_at", "wall_s", "n_tensors", "n_done",
               "n_skipped", "n_failed")
+NONE_BAD = pd.DataFrame(columns=["tensor", "status", "reason"])     # a run whose every tensor was analysed
 
 
 def provenance_rows(prov: dict, keys: Iterable[str]) -> pd.DataFrame:

@@ -96,7 +96,8 @@ def lines(df: pd.DataFrame, x: str, y: str, color: str, title: str, xlabel: str,
                                                         else "solid")
                 name = name_of(cval) + (f" · {escape(dval)}" if dash else "")
                 traces.append(dict(           # plain dicts: add_traces validates each trace once
-                    type="scatter", x=_plain(part[x]), y=_plain(part[y]), name=name, mode="lines+markers" if markers else "lines",
+                    type="scatter", x=_plain(part[x]), y=_plain(part[y]), name=name,
+                    mode="lines+markers" if markers else "lines",
                     line=dict(color=_color_of(color, cval, styles), dash=line_dash, width=1.8),
                     marker=dict(size=5), showlegend=False,
                     hovertemplate=f"{name}<br>{xlabel}: %{{x}}<br>{ylabel}: %{{y:.4g}}"

@@ -138,10 +138,8 @@ def coverage_frame(store, sel, ctx, kinds=(("lowmag_coverage", "low-magnitude ma
                 continue
             rows = wide[col].notna() & (True if exact else has_own)
             g = wide.loc[rows, ["run_id", "method"]]
-            u = u_all[rows]
-            ok = u.notna()
-            w = u.where(ok)
-            agg = pd.DataFrame({"w": w, "cw": wide.loc[rows, col].astype(float) * w, "n": ok}).groupby(
+            w = u_all[rows]                  # NaN where the mask's sparsity is missing: left out
+            agg = pd.DataFrame({"w": w, "cw": wide.loc[rows, col].astype(float) * w, "n": w.notna()}).groupby(
                 [g["run_id"], g["method"]], dropna=False).sum()
             cov = (agg["cw"] / agg["w"]).where(agg["w"] > 0)
             frames.append(pd.DataFrame({"run_id": agg.index.get_level_values(0),
