@@ -80,7 +80,7 @@ QUERIES: dict[str, Callable] = {
     "n_top_done": listing.n_top_done,
     "overview_table": tables.overview_table,
     "approx_counts": tables.approx_counts,
-    "provenance": tables.provenance,
+    "provenances": tables.provenances,
     "figure": _build,
 }
 

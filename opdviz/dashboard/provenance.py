@@ -18,11 +18,12 @@ INPUT_FIELDS = ("base_path", "base_fingerprint", "base_bytes", "post_path", "pos
                 "dtype")
 JOB_FIELDS = ("device", "seed", "status", "error", "created_at", "finished_at", "wall_s", "n_tensors", "n_done",
               "n_skipped", "n_failed")
+NONE_BAD = pd.DataFrame(columns=["tensor", "status", "reason"])     # a run whose every tensor was analysed
 
 
 def provenance_rows(prov: dict, keys: Iterable[str]) -> pd.DataFrame:
     """Two-column (field, value) table of the provenance ``keys`` that are set, byte counts humanised."""
-    rows = []
+    fields, values = [], []
     for k in keys:
         v = prov.get(k)
         if v is None or v == "":
@@ -31,21 +32,22 @@ def provenance_rows(prov: dict, keys: Iterable[str]) -> pd.DataFrame:
             v = formatting.human_bytes(v)
         elif k == "wall_s" and isinstance(v, (int, float)):
             v = f"{v:.1f} s"
-        rows.append({"field": k, "value": str(v)})
-    return pd.DataFrame(rows, columns=["field", "value"]).set_index("field")
+        fields.append(k)
+        values.append(str(v))
+    return pd.DataFrame({"value": values}, index=pd.Index(fields, name="field"), dtype=None if values else object)
 
 
 def run_records(view: View) -> None:
     """One expander per run in the selection (all runs when none is chosen)."""
     runs = query("runs", view.db, view.stamp)
     shown_runs = runs[runs["run_id"].isin(view.sel.runs)] if view.sel.runs else runs
+    provs = query("provenances", view.db, view.stamp)      # every run's record and skipped/failed
+    bad = query("not_ok", view.db, view.stamp)               # tensors: one query each, not one per run
     for run_id in shown_runs["run_id"]:
-        _run_record(view, run_id)
+        _run_record(run_id, provs.get(run_id, {}), bad.get(run_id, NONE_BAD))
 
 
-def _run_record(view: View, run_id: str) -> None:
-    prov = query("provenance", view.db, view.stamp, run_id)
-    bad = query("not_ok", view.db, view.stamp, run_id)
+def _run_record(run_id: str, prov: dict, bad: pd.DataFrame) -> None:
     n_skip, n_fail = int((bad["status"] == "skipped").sum()), int((bad["status"] == "failed").sum())
     label = md(f"{run_id} — {prov.get('method')}, {prov.get('status')}, {prov.get('n_done')}/"
                f"{prov.get('n_tensors')} tensors, {n_skip} skipped, {n_fail} failed")

@@ -183,6 +183,12 @@ class Store:
         df = self.query("SELECT * FROM runs WHERE run_id = ?", [run_id])
         return None if df.empty else df.iloc[0].to_dict()
 
+    def run_rows(self) -> dict[str, dict]:
+        """Every run's row (as ``run_row`` gives it), keyed by run id, from one query: a page about a sweep
+        of many runs reads them all at once instead of one query per run."""
+        df = self.query("SELECT * FROM runs ORDER BY created_at, run_id")
+        return {row["run_id"]: row for row in df.to_dict("records")}
+
     def stored_counts(self) -> dict[str, int]:
         """Run id → number of its top-level tensors whose results are stored (file and staged fragments):
         what a resume would not recompute."""

@@ -43,11 +43,6 @@ def tensors(store: Store, sel: Selection = Selection()) -> pd.DataFrame:
                            WHERE {where} ORDER BY t.run_id, t.seq, t.tensor""", params)
 
 
-def all_tensors(store: Store, run_id: str) -> pd.DataFrame:
-    """Every tensor row of a run, whatever its status (skipped and failed included)."""
-    return store.query("SELECT * FROM tensors WHERE run_id = ? ORDER BY seq, tensor", [run_id])
-
-
 def failures(store: Store, run_id: str | None = None) -> pd.DataFrame:
     if run_id is None:
         return store.query("SELECT * FROM failures ORDER BY run_id, tensor")

@@ -60,6 +60,17 @@ def with_label(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+def explode_values(df: pd.DataFrame, column: str) -> pd.DataFrame:
+    """``df`` with each row repeated once per element of its ``values`` array, the element (as float) in
+    ``column``: what ``df.assign(column=values).explode(column)`` gives (an empty array keeps one row, NaN),
+    without a Python object per element."""
+    arrays = [np.asarray(v, dtype=np.float64).ravel() for v in df["values"]]
+    arrays = [v if v.size else np.array([np.nan]) for v in arrays]
+    out = df.iloc[np.repeat(np.arange(len(df)), [v.size for v in arrays])].copy()
+    out[column] = np.concatenate(arrays) if arrays else np.array([], dtype=np.float64)
+    return out
+
+
 def numel_weighted_arrays(store, sel, name: str, tensors: tuple[str, ...] = ()) -> pd.DataFrame:
     """Per run: the numel-weighted mean of a fixed-length array over the selected tensors (long form)."""
     a = arrays_of(store, sel, name, tensors)

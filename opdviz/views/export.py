@@ -123,7 +123,7 @@ def manifest(store, sel, ctx, runs: Iterable[str] | None = None) -> dict:
     next to the figures, with a ``figures`` list (file, data CSV, key, title, caption) added."""
     from opdviz import __version__
     from opdviz.store import queries as Q
-    from opdviz.views.tables import provenance
+    from opdviz.views.tables import provenances
 
     run_ids = list(runs if runs is not None else (sel.runs or Q.runs(store)["run_id"]))
     approx = Q.long_metrics(store, dataclasses.replace(sel, runs=tuple(run_ids), leaves_only=False),
@@ -131,8 +131,9 @@ def manifest(store, sel, ctx, runs: Iterable[str] | None = None) -> dict:
     n_approx = ({} if approx is None or approx.empty
                 else (approx["value"] == 0).groupby(approx["run_id"]).sum().astype(int).to_dict())
     out_runs = []
+    every = provenances(store)
     for r in run_ids:
-        prov = provenance(store, r)
+        prov = every.get(r)
         if prov:
             prov["approx_spectra"] = int(n_approx.get(r, 0))
             out_runs.append(prov)

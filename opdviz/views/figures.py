@@ -35,9 +35,9 @@ def empty_figure(message: str = NO_DATA, title: str = "") -> go.Figure:
 def _legend_key(fig: go.Figure, entries: list[tuple[str, str, str]]) -> None:
     """Legend-only traces: (name, colour, dash). Lets a figure key colour and dash separately
     (no legend groups: in a horizontal legend a group stacks its items vertically)."""
-    for name, color, dash in entries:
-        fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name=name, showlegend=True,
-                                 line=dict(color=color, dash=dash, width=2), hoverinfo="skip"))
+    fig.add_traces([dict(type="scatter", x=[None], y=[None], mode="lines", name=name, showlegend=True,
+                         line=dict(color=color, dash=dash, width=2), hoverinfo="skip")
+                    for name, color, dash in entries])
 
 
 def _color_of(kind: str, value, styles: dict) -> str:
@@ -51,6 +51,9 @@ def _color_of(kind: str, value, styles: dict) -> str:
 
 
 def ordered(values, kind: str) -> list:
+    """The distinct values in order of appearance (modules in their usual order), nulls left out."""
+    if isinstance(values, pd.Series):
+        values = values.unique().tolist()     # distinct first: a spectrum frame has 10⁵ rows
     vals = list(dict.fromkeys(v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))))
     if kind == "module":
         return sorted(vals, key=module_sort_key)
@@ -70,37 +73,43 @@ def lines(df: pd.DataFrame, x: str, y: str, color: str, title: str, xlabel: str,
     facets = ordered(df[facet], "run") if facet else [None]
     ncols = min(len(facets), max_cols)
     nrows = math.ceil(len(facets) / ncols)
-    titles = [_facet_title(df, facet, f) for f in facets] if facet else None
+    titles = list(map(_namer(df, facet), facets)) if facet else None
     fig = base_figure(title, nrows, ncols, shared_yaxes=True, shared_xaxes=True, subplot_titles=titles,
                   horizontal_spacing=0.04, vertical_spacing=_vspace(0.12, nrows)) if facet else base_figure(title)
     colors = ordered(df[color], color)
     dashes = ordered(df[dash], dash) if dash else [None]
     dash_of = {d: DASHES[i % len(DASHES)] for i, d in enumerate(dashes)}
+    name_of = _namer(df, color)
+    # split the frame once (a sweep of 50 runs has hundreds of lines), then add every trace in one call
+    keys = [k for k in (facet, color, dash) if k]
+    parts = dict(iter(df.groupby(keys, sort=False)))
+    traces, rows, cols = [], [], []
     for fi, fval in enumerate(facets):
-        sub = df if fval is None else df[df[facet] == fval]
-        r, c = fi // ncols + 1, fi % ncols + 1
         for cval in colors:
             for dval in dashes:
-                part = sub[sub[color] == cval]
-                if dval is not None:
-                    part = part[part[dash] == dval]
-                if part.empty:
+                part = parts.get(tuple(v for v, k in ((fval, facet), (cval, color), (dval, dash)) if k))
+                if part is None:
                     continue
-                part = part.sort_values(x)
+                if not _increasing(part[x]):
+                    part = part.sort_values(x)
                 line_dash = dash_of[dval] if dash else (styles.get(cval, ("", "solid"))[1] if color == "run_id"
                                                         else "solid")
-                name = _name(df, color, cval) + (f" · {escape(dval)}" if dash else "")
-                trace = go.Scatter(x=part[x], y=part[y], name=name, mode="lines+markers" if markers else "lines",
-                                   line=dict(color=_color_of(color, cval, styles), dash=line_dash, width=1.8),
-                                   marker=dict(size=5), showlegend=False,
-                                   hovertemplate=f"{name}<br>{xlabel}: %{{x}}<br>{ylabel}: %{{y:.4g}}"
-                                                 + (f"<br>%{{customdata}}" if hover else "") + "<extra></extra>",
-                                   customdata=part[hover] if hover else None)
-                if facet:
-                    fig.add_trace(trace, row=r, col=c)
-                else:
-                    fig.add_trace(trace)
-    _legend_key(fig, [(_name(df, color, v), _color_of(color, v, styles),
+                name = name_of(cval) + (f" · {escape(dval)}" if dash else "")
+                traces.append(dict(           # plain dicts: add_traces validates each trace once
+                    type="scatter", x=_plain(part[x]), y=_plain(part[y]), name=name,
+                    mode="lines+markers" if markers else "lines",
+                    line=dict(color=_color_of(color, cval, styles), dash=line_dash, width=1.8),
+                    marker=dict(size=5), showlegend=False,
+                    hovertemplate=f"{name}<br>{xlabel}: %{{x}}<br>{ylabel}: %{{y:.4g}}"
+                                  + ("<br>%{customdata}" if hover else "") + "<extra></extra>",
+                    customdata=part[hover] if hover else None))
+                rows.append(fi // ncols + 1)
+                cols.append(fi % ncols + 1)
+    if facet:
+        fig.add_traces(traces, rows=rows, cols=cols)
+    else:
+        fig.add_traces(traces)
+    _legend_key(fig, [(name_of(v), _color_of(color, v, styles),
                        styles.get(v, ("", "solid"))[1] if color == "run_id" and not dash else "solid")
                       for v in colors])
     if dash and len(dashes) > 1:
@@ -111,6 +120,24 @@ def lines(df: pd.DataFrame, x: str, y: str, color: str, title: str, xlabel: str,
     return fig
 
 
+def _increasing(values: pd.Series) -> bool:
+    """True when ``values`` strictly increase (already in the order ``sort_values`` would give)."""
+    if not _numeric(values):
+        return False
+    v = values.to_numpy()
+    return bool(np.all(v[1:] > v[:-1]))
+
+
+def _plain(values: pd.Series):
+    """A numeric column as its numpy array (what plotly makes of it anyway, at half the cost of a
+    Series); any other column as it is."""
+    return values.to_numpy() if _numeric(values) else values
+
+
+def _numeric(values: pd.Series) -> bool:
+    return isinstance(values.dtype, np.dtype) and values.dtype.kind in "fiu"
+
+
 def _axis_titles(fig: go.Figure, nrows: int, ncols: int, npanels: int, xlabel: str, ylabel: str) -> None:
     if nrows * ncols == 1:
         fig.update_xaxes(title_text=xlabel)
@@ -119,21 +146,22 @@ def _axis_titles(fig: go.Figure, nrows: int, ncols: int, npanels: int, xlabel: s
     for i in range(npanels):
         r, c = i // ncols + 1, i % ncols + 1
         # one x title per row of panels, under the middle one (repeated titles collide at column width)
-        if (r == nrows or i + ncols >= npanels) and (nrows > 1 or c == (min(ncols, npanels) + 1) // 2):
-            fig.update_xaxes(title_text=xlabel, row=r, col=c)
-        if c == 1:
-            fig.update_yaxes(title_text=ylabel, row=r, col=c)
+        x_title = (r == nrows or i + ncols >= npanels) and (nrows > 1 or c == (min(ncols, npanels) + 1) // 2)
+        if x_title or c == 1:
+            panel = fig.get_subplot(r, c)     # its axes directly: update_xaxes(row=…) scans every axis
+            if x_title:
+                panel.xaxis.update(title_text=xlabel)
+            if c == 1:
+                panel.yaxis.update(title_text=ylabel)
 
 
-def _name(df: pd.DataFrame, kind: str, value) -> str:
+def _namer(df: pd.DataFrame, kind: str):
+    """value of column ``kind`` → its label: a run id with its (first) method, else the escaped value."""
     if kind == "run_id" and "method" in df:
-        methods = df.loc[df["run_id"] == value, "method"]
-        return run_label(value, methods.iloc[0] if len(methods) else None)
-    return escape(value)
-
-
-def _facet_title(df: pd.DataFrame, facet: str, value) -> str:
-    return _name(df, facet, value) if facet == "run_id" else escape(value)
+        first = df.drop_duplicates("run_id")
+        method = dict(zip(first["run_id"], first["method"]))
+        return lambda value: run_label(value, method.get(value))
+    return escape
 
 
 def baseline(fig: go.Figure, x, y, name: str, row: int | None = None, col: int | None = None,
@@ -164,7 +192,7 @@ def heatmap(df: pd.DataFrame, z: str, zlabel: str, title: str, x: str = "module"
     facets = ordered(df[facet], "run") if facet else [None]
     ncols = min(len(facets), max_cols)
     nrows = math.ceil(len(facets) / ncols)
-    titles = [_facet_title(df, facet, f) for f in facets] if facet else None
+    titles = list(map(_namer(df, facet), facets)) if facet else None
     # rows of panels leave room for the slanted module labels and the next row's panel titles
     fig = base_figure(title, nrows, ncols, shared_yaxes=True, subplot_titles=titles, horizontal_spacing=0.03,
                   vertical_spacing=_vspace(0.1, nrows)) if facet else base_figure(title)
@@ -172,17 +200,22 @@ def heatmap(df: pd.DataFrame, z: str, zlabel: str, title: str, x: str = "module"
         fig.update_layout(height=340 * nrows)
     xs = ordered(df[x], x)
     ys = sorted(int(v) for v in df[y].dropna().unique())
-    for i, fval in enumerate(facets):
-        sub = df if fval is None else df[df[facet] == fval]
-        grid = sub.pivot_table(index=y, columns=x, values=z, aggfunc="mean").reindex(index=ys, columns=xs)
-        trace = go.Heatmap(z=grid.to_numpy(dtype=float), x=xs, y=ys, coloraxis="coloraxis", xgap=1, ygap=1,
-                           hovertemplate=f"{x}: %{{x}}<br>{y}: %{{y}}<br>{zlabel}: %{{z:.4g}}<extra>"
-                                         f"{'' if fval is None else escape(fval)}</extra>",
-                           texttemplate=f"%{{z:{fmt}}}" if text else None, textfont=dict(size=9))
-        if facet:
-            fig.add_trace(trace, row=i // ncols + 1, col=i % ncols + 1)
-        else:
-            fig.add_trace(trace)
+    # the mean of z per (panel, y, x) in one groupby, then one grid per panel, every trace added at once
+    means = df.groupby(([facet] if facet else []) + [y, x])[z].mean().unstack(x)
+    present = set(means.index.get_level_values(0)) if facet else set()
+    traces = []
+    for fval in facets:
+        cells = means if fval is None else means.loc[fval] if fval in present else pd.DataFrame(dtype=float)
+        grid = cells.reindex(index=ys, columns=xs)
+        traces.append(dict(type="heatmap", z=grid.to_numpy(dtype=float), x=xs, y=ys, coloraxis="coloraxis", xgap=1,
+                           ygap=1, hovertemplate=f"{x}: %{{x}}<br>{y}: %{{y}}<br>{zlabel}: %{{z:.4g}}<extra>"
+                                                 f"{'' if fval is None else escape(fval)}</extra>",
+                           texttemplate=f"%{{z:{fmt}}}" if text else None, textfont=dict(size=9)))
+    if facet:
+        fig.add_traces(traces, rows=[i // ncols + 1 for i in range(len(facets))],
+                       cols=[i % ncols + 1 for i in range(len(facets))])
+    else:
+        fig.add_traces(traces)
     vals = df[z].to_numpy(dtype=float)
     if zmid is not None:
         span = np.nanmax(np.abs(vals - zmid)) or 1.0
@@ -280,13 +313,17 @@ def bars(df: pd.DataFrame, x: str, y: str, title: str, xlabel: str, ylabel: str,
     xs = ordered(df[x], x)
     scale = 100 if percent else 1
     patterns = {"solid": "", "dash": "/", "dot": ".", "dashdot": "x", "longdash": "\\", "longdashdot": "+"}
+    name_of = _namer(df, "run_id")
+    parts = dict(iter(df.groupby("run_id", sort=False)))
+    traces = []
     for run_id in ordered(df["run_id"], "run"):
-        part = df[df["run_id"] == run_id].set_index(x).reindex(xs)
+        part = parts[run_id].set_index(x).reindex(xs)
         color, dash = styles[run_id]
-        fig.add_trace(go.Bar(x=[escape(v) for v in xs], y=scale * part[y].astype(float), name=_name(df, "run_id", run_id),
-                             marker=dict(color=color, pattern=dict(shape=patterns[dash], fgcolor="white", fillmode="overlay",
-                                                                    solidity=0.35)),
-                             hovertemplate=f"%{{x}}<br>{ylabel}: %{{y:.4g}}<extra>{escape(run_id)}</extra>"))
+        traces.append(dict(type="bar", x=[escape(v) for v in xs], y=scale * part[y].astype(float),
+                           name=name_of(run_id), marker=dict(color=color, pattern=dict(
+                               shape=patterns[dash], fgcolor="white", fillmode="overlay", solidity=0.35)),
+                           hovertemplate=f"%{{x}}<br>{ylabel}: %{{y:.4g}}<extra>{escape(run_id)}</extra>"))
+    fig.add_traces(traces)
     if baseline is not None:
         fig.add_hline(y=scale * baseline, line=dict(color=BASELINE_COLOR, dash="dot", width=1.5))
         baseline(fig, [None], [None], baseline_name)

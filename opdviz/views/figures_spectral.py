@@ -34,14 +34,17 @@ def cumulative_energy(df: pd.DataFrame, title: str) -> go.Figure:
     denominator when the spectrum is a top-q approximation)."""
     if df.empty:
         return F.empty_figure(title=title)
-    d = df.sort_values(["run_id", "label", "index"]).copy()
-    sq = d["sigma"] ** 2
-    total = sq.groupby([d["run_id"], d["label"]]).transform("sum")
-    if "delta_sq_sum" in d:        # exact ‖ΔW‖²_F: right for a top-q (approximate) spectrum too
-        total = d["delta_sq_sum"].where(d["delta_sq_sum"] > 0, total)
-    d["energy"] = 100 * (d["cumulative_energy"] if "cumulative_energy" in d
-                         else sq.groupby([d["run_id"], d["label"]]).cumsum() / total)
-    d = _thin_log(d)
+    if "cumulative_energy" in df:  # computed on the whole spectrum: thin first, then sort what is drawn
+        d = _thin_log(df).sort_values(["run_id", "label", "index"])
+        d = d.assign(energy=100 * d["cumulative_energy"])
+    else:
+        d = df.sort_values(["run_id", "label", "index"]).copy()
+        sq = d["sigma"] ** 2
+        total = sq.groupby([d["run_id"], d["label"]]).transform("sum")
+        if "delta_sq_sum" in d:    # exact ‖ΔW‖²_F: right for a top-q (approximate) spectrum too
+            total = d["delta_sq_sum"].where(d["delta_sq_sum"] > 0, total)
+        d["energy"] = 100 * (sq.groupby([d["run_id"], d["label"]]).cumsum() / total)
+        d = _thin_log(d)
     fig = F.lines(d, "index", "energy", "run_id", title, "number of singular directions i (log scale)",
                  "cumulative energy of ΔW (% of ‖ΔW‖²<sub>F</sub>)", dash="label", log_x=True)
     fig.update_yaxes(range=[0, 101])

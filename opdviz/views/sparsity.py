@@ -92,11 +92,9 @@ def rel_change_heatmap(store, sel, ctx):
 def _mask_criteria(store: Store, run_ids) -> dict[str, str]:
     """run_id → the criterion its default changed mask U used (``options.criterion`` at compute time):
     the coverage metrics are shares of that U, whatever criterion the sidebar shows."""
-    out = {}
-    for run_id in run_ids:
-        row = store.run_row(run_id) or {}
-        out[run_id] = str(formatting.json_dict(row.get("options")).get("criterion") or ViewContext().criterion)
-    return out
+    rows = store.run_rows()
+    return {run_id: str(formatting.json_dict(rows.get(run_id, {}).get("options")).get("criterion")
+                        or ViewContext().criterion) for run_id in run_ids}
 
 
 def coverage_frame(store, sel, ctx, kinds=(("lowmag_coverage", "low-magnitude mask"),
@@ -117,25 +115,40 @@ def coverage_frame(store, sel, ctx, kinds=(("lowmag_coverage", "low-magnitude ma
     wide.columns.name = None
     wide = df[["run_id", "method", "tensor", "numel"]].drop_duplicates(["run_id", "tensor"]).merge(
         wide.reset_index(), on=["run_id", "tensor"], how="left")
-    rows = []
+    # |U| per matrix under each run's own mask (the bitwise one for the _exact variants); runs whose
+    # mask's sparsity is not stored drop out of the non-exact kinds
+    run_crit = wide["run_id"].map(crits)
+    sp_own = pd.Series(np.nan, index=wide.index)
+    has_own = pd.Series(False, index=wide.index)
+    for c in run_crit.unique():
+        if f"sparsity_{c}" in wide:
+            mine = run_crit == c
+            sp_own[mine] = wide.loc[mine, f"sparsity_{c}"].astype(float)
+            has_own |= mine
+    numel = wide["numel"].astype(float)
+    frames = []
     for prefix, label in kinds:
         exact = prefix.endswith("_exact")
+        if exact and "sparsity_exact" not in wide:
+            continue
+        u_all = (1 - (wide["sparsity_exact"].astype(float) if exact else sp_own)) * numel
         for a in ALPHAS:
             col = f"{prefix}_{a}pct"
             if col not in wide:
                 continue
-            for (run_id, method), g in wide[wide[col].notna()].groupby(["run_id", "method"], dropna=False):
-                sp = g.get("sparsity_exact" if exact else f"sparsity_{crits[run_id]}")
-                if sp is None:
-                    continue
-                u = (1 - sp.astype(float)) * g["numel"].astype(float)
-                ok = u.notna()
-                w = u[ok]
-                cov = float((g.loc[ok, col] * w).sum() / w.sum()) if w.sum() > 0 else float("nan")
-                rows.append({"run_id": run_id, "method": method, "kind": label, "alpha": a / 100, "coverage": cov,
-                             "baseline": a / 100, "enrichment": cov / (a / 100), "changed_entries": float(w.sum()),
-                             "n_matrices": int(ok.sum())})
-    return pd.DataFrame(rows, columns=cols)
+            rows = wide[col].notna() & (True if exact else has_own)
+            g = wide.loc[rows, ["run_id", "method"]]
+            w = u_all[rows]                  # NaN where the mask's sparsity is missing: left out
+            agg = pd.DataFrame({"w": w, "cw": wide.loc[rows, col].astype(float) * w, "n": w.notna()}).groupby(
+                [g["run_id"], g["method"]], dropna=False).sum()
+            cov = (agg["cw"] / agg["w"]).where(agg["w"] > 0)
+            frames.append(pd.DataFrame({"run_id": agg.index.get_level_values(0),
+                                        "method": agg.index.get_level_values(1), "kind": label,
+                                        "alpha": a / 100, "coverage": cov.to_numpy(), "baseline": a / 100,
+                                        "enrichment": cov.to_numpy() / (a / 100),
+                                        "changed_entries": agg["w"].to_numpy(), "n_matrices": agg["n"].to_numpy()}))
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True)[cols] if frames else pd.DataFrame(columns=cols)
 
 
 def coverage(store, sel, ctx):

@@ -31,9 +31,8 @@ def spectra_frame(store, sel, ctx, name="spectrum") -> pd.DataFrame:
     sq = Q.long_metrics(store, replace(sel, leaves_only=False), ("delta_sq_sum",))
     a = a.merge(sq[["run_id", "tensor", "value"]].rename(columns={"value": "delta_sq_sum"}),
                 on=["run_id", "tensor"], how="left")
-    a = a.assign(sigma=a["values"].map(np.asarray)).explode("sigma")
+    a = D.explode_values(a[["run_id", "method", "tensor", "label", "delta_sq_sum", "values"]], "sigma")
     a["index"] = a.groupby(["run_id", "tensor"]).cumcount() + 1
-    a["sigma"] = a["sigma"].astype(float)
     # what the figures plot, in the data: σᵢ/σ₁ and the cumulative share of the exact ‖ΔW‖²_F
     a["sigma_over_sigma1"] = a["sigma"] / a.groupby(["run_id", "tensor"])["sigma"].transform("max")
     sq = a["sigma"] ** 2
@@ -118,9 +117,9 @@ def angles_for(store, sel, tensors, title, fetch=None):
             continue
         a = D.with_label(a)
         a["label"] = a["label"] + f" · {side} k={k}"
-        a = a.assign(angle=a["values"].map(np.asarray)).explode("angle")
+        a = D.explode_values(a, "angle")
         a["index"] = a.groupby(["run_id", "tensor"]).cumcount() + 1
-        a["angle_deg"] = np.degrees(a["angle"].astype(float))
+        a["angle_deg"] = np.degrees(a["angle"])
         frames.append(a[["run_id", "method", "tensor", "label", "index", "angle_deg"]])
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
         columns=["run_id", "method", "tensor", "label", "index", "angle_deg"])

@@ -60,8 +60,16 @@ def provenance(store: Store, run_id: str) -> dict:
     """Where a run's results came from: paths, fingerprints, sizes, options, versions, device, dtype, seed,
     status, times and tensor counts. Empty dict when the run is unknown."""
     row = store.run_row(run_id)
-    if row is None:
-        return {}
+    return {} if row is None else _provenance(row)
+
+
+def provenances(store: Store) -> dict[str, dict]:
+    """``provenance`` of every run, keyed by run id, from one query (a sweep's Overview and export
+    manifests read them all)."""
+    return {run_id: _provenance(row) for run_id, row in store.run_rows().items()}
+
+
+def _provenance(row: dict) -> dict:
     out = {k: _plain(row.get(k)) for k in (
         "run_id", "method", "kind", "base_path", "post_path", "base_fingerprint", "post_fingerprint", "base_bytes",
         "post_bytes", "device", "dtype", "seed", "status", "error", "created_at", "finished_at", "wall_s",
