@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from opdviz.metrics import analyse_pair  # noqa: E402
+from opdviz.metrics.pair import analyse_pair  # noqa: E402
 from opdviz.metrics.registry import family_of  # noqa: E402
 from opdviz.options import AnalysisOptions  # noqa: E402
 

@@ -177,3 +177,20 @@ def test_streamlit_only_in_the_dashboard_and_torch_never_in_views():
         bad += [f"{path.relative_to(ROOT)}:{line}: imports {name}" for line, name in _imports(path)
                 if name.split(".")[0] == "torch"]
     assert not bad, "\n".join(bad)
+
+
+def test_views_store_and_dashboard_load_without_torch():
+    """Importing every module of opdviz/views, opdviz/store and opdviz/dashboard (what a page imports)
+    loads no torch, directly or through a package ``__init__`` (the dashboard starts fast, and a view
+    cannot compute on tensors by accident)."""
+    import subprocess
+    import sys
+
+    modules = sorted(module_name(p) for d in ("views", "store", "dashboard") for p in (PACKAGE / d).glob("*.py"))
+    code = ("import importlib, sys\n"
+            f"for m in {modules!r}:\n"
+            "    importlib.import_module(m)\n"
+            "loaded = sorted(k for k in sys.modules if k == 'torch' or k.startswith('torch.'))\n"
+            "assert not loaded, 'torch was imported'\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]

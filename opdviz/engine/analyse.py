@@ -18,7 +18,7 @@ from opdviz.errors import OpdvizError, OptionsError
 from opdviz.io.layouts import fused_parts, matrix_view, split_part
 from opdviz.io.naming import parse_name
 from opdviz.io.reader import PairItem
-from opdviz.metrics import add_coverage, analyse_pair, base_work, is_matrix_pair, timed
+from opdviz.metrics.pair import add_coverage, analyse_pair, base_work, is_matrix_pair, timed
 from opdviz.options import AnalysisOptions
 
 

@@ -21,7 +21,7 @@ from opdviz.engine.basecache import cache_root
 from opdviz.metrics import geometry
 from opdviz.engine.local import LocalExecutor
 from opdviz.engine.runner import JobSpec, run_jobs
-from opdviz.metrics import analyse_pair, base_work
+from opdviz.metrics.pair import analyse_pair, base_work
 from opdviz.metrics.geometry import linalg_base, principal_coverage
 from opdviz.metrics.topk_coverage import SMALL_SELECT
 from opdviz.options import AnalysisOptions
