@@ -104,6 +104,7 @@ def _topk_mask_counts(w: torch.Tensor, v: torch.Tensor, plan: dict[int, list[tup
     wbuf = torch.empty(rows, n, dtype=torch.float32, device=dev)
     ib = torch.empty(rows, n, dtype=torch.int32, device=dev)
     ic = torch.empty(rows, n, dtype=torch.int32, device=dev) if P > 1 else None
+    eqb = torch.empty(rows, n, dtype=torch.bool, device=dev)
     ranks = sorted(plan)
     results: list[dict[tuple[str, str], tuple[int, int]]] = [{} for _ in codes]
     totals: list[tuple[int, int]] | None = None
@@ -112,8 +113,13 @@ def _topk_mask_counts(w: torch.Tensor, v: torch.Tensor, plan: dict[int, list[tup
     for r in ranks + [None]:
         vs = v[:, prev_r:r].to(torch.float32) if r is not None else None
         hists = [torch.zeros(_BUCKETS * 4, dtype=torch.int64, device=dev) for _ in codes] if r is not None else []
-        buckets = sorted({t["bucket"] for t in pending if t["bucket"] is not None})
-        members: dict[int, list[tuple]] = {b: [] for b in buckets}
+        # members of each threshold bucket, in buffers sized by the previous histogram: nothing small is
+        # kept between the chunks' temporaries (that fragmented glibc's heap by ~0.4 GB a sweep)
+        sizes = {t["bucket"]: t["size"] for t in pending if t["bucket"] is not None}
+        buckets = sorted(sizes)
+        members = {b: (torch.empty(sizes[b], dtype=torch.int32, device=dev),
+                       [torch.empty(sizes[b], dtype=torch.uint8, device=dev) for _ in codes],
+                       torch.empty(sizes[b], dtype=torch.int64, device=dev), [0]) for b in buckets}
         for i in range(0, m, rows):
             c = min(rows, m - i)
             rc, kb = R[i:i + c], ib[:c]
@@ -122,11 +128,19 @@ def _topk_mask_counts(w: torch.Tensor, v: torch.Tensor, plan: dict[int, list[tup
             if buckets:
                 torch.bitwise_right_shift(bits, 16, out=kb)
                 kb.bitwise_and_(0x7FFF)
+                eq = eqb[:c]
                 for b in buckets:
-                    idx = (kb == b).view(-1).nonzero().squeeze(1)
-                    if idx.numel():
-                        members[b].append((bits.view(-1)[idx] & 0xFFFF, [cc.view(-1)[idx] for cc in ccs],
-                                           idx + i * n))
+                    torch.eq(kb, b, out=eq)
+                    idx = eq.view(-1).nonzero().squeeze(1)
+                    k = idx.numel()
+                    if k:
+                        low, mcodes, widx, fill = members[b]
+                        s = fill[0]
+                        torch.bitwise_and(bits.view(-1)[idx], 0xFFFF, out=low[s:s + k])
+                        for dst, cc in zip(mcodes, ccs):
+                            torch.index_select(cc.view(-1), 0, idx, out=dst[s:s + k])
+                        torch.add(idx, i * n, out=widx[s:s + k])
+                        fill[0] = s + k
             if r is not None:
                 wc = wbuf[:c]
                 wc.copy_(w[i:i + c])
@@ -142,7 +156,7 @@ def _topk_mask_counts(w: torch.Tensor, v: torch.Tensor, plan: dict[int, list[tup
                         torch.bitwise_or(kb, cc, out=kc)
                         hist += torch.bincount(kc.view(-1), minlength=_BUCKETS * 4)
         for t in pending:
-            mem = members.get(t["bucket"], [])
+            mem = members.get(t["bucket"])
             for p in range(P):
                 results[p][t["names"]] = _resolve(t, p, mem, transposed, m, n)
         pending = []
@@ -166,7 +180,7 @@ def _topk_mask_counts(w: torch.Tensor, v: torch.Tensor, plan: dict[int, list[tup
             else:
                 b = int((ge >= K).sum()) - 1
                 aboves = [hge[b] - h[b] for hge, h in zip(hges, hs)]
-                t.update(bucket=b, need=K - int(ge[b] - tot[b]),
+                t.update(bucket=b, size=int(tot[b]), need=K - int(ge[b] - tot[b]),
                          above=[(int(a[2] + a[3]), int(a[1] + a[3])) for a in aboves])
             pending.append(t)
         prev_r = r
@@ -175,12 +189,12 @@ def _topk_mask_counts(w: torch.Tensor, v: torch.Tensor, plan: dict[int, list[tup
 
 def _resolve(t: dict, p: int, members, transposed: bool, m: int, n: int) -> tuple[int, int]:
     """Finish one K for code ``p``: pick the ``need`` largest members of the threshold bucket (ties by
-    flat index) and count that code's mask bits among them."""
+    flat index) and count that code's mask bits among them. ``members``: (low 16 bits, codes per post,
+    flat working index, fill) of every element of that bucket."""
     if t["bucket"] is None:
         return t["fixed"][p]
-    low = torch.cat([x[0] for x in members]).long()
-    codes = torch.cat([x[1][p] for x in members]).long()
-    widx = torch.cat([x[2] for x in members])
+    low, mcodes, widx, _ = members
+    low, codes = low.long(), mcodes[p].long()
     need = t["need"]
     cnt = torch.bincount(low, minlength=1 << 16)
     ge = cnt.flip(0).cumsum(0).flip(0)
