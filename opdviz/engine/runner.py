@@ -273,7 +273,8 @@ def _open_run(spec: JobSpec, key: int, stack: contextlib.ExitStack, executor, ov
     if opts.base_cache and getattr(executor, "name", "") == "local":
         from opdviz.engine.basecache import BaseCache, cache_root
 
-        cache = BaseCache(cache_root(spec.db), base_fp, opts, executor.device_label(opts))
+        cache = BaseCache(cache_root(spec.db), base_fp, opts, executor.device_label(opts),
+                          shapes=[i.shape for i in base.infos.values()], budget=base.total_bytes)
     work = Work(key=key, base=Path(spec.base), post=Path(spec.post), options=opts,
                 items=[i for i in todo if i.status == "ok"], seq=seq_of, checkpoints=(base, post), cache=cache)
     return _Run(spec, store, writer, row, bar, work, prior_wall, counts=counts)

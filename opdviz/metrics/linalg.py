@@ -164,9 +164,6 @@ class BaseFactors:
     gram: torch.Tensor | None = None     # exact only
     u: torch.Tensor | None = None        # approx only
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.sig, self.v, self.gram, self.u) if t is not None)
-
 
 def base_factors(wb: torch.Tensor, exact: bool, q: int, seed: int) -> BaseFactors:
     """Factorize the m×n working view of W_base: exact (float64 Gram + eigh) or approx (top-q)."""

@@ -22,6 +22,7 @@ from opdviz.metrics import geometry
 from opdviz.engine.local import LocalExecutor
 from opdviz.engine.runner import JobSpec, run_jobs
 from opdviz.metrics.pair import analyse_pair, base_work
+from opdviz.io.reader import Checkpoint
 from opdviz.metrics.geometry import linalg_base, principal_coverage
 from opdviz.metrics.topk_coverage import SMALL_SELECT
 from opdviz.options import AnalysisOptions
@@ -142,13 +143,16 @@ def test_a_later_job_reuses_the_base_cache(family, tmp_path, monkeypatch):
     monkeypatch.setattr(geometry, "linalg_base", lambda wb, opts: calls.append(tuple(wb.shape)) or real(wb, opts))
     run_jobs(_specs(base, posts[:1], db, ["first"]), progress=False)
     files = sorted(p.name for p in cache_root(db).rglob("*.safetensors"))
-    # only the tall vocabulary matrices are worth keeping (factors ≤ the tensor's own bytes)
-    assert len(files) == 2 and all(f.startswith(("model.embed_tokens", "lm_head")) for f in files), files
+    # within the budget (the base's bytes, 0.96 MB) the tallest group fits whole, the vocabulary
+    # matrices (1100×128: 2 × 263 KB), and of the next, the 384×128 FFN matrices, the first one
+    assert len(files) == 3 and sum(f.startswith(("model.embed_tokens", "lm_head")) for f in files) == 2, files
+    assert sum(p.stat().st_size for p in cache_root(db).rglob("*.safetensors")) <= Checkpoint.open(base).total_bytes
     first = list(calls)
     assert (1100, 128) in first
     calls.clear()
     run_jobs(_specs(base, posts[:1], db, ["second"]), progress=False)
-    assert (1100, 128) not in calls and len(calls) == len(first) - 2          # the two came from the cache
+    assert (1100, 128) not in calls and len(calls) == len(first) - 3          # the three came from the cache
+    assert len(list(cache_root(db).rglob("*.safetensors"))) == 3              # the cap held: nothing added
     off = tmp_path / "off.duckdb"
     run_jobs(_specs(base, posts[:1], off, ["nocache"], base_cache=False), progress=False)
     assert not cache_root(off).exists()
@@ -166,3 +170,32 @@ def test_a_later_job_reuses_the_base_cache(family, tmp_path, monkeypatch):
     emb.write_bytes(b"not a safetensors file")
     run_jobs(_specs(base, posts[:1], db, ["fourth"]), progress=False)
     _same(_results(db, "fourth"), _results(off, "nocache"))
+
+
+def test_the_cache_keeps_the_tallest_matrices_within_the_base_bytes(tmp_path):
+    from opdviz.engine.basecache import BaseCache, factor_bytes, keep_plan
+    from opdviz.metrics.linalg import base_factors
+
+    # Qwen2.5-0.5B, bf16: the vocabulary matrices, k/v and FFN are kept whole, then part of the square q/o
+    h, f, kv, vocab, layers = 896, 4864, 128, 151936, 24
+    shapes = [(vocab, h)] * 2 + [(h, h), (kv, h), (kv, h), (h, h), (f, h), (f, h), (h, f)] * layers
+    budget = sum(a * b for a, b in shapes) * 2
+    plan = keep_plan(shapes, budget)
+    assert plan[vocab / h] == 2 * factor_bytes((vocab, h)) and plan[7.0] == 48 * factor_bytes((kv, h))
+    assert plan[f / h] == 72 * factor_bytes((f, h)) and 0 < plan[1.0] < 48 * factor_bytes((h, h))
+    assert sum(plan.values()) == budget
+    assert keep_plan(shapes, 0) == {} and keep_plan(shapes, 10 ** 12)[1.0] == 48 * factor_bytes((h, h))
+
+    # the budget is a hard cap over every job's entries of this base
+    opts = AnalysisOptions()
+    wb = torch.randn(40, 8, dtype=torch.float64)
+    factors = base_factors(wb, True, 0, 0)
+    cache = BaseCache(tmp_path, "f" * 64, opts, "cpu", shapes=[(40, 8)] * 2, budget=2000)
+    assert cache.save("a", wb, factors) and cache.used > 0
+    assert not cache.save("b", wb, factors)                  # a second entry would pass 2000 bytes (one is ~1.3 KB)
+    again = BaseCache(tmp_path, "f" * 64, opts, "cpu", shapes=[(40, 8)] * 2, budget=10 ** 6)
+    assert again.used == cache.used and again.save("b", wb, factors)
+    assert again.load("a", wb) is not None and again.load("b", wb) is not None
+    # a square matrix is not kept when the budget goes to taller ones
+    assert not BaseCache(tmp_path, "f" * 64, opts, "cpu", shapes=[(40, 8), (8, 8)], budget=1100).could_keep(
+        torch.zeros(8, 8))
