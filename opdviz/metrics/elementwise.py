@@ -40,71 +40,8 @@ from opdviz.metrics.chunkops import INT_OF, arr, bincount, check_pair, count, fl
 from opdviz.metrics.deltatop import SWEEP_EPS, TOP_FRACS, DeltaTop
 from opdviz.metrics.linalg import floor_frac
 from opdviz.metrics.lowmag import NONFINITE_KEY, RankCoverage
-from opdviz.metrics.registry import MetricInfo
 
-_SRC_SPARSE = "arXiv 2505.11711"
-_SRC_OPD = "arXiv 2606.13657"
-_SRC_BF16 = "arXiv 2511.08567, arXiv 2606.07082"
 
-FAMILIES: tuple[MetricInfo, ...] = (
-    MetricInfo("sparsity_{criterion}", "scalar", "Fraction of coordinates unchanged under a criterion, 0..1: "
-               "exact (stored bits equal; −0.0 vs +0.0 counts as changed), abs_ε (|ΔW| ≤ ε), relrms_τ "
-               "(|ΔW| ≤ τ·RMS(W_base)) or bf16_η (|ΔW| ≤ η·max(|W_base|, |W_post|)).",
-               f"{_SRC_SPARSE} (exact, abs); {_SRC_OPD} (relrms); {_SRC_BF16} (bf16)",
-               label="sparsity", unit="fraction", agg="numel"),
-    MetricInfo("base_fro", "scalar", "Frobenius norm ‖W_base‖F.", _SRC_SPARSE,
-               label="‖W_base‖F", unit="weight", agg="pooled"),
-    MetricInfo("post_fro", "scalar", "Frobenius norm ‖W_post‖F.", _SRC_SPARSE,
-               label="‖W_post‖F", unit="weight", agg="pooled"),
-    MetricInfo("delta_fro", "scalar", "Frobenius norm ‖ΔW‖F.", _SRC_SPARSE,
-               label="‖ΔW‖F", unit="weight", agg="pooled"),
-    MetricInfo("rel_change", "scalar", "‖ΔW‖F / ‖W_base‖F (NaN when W_base = 0).", _SRC_SPARSE,
-               label="relative change ‖ΔW‖F/‖W_base‖F", unit="ratio", agg="pooled"),
-    MetricInfo("delta_max_abs", "scalar", "max |ΔW|.", _SRC_SPARSE,
-               label="max |ΔW|", unit="weight", agg="max"),
-    MetricInfo("delta_mean_abs", "scalar", "mean |ΔW| over all coordinates.", _SRC_SPARSE,
-               label="mean |ΔW|", unit="weight", agg="numel"),
-    MetricInfo("delta_rms", "scalar", "RMS of ΔW over all coordinates.", _SRC_SPARSE,
-               label="RMS of ΔW", unit="weight", agg="matrix_mean"),
-    MetricInfo("base_rms", "scalar", "RMS of W_base (the scale of the relrms criteria).", _SRC_OPD,
-               label="RMS of W_base", unit="weight", agg="matrix_mean"),
-    MetricInfo("delta_sq_sum", "scalar", "Σ ΔW² (float64), for numel-weighted group energy shares.", _SRC_SPARSE,
-               label="Σ ΔW²", unit="weight²", agg="sum"),
-    MetricInfo("base_sq_sum", "scalar", "Σ W_base² (float64), for group relative change.", _SRC_SPARSE,
-               label="Σ W_base²", unit="weight²", agg="sum"),
-    MetricInfo("post_sq_sum", "scalar", "Σ W_post² (float64).", _SRC_SPARSE,
-               label="Σ W_post²", unit="weight²", agg="sum"),
-    MetricInfo("coord_energy_top_{pct}", "scalar", "Share of Σ ΔW² held by the max(1, ⌈q·numel⌉) largest |ΔW|, "
-               "q ∈ {0.1, 1, 5} %, 0..1 (NaN when ΔW = 0).", _SRC_SPARSE,
-               label="share of ΣΔW² in the top coordinates", unit="fraction", agg="energy"),
-    MetricInfo("lowmag_coverage_{alpha}", "scalar", "|M∩U|/|U|: share of the changed coordinates U (default "
-               "criterion) among the ⌊α·numel⌋ smallest |W_base| (ties by flat index); random baseline α "
-               "(NaN when U is empty).", _SRC_OPD,
-               label="low-magnitude coverage", unit="fraction", agg="changed"),
-    MetricInfo("lowmag_coverage_exact_{alpha}", "scalar", "Same as lowmag_coverage_{alpha} with U the exact "
-               "(bitwise) changed mask.", _SRC_OPD,
-               label="low-magnitude coverage (bitwise mask)", unit="fraction", agg="changed_exact"),
-    MetricInfo("decile_density", "array", "10 values: changed fraction (default criterion) within each decile "
-               "of |W_base| by rank (decile d = ranks [⌊d·n/10⌋, ⌊(d+1)·n/10⌋), ties by flat index).", _SRC_OPD,
-               label="update density per |W_base| decile", unit="fraction", agg="numel"),
-    MetricInfo("decile_density_exact", "array", "decile_density with the exact changed mask.", _SRC_OPD,
-               label="update density per |W_base| decile (bitwise)", unit="fraction", agg="numel"),
-    MetricInfo("sparsity_map", "array", "2-D only: changed fraction (default criterion) in blocks of "
-               "⌈m/map_size⌉ × ⌈n/map_size⌉ coordinates (edge blocks averaged over their real size).", _SRC_OPD,
-               label="changed share per block", unit="fraction", agg="none"),
-    MetricInfo("row_changed_frac", "array", "2-D only: changed fraction (default criterion) of each row (m values).",
-               _SRC_OPD,
-               label="changed share per row", unit="fraction", agg="none"),
-    MetricInfo("col_changed_frac", "array", "2-D only: changed fraction (default criterion) of each column "
-               "(n values).", _SRC_OPD,
-               label="changed share per column", unit="fraction", agg="none"),
-    MetricInfo("abs_sweep_eps", "array", "The 19 absolute thresholds 1e-10 … 1e-1 (half-decades) of the sweep.",
-               _SRC_SPARSE,
-               label="threshold ε", unit="weight", agg="none"),
-    MetricInfo("abs_sweep_sparsity", "array", "Sparsity (fraction with |ΔW| ≤ ε) at each abs_sweep_eps.",
-               _SRC_SPARSE,
-               label="sparsity at ε", unit="fraction", agg="numel"),
-)
 
 @dataclass
 class BaseStats:
@@ -125,7 +62,7 @@ class ElementwiseResult:
 
 def elementwise_metrics(wb: torch.Tensor, wp: torch.Tensor, opts: AnalysisOptions,
                         base: BaseStats | None = None) -> ElementwiseResult:
-    """Every elementwise metric of one pair (names in ``FAMILIES``).
+    """Every elementwise metric of one pair (names in ``opdviz.metrics.families.ELEMENTWISE``).
 
     ``wb``, ``wp``: same shape (1-D, or 2-D [out, in], any strides) and stored dtype (bf16, fp16,
     fp32, fp64), on one device; all work runs there. ``base``: ``base_stats(wb, opts)`` when already

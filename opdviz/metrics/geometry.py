@@ -21,79 +21,12 @@ import torch
 from opdviz.errors import TensorMismatchError
 from opdviz.options import AnalysisOptions, fmt_pct
 from opdviz.metrics.rankgrid import rank_grid
-from opdviz.metrics.registry import MetricInfo
 from opdviz.metrics.linalg import (BaseFactors, Factors, approx_factors, base_factors, exact_factors,
                      floor_frac)
 from opdviz.metrics.spectral import spectrum_metrics
 from opdviz.metrics.topk_coverage import mask_code, principal_coverage_counts
 
-_PROJ_SRC = "2511.08567"
-_ANG_SRC = "2511.08567, 2606.07082"
-_COV_SRC = "2606.13657"
 
-FAMILIES: tuple[MetricInfo, ...] = (
-    MetricInfo("principal_proj_{frac}", "scalar", "‖U_kᵀΔW V_k‖F²/‖ΔW‖F², U_k, V_k the top-k singular vectors of "
-               "W_base, k = max(1, floor(frac·min(m, n))), frac ∈ {1, 5, 10, 20} %.", _PROJ_SRC,
-               label="ΔW energy in the principal subspaces (joint)", unit="fraction", agg="matrix_mean"),
-    MetricInfo("principal_proj_left_{frac}", "scalar", "‖U_kᵀΔW‖F²/‖ΔW‖F² (share in the top-k left base subspace).",
-               _PROJ_SRC,
-               label="ΔW energy in the left principal subspace", unit="fraction", agg="matrix_mean"),
-    MetricInfo("principal_proj_right_{frac}", "scalar", "‖ΔW V_k‖F²/‖ΔW‖F² (share in the top-k right base "
-               "subspace).", _PROJ_SRC,
-               label="ΔW energy in the right principal subspace", unit="fraction", agg="matrix_mean"),
-    MetricInfo("proj_joint_by_rank", "array", "Value i: principal_proj with k = i + 1, for every k (length "
-               "min(m, n); approx: q).", _PROJ_SRC,
-               label="joint projection share by rank", unit="fraction", agg="none"),
-    MetricInfo("proj_left_by_rank", "array", "Value i: principal_proj_left with k = i + 1.", _PROJ_SRC,
-               label="left projection share by rank", unit="fraction", agg="none"),
-    MetricInfo("proj_right_by_rank", "array", "Value i: principal_proj_right with k = i + 1.", _PROJ_SRC,
-               label="right projection share by rank", unit="fraction", agg="none"),
-    MetricInfo("proj_joint_grid", "array", "proj_joint_by_rank at the fixed rank fractions r = k/min(m, n) = "
-               "2^(−14 + i/4), i = 0…56 (linear in k between stored ranks; NaN outside 1/min(m, n) … stored "
-               "length/min(m, n)): the by-rank curves on one grid for every shape.", _PROJ_SRC,
-               label="joint projection share on the rank grid", unit="fraction", agg="matrix_mean"),
-    MetricInfo("proj_left_grid", "array", "proj_left_by_rank on the same rank-fraction grid.", _PROJ_SRC,
-               label="left projection share on the rank grid", unit="fraction", agg="matrix_mean"),
-    MetricInfo("proj_right_grid", "array", "proj_right_by_rank on the same rank-fraction grid.", _PROJ_SRC,
-               label="right projection share on the rank grid", unit="fraction", agg="matrix_mean"),
-    MetricInfo("angle_left_mean_sin_k{k}", "scalar", "Mean sin θ of the principal angles between the top-k left "
-               "singular subspaces of W_base and W_post, k ∈ {16, 64, 512} capped at min(m, n) (float64); NaN on a side "
-               "whose whole space the k spans (k = m on the left, k = n on the right): R^k against itself gives 0 "
-               "whatever the update, so the angle is undefined there.",
-               _ANG_SRC,
-               label="mean sin θ, left subspaces", unit="ratio", agg="matrix_mean"),
-    MetricInfo("angle_left_max_rad_k{k}", "scalar", "Largest of those angles, radians.", _ANG_SRC,
-               label="max principal angle, left", unit="radians", agg="matrix_mean"),
-    MetricInfo("angle_right_mean_sin_k{k}", "scalar", "Same for the right singular subspaces.", _ANG_SRC,
-               label="mean sin θ, right subspaces", unit="ratio", agg="matrix_mean"),
-    MetricInfo("angle_right_max_rad_k{k}", "scalar", "Largest right principal angle, radians.", _ANG_SRC,
-               label="max principal angle, right", unit="radians", agg="matrix_mean"),
-    MetricInfo("angles_left_k{k}", "array", "The left principal angles, radians, ascending; length = the "
-               "capped k.", _ANG_SRC,
-               label="principal angles, left", unit="radians", agg="none"),
-    MetricInfo("angles_right_k{k}", "array", "The right principal angles, radians, ascending.", _ANG_SRC,
-               label="principal angles, right", unit="radians", agg="none"),
-    MetricInfo("nss", "scalar", "Normalized spectral shift ‖σ(W_post) − σ(W_base)‖₂/‖σ(W_base)‖₂ (NaN in approx "
-               "mode).", "2511.08567",
-               label="normalised spectral shift", unit="ratio", agg="matrix_mean"),
-    MetricInfo("base_spectrum", "array", "Singular values of W_base, descending (approx: top q).", "2511.08567",
-               label="σ(W_base)", unit="weight", agg="none"),
-    MetricInfo("post_spectrum", "array", "Singular values of W_post, descending (approx: top q).", "2511.08567",
-               label="σ(W_post)", unit="weight", agg="none"),
-    MetricInfo("principal_coverage_{alpha}", "scalar", "|M ∩ U|/|U|: U = default changed mask, M = the "
-               "floor(α·numel) largest |rank-r reconstruction of W_base|, r = max(1, floor(α·min(m, n))), ties "
-               "by flat index; NaN when U is empty. Random baseline = α.", _COV_SRC,
-               label="principal coverage", unit="fraction", agg="changed"),
-    MetricInfo("principal_coverage_exact_{alpha}", "scalar", "Same with U = exact (bitwise) changed mask.",
-               _COV_SRC,
-               label="principal coverage (bitwise mask)", unit="fraction", agg="changed_exact"),
-    MetricInfo("principal_coverage_r{rank}_{alpha}", "scalar", "Principal coverage with the fixed reconstruction "
-               "rank r = coverage_fixed_rank (capped at min(m, n)).", "2511.08567",
-               label="principal coverage, fixed rank", unit="fraction", agg="changed"),
-    MetricInfo("principal_coverage_r{rank}_exact_{alpha}", "scalar", "Fixed-rank principal coverage, exact mask.",
-               "2511.08567",
-               label="principal coverage, fixed rank (bitwise mask)", unit="fraction", agg="changed_exact"),
-)
 
 
 @dataclass

@@ -1,7 +1,9 @@
-"""The metric registry: every metric family, declared once by the module that computes it.
+"""The metric registry: every metric family, declared once.
 
-Each metric module exposes ``FAMILIES: tuple[MetricInfo, ...]`` (the adapter metrics, read by
-``opdviz.io.adapters``, are declared here as ``ADAPTER_FAMILIES``: metrics imports nothing from io); a family's ``family`` is the name
+The families of the computing modules (elementwise, spectral, geometry) are declared in
+``opdviz.metrics.families``, apart from the code, so the catalog loads without torch; the adapter
+metrics, read by ``opdviz.io.adapters``, are declared here as ``ADAPTER_FAMILIES`` (metrics imports
+nothing from io). A family's ``family`` is the name
 pattern used in code, in the store and in the UI, with ``{...}`` standing for one parameter
 (``sparsity_{criterion}`` → ``sparsity_abs_1e-5``). The README table is generated from these.
 
@@ -15,11 +17,9 @@ every number a user sees has exactly one definition of its label and unit.
 from __future__ import annotations
 
 import functools
-import importlib
 import re
-from dataclasses import dataclass
 
-_MODULES = ("opdviz.metrics.elementwise", "opdviz.metrics.spectral", "opdviz.metrics.geometry")
+from opdviz.metrics.families import ELEMENTWISE, GEOMETRY, SPECTRAL, MetricInfo
 
 
 # unit → what a value means and how it is shown (formatting.py does the showing)
@@ -57,17 +57,6 @@ def agg_label(agg: str) -> str:
     """What a pooled number is, in a few words (``parameter-weighted``, ``pooled``, ``mean over matrices``):
     the short name of ``AGGREGATIONS[agg]``."""
     return AGGREGATIONS[agg].split(":", 1)[0]
-
-
-@dataclass(frozen=True)
-class MetricInfo:
-    family: str     # name pattern, e.g. "sparsity_{criterion}", "lowmag_coverage_{alpha}"
-    kind: str       # "scalar" | "array" | "derived" (computed by the views, not stored per tensor)
-    doc: str        # one-sentence definition, with units / range
-    source: str     # e.g. "arXiv 2505.11711"
-    label: str = ""          # short display label
-    unit: str = "ratio"      # a key of UNITS
-    agg: str = "matrix_mean"  # a key of AGGREGATIONS
 
 
 _OV = "opdviz.views.across (2606.13657, 2505.11711)"
@@ -121,17 +110,8 @@ ADAPTER_FAMILIES: tuple[MetricInfo, ...] = (
 
 
 def all_families() -> tuple[MetricInfo, ...]:
-    """Every declared family: elementwise first, then spectral and geometry when importable, then the adapters'."""
-    out: list[MetricInfo] = []
-    for name in _MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ImportError:
-            if name == _MODULES[0]:
-                raise
-            continue
-        out.extend(getattr(mod, "FAMILIES", ()))
-    return tuple(out) + ADAPTER_FAMILIES
+    """Every declared family: elementwise first, then spectral, geometry and the adapters'."""
+    return ELEMENTWISE + SPECTRAL + GEOMETRY + ADAPTER_FAMILIES
 
 
 def _pattern(family: str) -> re.Pattern:

@@ -13,43 +13,11 @@ import numpy as np
 
 from opdviz.options import fmt_num, fmt_pct
 from opdviz.metrics.linalg import ceil_frac
-from opdviz.metrics.registry import MetricInfo
 
 RANK_TOLS = (1e-6, 1e-5, 1e-4)
 ENERGY_KS = (1, 2, 4, 8, 16, 32, 64)
 ENERGY_FRACS = (0.01, 0.05, 0.10)
-_SRC = "2505.11711, 2606.13657"
 
-FAMILIES: tuple[MetricInfo, ...] = (
-    MetricInfo("stable_rank", "scalar", "‖ΔW‖F² / σ₁² of ΔW (NaN when ΔW = 0).", _SRC,
-               label="stable rank", unit="count", agg="matrix_mean"),
-    MetricInfo("effective_rank", "scalar", "exp of the entropy of p = σ/Σσ over the singular values of ΔW "
-               "(NaN when ΔW = 0 or in approx mode).", _SRC,
-               label="effective rank", unit="count", agg="matrix_mean"),
-    MetricInfo("numerical_rank_{t}", "scalar", "#{σᵢ > t·σ₁} of ΔW for t ∈ {1e-6, 1e-5, 1e-4} (0 when ΔW = 0; "
-               "approx: NaN when the count reaches q).", _SRC,
-               label="numerical rank", unit="count", agg="matrix_mean"),
-    MetricInfo("numerical_rank_{t}_pct", "scalar", "numerical_rank_{t} as % of min(m, n).", _SRC,
-               label="numerical rank, % of min(m, n)", unit="percent", agg="matrix_mean"),
-    MetricInfo("numerical_rank_default", "scalar", "#{σᵢ > σ₁·max(m, n)·eps(float32)} of ΔW, "
-               "torch.linalg.matrix_rank's default tolerance.", _SRC,
-               label="numerical rank (torch tolerance)", unit="count", agg="matrix_mean"),
-    MetricInfo("numerical_rank_default_pct", "scalar", "numerical_rank_default as % of min(m, n).", _SRC,
-               label="numerical rank (torch tolerance), % of min(m, n)", unit="percent", agg="matrix_mean"),
-    MetricInfo("top{k}_energy", "scalar", "Σ_{i≤k} σᵢ² / ‖ΔW‖F² for k ∈ {1, 2, 4, 8, 16, 32, 64}, k capped at "
-               "min(m, n) (NaN when ΔW = 0).", _SRC,
-               label="top-k energy", unit="fraction", agg="matrix_mean"),
-    MetricInfo("top_rank_{pct}_energy", "scalar", "Energy share of the top ceil(q·min(m, n)) singular values, "
-               "q ∈ {1, 5, 10} %.", _SRC,
-               label="top-rank energy", unit="fraction", agg="matrix_mean"),
-    MetricInfo("sigma_max", "scalar", "Largest singular value σ₁ of ΔW.", _SRC,
-               label="σ₁(ΔW)", unit="weight", agg="matrix_mean"),
-    MetricInfo("spectrum_exact", "scalar", "1.0 when every σ was computed exactly, 0.0 for the randomized "
-               "top-q (approx) spectrum.", _SRC,
-               label="spectrum exact (1) or approximate (0)", unit="flag", agg="min"),
-    MetricInfo("spectrum", "array", "Singular values of ΔW, descending (length min(m, n); approx: q).", _SRC,
-               label="σ(ΔW)", unit="weight", agg="none"),
-)
 
 
 def spectrum_metrics(sigma: np.ndarray, fro2: float, m: int, n: int, exact: bool) -> dict[str, float]:

@@ -10,7 +10,8 @@ import torch
 
 from opdviz.errors import TensorMismatchError
 from opdviz.metrics.deltatop import SWEEP_EPS, TOP_FRACS
-from opdviz.metrics.elementwise import FAMILIES, elementwise_metrics
+from opdviz.metrics.families import ELEMENTWISE as FAMILIES
+from opdviz.metrics.elementwise import elementwise_metrics
 from opdviz.metrics.registry import all_families, family_of
 from opdviz.options import AnalysisOptions, fmt_num, fmt_pct
 

@@ -11,7 +11,8 @@ import scipy.linalg as sl
 import torch
 
 from opdviz.metrics import linalg
-from opdviz.metrics.geometry import FAMILIES, linalg_metrics
+from opdviz.metrics.families import GEOMETRY as FAMILIES
+from opdviz.metrics.geometry import linalg_metrics
 from opdviz.options import AnalysisOptions
 
 

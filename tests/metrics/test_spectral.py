@@ -14,7 +14,8 @@ import torch
 
 from opdviz.metrics import linalg
 from opdviz.metrics.geometry import linalg_metrics
-from opdviz.metrics.spectral import FAMILIES, spectrum_metrics
+from opdviz.metrics.families import SPECTRAL as FAMILIES
+from opdviz.metrics.spectral import spectrum_metrics
 from opdviz.options import AnalysisOptions
 
 
