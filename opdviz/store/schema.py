@@ -20,8 +20,8 @@ the spectra and maps stored beside it; the ``arrays`` view unions both.
 
 Both array tables carry an index on ``tensor`` (``INDEXES``): a drill-down asks for every array of one
 tensor, and without the index DuckDB decodes the whole ``values`` column of the file to find them (about
-1 s on a 673 MB store); with it, it fetches only those rows. A fold adds the indexes to a store written
-before they existed; until then it reads the same, only slower.
+1 s on a 673 MB store); with it, it fetches only those rows. Every fold makes them, so a store written
+before they existed gets them when a job next writes to it; until then it reads the same, only slower.
 
 ``overlap`` and ``trajectory`` are keyed otherwise than (run_id, tensor): see ``KEYED_TABLES``.
 """
