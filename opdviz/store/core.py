@@ -20,7 +20,8 @@ from opdviz.errors import StoreError
 from opdviz.store import fold as folding
 from opdviz.store.disk import is_lock_error, not_duckdb
 from opdviz.store.pool import _CONNECTIONS
-from opdviz.store.schema import CORE_TABLES, KEYED_TABLES, SCHEMAS, SQL_TYPES, TENSOR_TABLES, physical, sql_list, sql_str
+from opdviz.store.schema import (CORE_TABLES, INDEX_SCAN_ROWS, INDEXES, KEYED_TABLES, SCHEMAS, SQL_TYPES, TENSOR_TABLES,
+                                 physical, sql_list, sql_str)
 
 if TYPE_CHECKING:
     from opdviz.store.memo import QueryMemo
@@ -84,6 +85,7 @@ class Store:
         """Create the union views on an in-memory connection (db attached as ``db`` if present)."""
         attached = False
         tables: set[str] = set()
+        con.execute(f"SET index_scan_max_count = {INDEX_SCAN_ROWS}")
         if self.db_path.exists():
             con.execute(f"ATTACH '{sql_str(self.db_path)}' AS db (READ_ONLY)")
             tables = {r[0] for r in con.execute(
@@ -170,6 +172,14 @@ class Store:
             return (st.st_mtime_ns, st.st_size)
         except OSError:
             return (0, 0)
+
+    def has_indexes(self) -> bool:
+        """Whether the file holds the array indexes (``schema.INDEXES``; a store folded before they
+        existed gets them at its next fold)."""
+        if not self.db_path.exists():
+            return False
+        names = self.query("SELECT index_name FROM duckdb_indexes() WHERE database_name = 'db'")["index_name"]
+        return {f"{t}_{c}" for t, c in INDEXES.items()} <= set(names)
 
     def runs(self) -> pd.DataFrame:
         return self.query("SELECT * FROM runs ORDER BY created_at")

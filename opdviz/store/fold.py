@@ -18,7 +18,8 @@ import duckdb
 
 from opdviz.errors import StoreError
 from opdviz.store.disk import disk_full, is_disk_full, is_lock_error
-from opdviz.store.schema import CORE_TABLES, KEYED_TABLES, SCHEMAS, SMALL_ARRAY, TENSOR_TABLES, ddl, physical, slug, sql_list
+from opdviz.store.schema import (CORE_TABLES, INDEXES, KEYED_TABLES, SCHEMAS, SMALL_ARRAY, TENSOR_TABLES, ddl, index_ddl,
+                                  physical, slug, sql_list)
 
 if TYPE_CHECKING:
     from opdviz.store.core import Store
@@ -127,6 +128,8 @@ def _fold_once(store: Store, deadline: float) -> bool:
         for table in SCHEMAS:
             for name in physical(table):
                 con.execute(ddl(table, name))
+                if name in INDEXES:
+                    con.execute(index_ddl(name))
         con.execute("BEGIN TRANSACTION")
         if marker_files:
             keys = f"(SELECT DISTINCT run_id, tensor FROM read_parquet({sql_list(marker_files)}))"

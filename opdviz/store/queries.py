@@ -15,6 +15,7 @@ import pandas as pd
 
 from opdviz.store.core import Store
 from opdviz.store.locks import computing
+from opdviz.store.schema import INDEX_SCAN_ROWS
 from opdviz.store.selection import Selection
 
 
@@ -112,18 +113,35 @@ def arrays_long(store: Store, sel: Selection, name: str) -> pd.DataFrame:
 def tensor_arrays(store: Store, sel: Selection, tensors: tuple[str, ...]) -> pd.DataFrame:
     """Every stored array of ``tensors`` (parts included) in the selected runs, with tensor fields.
 
-    One query for a page's drill-down: DuckDB decodes list columns 2048 rows at a time, so a tensor's
-    spectra, maps and angles cost about the same read together as one of them alone."""
+    One read for a page's drill-down, whose figures share it. DuckDB decodes list columns 2048 rows at a
+    time, so a scan that keeps a few arrays still decodes nearly the whole ``values`` column of the file
+    (about 1 s on a 673 MB sweep); asked for by tensor alone, it fetches only their rows through the
+    ``tensor`` index (``schema.INDEXES``) — a filter on the runs too, or a join, would make it scan. So
+    the arrays of every run come by tensor, the selection's tensor fields from a small second query, and
+    the two are joined here. When more rows match than DuckDB fetches through an index (or the store
+    predates the index), one join that keeps the selected runs' rows costs no more."""
+    cols = ["run_id", "method", "tensor", "layer", "block", "module", "numel", "rows", "cols", "name", "shape",
+            "values"]
     if not tensors:
-        return pd.DataFrame(columns=["run_id", "method", "tensor", "layer", "block", "module", "numel", "rows",
-                                     "cols", "name", "shape", "values"])
+        return pd.DataFrame(columns=cols)
     where, params = replace(sel, leaves_only=False).where("t")
-    return store.query(f"""
-        SELECT t.run_id, r.method, t.tensor, t.layer, t.block, t.module, t.numel, t.rows, t.cols, a.name,
-               a.shape, a."values"
-        FROM tensors t JOIN arrays a USING (run_id, tensor) LEFT JOIN runs r USING (run_id)
-        WHERE {where} AND t.tensor IN ({', '.join('?' * len(tensors))})
-        ORDER BY t.run_id, t.seq, t.tensor, a.name""", params + list(tensors))
+    marks = ", ".join("?" * len(tensors))
+    matching = store.query(f"SELECT count(*) AS n FROM arrays WHERE tensor IN ({marks})", list(tensors))
+    if int(matching["n"].iloc[0]) > INDEX_SCAN_ROWS or not store.has_indexes():
+        return store.query(f"""
+            SELECT t.run_id, r.method, t.tensor, t.layer, t.block, t.module, t.numel, t.rows, t.cols, a.name,
+                   a.shape, a."values"
+            FROM tensors t JOIN arrays a USING (run_id, tensor) LEFT JOIN runs r USING (run_id)
+            WHERE {where} AND t.tensor IN ({marks})
+            ORDER BY t.run_id, t.seq, t.tensor, a.name""", params + list(tensors))
+    fields = store.query(f"""
+        SELECT t.run_id, r.method, t.tensor, t.layer, t.block, t.module, t.numel, t.rows, t.cols, t.seq
+        FROM tensors t LEFT JOIN runs r USING (run_id)
+        WHERE {where} AND t.tensor IN ({marks})""", params + list(tensors))
+    arrays = store.query(f'SELECT run_id, tensor, name, shape, "values" FROM arrays WHERE tensor IN ({marks})',
+                         list(tensors))
+    df = fields.merge(arrays, on=["run_id", "tensor"])
+    return df.sort_values(["run_id", "seq", "tensor", "name"], kind="stable", ignore_index=True)[cols]
 
 
 EXPORT_COLUMNS = ("run", "method", "tensor", "tower", "layer", "block", "module", "metric", "value")

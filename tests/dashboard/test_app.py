@@ -199,6 +199,27 @@ def test_a_run_whose_process_died_says_so(monkeypatch, tmp_path):
     assert computing(Store(path), "SFT") is None
 
 
+def test_a_sweep_gets_one_runs_table_and_the_chosen_runs_record(monkeypatch, db):
+    """Past EXPANDERS_UP_TO runs, the Overview lists every run in one table and shows the record of the
+    run chosen under it (the same expander, open), instead of one expander per run."""
+    from opdviz.dashboard import provenance
+
+    at = _app(monkeypatch, db)
+    assert sorted(e.label.split(" — ")[0] for e in at.expander) == ["OPD", "RL", "SFT"]
+    monkeypatch.setattr(provenance, "EXPANDERS_UP_TO", 2)
+    at.run()
+    _no_errors(at)
+    table = next(d.value for d in at.dataframe if "finished_at" in d.value)
+    assert table["run"].tolist() == ["OPD", "RL", "SFT"] and {"method", "done", "skipped", "failed"} <= set(table)
+    choose = at.selectbox(key="provenance_run")
+    assert choose.options == ["OPD", "RL", "SFT"]
+    assert [e.label.split(" — ")[0] for e in at.expander] == ["OPD"] and at.expander[0].proto.expanded
+    choose.set_value("SFT").run()
+    _no_errors(at)
+    assert [e.label.split(" — ")[0] for e in at.expander] == ["SFT"]
+    assert any("Inputs" in m.value for m in at.expander[0].markdown)
+
+
 def test_a_store_error_is_shown_without_a_traceback(monkeypatch, db):
     def broken(store, *args):
         raise StoreError(f"{store.db_path} stayed busy for 10s; try again")

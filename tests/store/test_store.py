@@ -148,6 +148,43 @@ def test_store_folded_before_the_split_is_read(store):
     assert store.query("SELECT \"values\" FROM arrays")["values"].map(list).tolist() == [[1.0, 2.0]]
 
 
+def test_array_indexes_are_made_by_a_fold_and_used_by_drill_downs(store, monkeypatch):
+    """A fold indexes both array tables by tensor (an old file gets them at its next fold), and a
+    drill-down's read gives the same rows through the index as through the join it replaces."""
+    from opdviz.store import Selection
+    from opdviz.store import queries as Q
+
+    store.db_path.parent.mkdir(parents=True, exist_ok=True)
+    with duckdb.connect(str(store.db_path)) as con:      # a store folded before the indexes existed
+        for table in SCHEMAS:
+            con.execute(ddl(table))
+    assert not store.has_indexes()
+    long = [float(i) for i in range(SMALL_ARRAY + 3)]
+    for run in ("b", "a"):
+        w = RunWriter(store, run)
+        w.write_run({"method": run.upper(), "status": "done", "created_at": now()})
+        for seq, name in enumerate(("y", "x")):
+            w.write_tensor(name, [{"tensor": name, "parent": "", "status": "ok", "layer": seq, "numel": 4,
+                                   "shape": [2, 2], "seq": seq}], [],
+                           [{"tensor": name, "name": "long", "shape": [len(long)], "values": long},
+                            {"tensor": name, "name": "short", "shape": [2], "values": [seq, 1.0]}], [])
+    assert store.fold() and store.has_indexes()
+    with duckdb.connect(str(store.db_path), read_only=True) as con:
+        assert sorted(r[0] for r in con.execute("SELECT index_name FROM duckdb_indexes()").fetchall()) == [
+            "arrays_tensor", "small_arrays_tensor"]
+    for sel, tensors in ((Selection(), ("x",)), (Selection(runs=("a",)), ("x", "y")), (Selection(), ("z",))):
+        via_index = Q.tensor_arrays(store, sel, tensors)
+        monkeypatch.setattr(Q, "INDEX_SCAN_ROWS", 0)      # more rows match than an index fetch takes
+        via_join = Q.tensor_arrays(store, sel, tensors)
+        monkeypatch.undo()
+        assert via_index.drop(columns=["shape", "values"]).astype(str).equals(
+            via_join.drop(columns=["shape", "values"]).astype(str))
+        assert [list(v) for v in via_index["values"]] == [list(v) for v in via_join["values"]]
+    got = Q.tensor_arrays(store, Selection(runs=("a",)), ("x", "y"))
+    assert list(zip(got["run_id"], got["tensor"], got["name"])) == [
+        ("a", "y", "long"), ("a", "y", "short"), ("a", "x", "long"), ("a", "x", "short")]
+
+
 def test_reused_connection_sees_new_results_and_never_holds_the_file(store):
     w = RunWriter(store, "a")
     _tensor(w, "x", 1.0)
