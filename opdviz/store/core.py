@@ -103,6 +103,12 @@ class Store:
                      if attached and name in tables]
             stored = " UNION ALL ".join(parts) or f"SELECT {typed} WHERE false"
             con.execute(f"CREATE TEMP VIEW stored_{table} AS {stored}")
+        staged = {table: bool(self._fragments(table)) for table in SCHEMAS}
+        if not any(staged.values()):
+            # nothing staged (the usual case between jobs): plain views, no anti-joins for DuckDB to plan
+            for table in SCHEMAS:
+                con.execute(f"CREATE TEMP VIEW {table} AS SELECT * FROM stored_{table}")
+            return
         con.execute("""CREATE TEMP VIEW runs AS SELECT * FROM (
             SELECT * FROM staged_runs UNION ALL BY NAME SELECT * FROM stored_runs)
             QUALIFY row_number() OVER (PARTITION BY run_id ORDER BY updated_at DESC NULLS LAST) = 1""")
