@@ -102,53 +102,59 @@ def coverage_frame(store, sel, ctx, kinds=(("lowmag_coverage", "low-magnitude ma
     """Model-level coverage per run, kind and α: the share of the run's changed entries U (pooled over the
     selected matrices) that fall in the masks, Σ|M∩U| / Σ|U| = Σ coverage·|U| / Σ|U| — the same number
     for the Overview table, this figure, its CSV and a recomputation from ``opdviz metrics``. U is the
-    run's default mask (``options.criterion``), or the bitwise mask for the ``_exact`` variants."""
+    run's default mask (``options.criterion``), or the bitwise mask for the ``_exact`` variants.
+
+    Kept per store version in the store's memo (the Overview table and its coverage figure both ask)."""
+    kinds = tuple(tuple(k) for k in kinds)
+    memo = getattr(store, "memo", None)
+    if memo is None:
+        return _coverage_frame(store, sel, kinds)
+    key = (str(store.db_path), store.version(), "coverage_frame", sel, kinds)
+    return memo.get(key, lambda: _coverage_frame(store, sel, kinds))
+
+
+_COVERAGE_COLUMNS = ["run_id", "method", "kind", "alpha", "coverage", "baseline", "enrichment", "changed_entries",
+                     "n_matrices"]
+
+
+def _coverage_frame(store, sel, kinds) -> pd.DataFrame:
     names = tuple(f"{p}_{a}pct" for p, _ in kinds for a in ALPHAS)
     base = Q.long_metrics(store, sel, names)
-    cols = ["run_id", "method", "kind", "alpha", "coverage", "baseline", "enrichment", "changed_entries", "n_matrices"]
+    base = base[base["value"].notna()]
     if base.empty:
-        return pd.DataFrame(columns=cols)
+        return pd.DataFrame(columns=_COVERAGE_COLUMNS)
     crits = _mask_criteria(store, base["run_id"].unique())
     spars = tuple(sorted({f"sparsity_{c}" for c in crits.values()} | {"sparsity_exact"}))
-    df = pd.concat([base, Q.long_metrics(store, sel, spars)], ignore_index=True)
-    wide = df.pivot_table(index=["run_id", "tensor"], columns="metric", values="value", aggfunc="first")
-    wide.columns.name = None
-    wide = df[["run_id", "method", "tensor", "numel"]].drop_duplicates(["run_id", "tensor"]).merge(
-        wide.reset_index(), on=["run_id", "tensor"], how="left")
-    # |U| per matrix under each run's own mask (the bitwise one for the _exact variants); runs whose
-    # mask's sparsity is not stored drop out of the non-exact kinds
-    run_crit = wide["run_id"].map(crits)
-    sp_own = pd.Series(np.nan, index=wide.index)
-    has_own = pd.Series(False, index=wide.index)
-    for c in run_crit.unique():
-        if f"sparsity_{c}" in wide:
-            mine = run_crit == c
-            sp_own[mine] = wide.loc[mine, f"sparsity_{c}"].astype(float)
-            has_own |= mine
-    numel = wide["numel"].astype(float)
-    frames = []
-    for prefix, label in kinds:
-        exact = prefix.endswith("_exact")
-        if exact and "sparsity_exact" not in wide:
-            continue
-        u_all = (1 - (wide["sparsity_exact"].astype(float) if exact else sp_own)) * numel
-        for a in ALPHAS:
-            col = f"{prefix}_{a}pct"
-            if col not in wide:
-                continue
-            rows = wide[col].notna() & (True if exact else has_own)
-            g = wide.loc[rows, ["run_id", "method"]]
-            w = u_all[rows]                  # NaN where the mask's sparsity is missing: left out
-            agg = pd.DataFrame({"w": w, "cw": wide.loc[rows, col].astype(float) * w, "n": w.notna()}).groupby(
-                [g["run_id"], g["method"]], dropna=False).sum()
-            cov = (agg["cw"] / agg["w"]).where(agg["w"] > 0)
-            frames.append(pd.DataFrame({"run_id": agg.index.get_level_values(0),
-                                        "method": agg.index.get_level_values(1), "kind": label,
-                                        "alpha": a / 100, "coverage": cov.to_numpy(), "baseline": a / 100,
-                                        "enrichment": cov.to_numpy() / (a / 100),
-                                        "changed_entries": agg["w"].to_numpy(), "n_matrices": agg["n"].to_numpy()}))
-    frames = [f for f in frames if len(f)]
-    return pd.concat(frames, ignore_index=True)[cols] if frames else pd.DataFrame(columns=cols)
+    sp = Q.long_metrics(store, sel, spars)
+    sp = sp.loc[sp["value"].notna(), ["run_id", "tensor", "metric", "value"]]
+    present = set(sp["metric"])               # a mask whose sparsity no matrix stores is left out
+    # |U| per matrix under each run's own mask (the bitwise one for the _exact variants)
+    own = sp[sp["metric"].to_numpy() == ("sparsity_" + sp["run_id"].map(crits)).to_numpy()]
+    own = own.drop_duplicates(["run_id", "tensor"]).set_index(["run_id", "tensor"])["value"]
+    exact = sp[sp["metric"] == "sparsity_exact"].drop_duplicates(["run_id", "tensor"])
+    exact = exact.set_index(["run_id", "tensor"])["value"]
+    spec = {f"{p}_{a}pct": (k, label, a, p.endswith("_exact"))
+            for k, (p, label) in enumerate(kinds) for a in ALPHAS}
+    meta = pd.DataFrame.from_dict(spec, orient="index", columns=["order", "kind", "alpha", "exact"])
+    df = base.join(meta, on="metric")
+    at = pd.MultiIndex.from_frame(df[["run_id", "tensor"]])
+    exact_rows = df["exact"].to_numpy(dtype=bool)
+    sparsity = np.where(exact_rows, exact.reindex(at).to_numpy(dtype=float), own.reindex(at).to_numpy(dtype=float))
+    allowed = np.where(exact_rows, "sparsity_exact" in present,
+                       ("sparsity_" + df["run_id"].map(crits)).isin(present).to_numpy())
+    df = df[allowed]
+    w = ((1 - sparsity[allowed]) * df["numel"].to_numpy(dtype=float))       # NaN where the mask is missing
+    df = df.assign(w=w, cw=df["value"].to_numpy(dtype=float) * w, n=~np.isnan(w))
+    agg = df.groupby(["order", "alpha", "kind", "run_id", "method"], dropna=False, sort=True)[["w", "cw", "n"]].sum()
+    agg = agg.reset_index()
+    if agg.empty:
+        return pd.DataFrame(columns=_COVERAGE_COLUMNS)
+    cov = (agg["cw"] / agg["w"]).where(agg["w"] > 0).to_numpy(dtype=float)
+    alpha = agg["alpha"].to_numpy(dtype=float) / 100
+    return pd.DataFrame({"run_id": agg["run_id"], "method": agg["method"], "kind": agg["kind"], "alpha": alpha,
+                         "coverage": cov, "baseline": alpha, "enrichment": cov / alpha,
+                         "changed_entries": agg["w"].to_numpy(dtype=float),
+                         "n_matrices": agg["n"].to_numpy(dtype=int)})[_COVERAGE_COLUMNS]
 
 
 def coverage(store, sel, ctx):
