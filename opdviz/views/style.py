@@ -90,11 +90,18 @@ def _template() -> go.layout.Template:
         margin=dict(l=60, r=20, t=50, b=50), hoverlabel=dict(namelength=-1)))
 
 
+_TEMPLATE = _template()
+
+
 def base_figure(title: str, rows: int = 1, cols: int = 1, **subplot_kw) -> go.Figure:
-    """An empty figure in the opdviz template, titled ``title``, with a ``rows`` × ``cols`` grid of panels."""
-    fig = make_subplots(rows=rows, cols=cols, **subplot_kw) if rows * cols > 1 or subplot_kw else go.Figure()
-    fig.update_layout(template=_template(), title=dict(text=title, x=0, xanchor="left"),
-                      meta={"panels": rows * cols, "rows": rows})
+    """An empty figure in the opdviz template, titled ``title``, with a ``rows`` × ``cols`` grid of panels.
+
+    The template is built once (the figure copies it); the layout is set when the figure is made and the
+    grid added to it, instead of updating a finished figure (a third of the cost of an empty figure)."""
+    fig = go.Figure(layout=dict(template=_TEMPLATE, title=dict(text=title, x=0, xanchor="left"),
+                                meta={"panels": rows * cols, "rows": rows}))
+    if rows * cols > 1 or subplot_kw:
+        make_subplots(rows=rows, cols=cols, figure=fig, **subplot_kw)
     return fig
 
 
