@@ -7,6 +7,7 @@ data and the provenance manifest, the download that says where its numbers came 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import zipfile
 from collections.abc import Callable
@@ -18,8 +19,9 @@ from opdviz.errors import OpdvizError
 from opdviz.views import export as figexport
 from opdviz.views import formatting
 from opdviz.views import registry
+from opdviz.views.facets import drawn_runs, facet_note
 
-from opdviz.dashboard.cache import View, warmer
+from opdviz.dashboard.cache import View, query, warmer
 from opdviz.dashboard.header import approx_notice
 from opdviz.dashboard.text import md
 
@@ -35,6 +37,7 @@ def figures(view: View, page: str) -> None:
     they arrive; afterwards the other pages' figures for this selection are warmed in the background.
     """
     specs = registry.figures_for(page)
+    view = drawn(view)
     approx_notice(view)
     zip_slot = st.container()
     built = []
@@ -56,6 +59,22 @@ def figures(view: View, page: str) -> None:
                                  file_name=f"opdviz_{page}.zip", mime="application/zip", on_click="ignore",
                                  key=f"zip_{page}")
     builder.warm(view, exclude=page)
+
+
+def drawn(view: View) -> View:
+    """``view`` with its selection narrowed to the runs a page draws (``facets.drawn_runs``: at most 12,
+    spread evenly, a Compare page's run A and B kept), saying so above the figures when it narrows."""
+    runs = query("runs", view.db, view.stamp)
+    ids = sorted(r for r in runs["run_id"] if not view.sel.runs or r in view.sel.runs)
+    picks = drawn_runs(ids, keep=tuple(r for r in (view.ctx.run_a, view.ctx.run_b) if r))
+    if len(picks) == len(ids):
+        return view
+    st.info(f"This page draws {len(picks)} of the {len(ids)} selected runs, spread evenly in run order (first "
+            f"and last included{', run A and B kept' if view.ctx.run_a or view.ctx.run_b else ''}): "
+            + ", ".join(f"**{md(r)}**" for r in picks) + f". A figure of {len(ids)} runs (a panel or a line each) "
+            "is unreadable. Choose the runs to draw in the sidebar's *Runs* filter; the Overview table lists "
+            f"all {len(ids)}.", icon=":material/filter_list:")
+    return dataclasses.replace(view, sel=dataclasses.replace(view.sel, runs=tuple(picks)))
 
 
 def provenance_manifest(view: View, ctx=None) -> dict:
@@ -122,6 +141,8 @@ def chart(i: int, key: str, fig, df: pd.DataFrame, caption: str, manifest: Calla
     if i:
         st.divider()
     st.plotly_chart(fig, width="stretch", theme=None, key=f"fig_{key}", config=PLOTLY_CONFIG)
+    if note := facet_note(fig):
+        st.caption(note)
     if caption:
         st.caption(caption)
     export_row(key, fig, df, manifest=manifest)

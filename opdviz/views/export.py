@@ -23,6 +23,7 @@ import plotly.graph_objects as go
 
 from opdviz.views.csvsafe import to_csv
 from opdviz.errors import OpdvizError
+from opdviz.views.facets import facet_note
 from opdviz.views.style import paper_style
 
 STATIC_FORMATS = ("png", "svg", "pdf")
@@ -192,13 +193,19 @@ def page_zip(items: list[tuple[str, go.Figure, pd.DataFrame]], fmt: str = "pdf",
             zf.writestr(f"{stem}.csv", data_bytes(df, "csv"))
             spec = _spec(key)
             title = spec.title if spec else (fig.layout.title.text or key)
-            caption = spec.caption if spec else ""
+            caption = _with_facet_note(spec.caption if spec else "", fig)
             man["figures"].append({"key": key, "file": f"{stem}.{fmt}", "data": f"{stem}.csv", "title": title,
                                    "caption": caption})
             readme += [f"{stem}.{fmt} / {stem}.csv — {title}", f"  {caption}".rstrip(), ""]
         zf.writestr("README.txt", "\n".join(readme))
         zf.writestr("manifest.json", _manifest_bytes(man))
     return buf.getvalue()
+
+
+def _with_facet_note(caption: str, fig: go.Figure) -> str:
+    """The caption, plus which panels a facet grid drew when it drew only some (``facets.facet_note``)."""
+    note = facet_note(fig)
+    return f"{caption} {note}".strip() if note else caption
 
 
 def is_empty(fig: go.Figure) -> bool:
@@ -240,9 +247,10 @@ def export_figures(store, sel, ctx, out_dir: str | Path, fmt: str = "pdf", pages
         data = out / f"{stem}.csv"
         data.write_bytes(data_bytes(df, "csv"))
         written += [path, data]
+        caption = _with_facet_note(spec.caption, fig)
         man["figures"].append({"key": spec.key, "file": path.name, "data": data.name, "title": spec.title,
-                               "caption": spec.caption})
-        readme += [f"{path.name} — {spec.title}", f"  {spec.caption}", ""]
+                               "caption": caption})
+        readme += [f"{path.name} — {spec.title}", f"  {caption}", ""]
     if written:
         note = _approx_note(man)
         (out / "README.txt").write_text("Figures exported by opdviz (see each CSV for the data, manifest.json for "

@@ -14,13 +14,12 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from opdviz.views.facets import facet_values, mark_facets
 from opdviz.views.formatting import escape
 from opdviz.views.style import (BASELINE_COLOR, DASHES, DIVERGING, SEQUENTIAL, base_figure, method_color, module_color,
                                  module_sort_key, run_label, run_styles)
 
 NO_DATA = "no data for this selection"
-
-
 def empty_figure(message: str = NO_DATA, title: str = "") -> go.Figure:
     """A blank figure that says why it is blank (never raise on an empty selection)."""
     fig = base_figure(title)
@@ -71,6 +70,9 @@ def lines(df: pd.DataFrame, x: str, y: str, color: str, title: str, xlabel: str,
     """Lines of ``y`` against ``x``, one per (color, dash, facet) value; legends key colour and dash."""
     styles = run_styles(df) if "run_id" in df and "method" in df else {}
     facets = ordered(df[facet], "run") if facet else [None]
+    total = len(facets)
+    if facet and len(facets := facet_values(facets)) < total:
+        df = df[df[facet].isin(facets)]
     ncols = min(len(facets), max_cols)
     nrows = math.ceil(len(facets) / ncols)
     titles = list(map(_namer(df, facet), facets)) if facet else None
@@ -117,6 +119,8 @@ def lines(df: pd.DataFrame, x: str, y: str, color: str, title: str, xlabel: str,
     fig.update_xaxes(type="log" if log_x else "linear", exponentformat="power" if log_x else "B")
     fig.update_yaxes(type="log" if log_y else "linear", exponentformat="power" if log_y else "B")
     _axis_titles(fig, nrows, ncols, len(facets), xlabel, ylabel)
+    if facet:
+        mark_facets(fig, facet, len(facets), total)
     return fig
 
 
@@ -190,6 +194,9 @@ def heatmap(df: pd.DataFrame, z: str, zlabel: str, title: str, x: str = "module"
     if df.empty or z not in df or df[z].notna().sum() == 0:
         return empty_figure(title=title)
     facets = ordered(df[facet], "run") if facet else [None]
+    total = len(facets)
+    if facet and len(facets := facet_values(facets)) < total:
+        df = df[df[facet].isin(facets)]
     ncols = min(len(facets), max_cols)
     nrows = math.ceil(len(facets) / ncols)
     titles = list(map(_namer(df, facet), facets)) if facet else None
@@ -227,6 +234,8 @@ def heatmap(df: pd.DataFrame, z: str, zlabel: str, title: str, x: str = "module"
     fig.update_yaxes(showgrid=False, dtick=_layer_dtick(len(ys)))
     _axis_titles(fig, nrows, ncols, len(facets), "module" if x == "module" else x,
                  "layer index" if y == "layer" else y)
+    if facet:
+        mark_facets(fig, facet, len(facets), total)
     return fig
 
 

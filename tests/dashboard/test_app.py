@@ -220,6 +220,28 @@ def test_a_sweep_gets_one_runs_table_and_the_chosen_runs_record(monkeypatch, db)
     assert any("Inputs" in m.value for m in at.expander[0].markdown)
 
 
+def test_a_page_of_more_runs_than_the_cap_draws_some_of_them_and_says_which(monkeypatch, db):
+    """Past MAX_PANELS selected runs a page draws that many, spread evenly (first and last), says so above
+    the figures, and its figures' data hold only the runs drawn; Compare keeps its run A and B."""
+    from opdviz.views import facets
+
+    monkeypatch.setattr(facets, "MAX_PANELS", 2)
+    at = _app(monkeypatch, db, "sparsity")
+    _no_errors(at)
+    note = " ".join(i.value for i in at.info)
+    assert "draws 2 of the 3 selected runs" in note and "**OPD**" in note and "**SFT**" in note
+    names = {t.get("name") for spec in _specs(at) for t in spec["data"] if t.get("name")}
+    assert any("OPD" in n for n in names) and any("SFT" in n for n in names)
+    assert not any(n.startswith("RL") for n in names)
+    at = _app(monkeypatch, db, "compare")
+    at.selectbox(key="p_a").set_value("RL").run()
+    at.selectbox(key="p_b").set_value("SFT").run()
+    _no_errors(at)
+    note = " ".join(i.value for i in at.info)
+    assert "draws 2 of the 3" in note and "**RL**" in note and "**SFT**" in note and "run A and B kept" in note
+    assert "RL" in _specs(at)[2]["layout"]["title"]["text"]          # the difference B − A is drawn
+
+
 def test_a_store_error_is_shown_without_a_traceback(monkeypatch, db):
     def broken(store, *args):
         raise StoreError(f"{store.db_path} stayed busy for 10s; try again")

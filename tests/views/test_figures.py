@@ -208,16 +208,42 @@ def test_cumulative_energy_of_truncated_spectrum_uses_exact_norm():
     assert all(t.y[-1] == pytest.approx(50) for t in lines)        # 8 of 16 units of ‖ΔW‖²_F
 
 
-def test_facet_grids_hold_a_sweep_of_50_runs():
-    """50 runs faceted 3 per row is 17 rows: the row spacing must shrink (plotly refuses > 1/(rows − 1))."""
+def test_a_facet_grid_of_a_50_run_sweep_draws_12_panels_spread_evenly_and_says_so():
+    """50 runs would be 17 rows of panels: the grid draws MAX_PANELS of them (first and last included, in
+    order), its meta says how many of how many, and ``facet_note`` turns that into the sentence under it."""
     import pandas as pd
 
-    from opdviz.views import figures
+    from opdviz.views import facets, figures
 
-    df = pd.DataFrame({"run_id": [f"r{i:02d}" for i in range(50) for _ in range(2)],
-                       "method": ["OPD"] * 100, "x": [1, 2] * 50, "y": [0.1, 0.2] * 50})
-    fig = figures.lines(df, "x", "y", "run_id", "t", "x", "y", facet="run_id")
-    assert {t.name for t in fig.data if t.name} >= {f"r{i:02d} (OPD)" for i in range(50)}
+    runs = [f"r{i:02d}" for i in range(50)]
+    df = pd.DataFrame({"run_id": [r for r in runs for _ in range(2)], "method": ["OPD"] * 100,
+                       "x": [1, 2] * 50, "y": [0.1, 0.2] * 50, "layer": [0, 1] * 50, "module": ["q"] * 100})
+    for fig in (figures.lines(df, "x", "y", "module", "t", "x", "y", facet="run_id"),
+                figures.heatmap(df, "y", "u", "t")):
+        titles = [a.text for a in fig.layout.annotations]           # the panel titles
+        shown = sorted({t.split(" ")[0] for t in titles if t and t.startswith("r")})
+        assert len(shown) == facets.MAX_PANELS == 12 and shown[0] == "r00" and shown[-1] == "r49"
+        gaps = np.diff([int(r[1:]) for r in shown])
+        assert gaps.min() >= 4 and gaps.max() <= 5                 # spread evenly over the 50
+        assert fig.layout.meta["facets_shown"] == 12 and fig.layout.meta["facets_total"] == 50
+        assert "12 of the 50 runs" in facets.facet_note(fig)
+    # up to MAX_PANELS runs: every panel, no note
+    few = df[df["run_id"].isin(runs[:12])]
+    fig = figures.lines(few, "x", "y", "module", "t", "x", "y", facet="run_id")
+    assert fig.layout.meta["facets_shown"] == 12 and facets.facet_note(fig) is None
+
+
+def test_drawn_runs_keeps_every_run_up_to_the_cap_then_spreads_and_keeps_run_a_and_b():
+    from opdviz.views.facets import MAX_PANELS, drawn_runs
+
+    runs = [f"r{i:02d}" for i in range(50)]
+    assert drawn_runs(runs[:MAX_PANELS]) == runs[:MAX_PANELS]
+    picked = drawn_runs(runs)
+    assert len(picked) == MAX_PANELS and picked[0] == "r00" and picked[-1] == "r49" and picked == sorted(picked)
+    kept = drawn_runs(runs, keep=("r07", "r33", "nope"))
+    assert len(kept) == MAX_PANELS and {"r07", "r33"} <= set(kept) and kept == sorted(kept)
+    assert drawn_runs(runs[:13]) == [r for r in runs[:13] if r in drawn_runs(runs[:13])] and \
+        len(drawn_runs(runs[:13])) == MAX_PANELS
 
 
 def test_second_run_of_a_method_keeps_a_filled_bar():
