@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
@@ -255,3 +257,29 @@ def test_second_run_of_a_method_keeps_a_filled_bar():
     first, second = fig.data
     assert first.marker.color == second.marker.color
     assert second.marker.pattern.shape and second.marker.pattern.fillmode == "overlay"
+
+
+@pytest.mark.parametrize("rows,cols,kw", [
+    (1, 3, dict(shared_yaxes=True, shared_xaxes=True, subplot_titles=["OPD", "r&lt;1 (RL)", "SFT"],
+                horizontal_spacing=0.04, vertical_spacing=0.12)),
+    (4, 3, dict(shared_yaxes=True, subplot_titles=[f"r{i}" for i in range(11)], vertical_spacing=0.05)),
+    (2, 2, dict(subplot_titles=["a", "", None, "d"])),
+    (1, 2, dict(specs=[[{}, {}]], column_widths=[0.8, 0.2])),     # not hashable: make_subplots directly
+    (2, 1, {}),
+])
+def test_a_grid_from_the_shape_cache_is_the_figure_make_subplots_makes(rows, cols, kw):
+    """base_figure keeps make_subplots' layout per grid shape and fills in the panel titles: the figure, and
+    what add_trace(row=, col=), update_xaxes(row=) and get_subplot do with it, equal make_subplots' own."""
+    from plotly.subplots import make_subplots
+
+    for _ in range(2):                                   # the first call fills the cache, the second reads it
+        mine = style.base_figure("T", rows, cols, **kw)
+        ref = make_subplots(rows=rows, cols=cols, **kw)
+        ref.update_layout(template=style._template(), title=dict(text="T", x=0, xanchor="left"),
+                          meta={"panels": rows * cols, "rows": rows})
+        for fig in (mine, ref):
+            fig.add_trace(go.Scatter(x=[1], y=[2]), row=rows, col=cols)
+            fig.add_traces([dict(type="scatter", x=[1], y=[3])], rows=[1], cols=[1])
+            fig.update_xaxes(title_text="x", row=rows, col=1)
+            fig.get_subplot(1, 1).yaxis.update(title_text="y")
+        assert json.loads(mine.to_json()) == json.loads(ref.to_json())
