@@ -1,14 +1,17 @@
 """Time every dashboard page on a 7B-sized store (Llama-2-7B shapes: 32 layers × 7 projections + embed/head,
 3 runs, every metric and array), with Streamlit's AppTest — no browser, so this is server-side time.
 
-    .venv/bin/python bench/bench_pages.py [--out bench/out] [--repeat 3] [--browser] [--runs 3] [--layers 32]
+    .venv/bin/python bench/bench_pages.py [--out bench/out] [--repeat 5] [--browser] [--runs 3] [--layers 32]
 
 ``--runs N`` builds the store with N runs (a sweep: OPD, RL, SFT, … cycling method labels) to check
 that a store with many runs stays as responsive as one with 3; ``--layers`` shrinks the model.
+``--runs 3,50`` times both stores, alternating between them render by render (a shared machine's speed
+drifts by ±50 % over minutes; alternating keeps the two on the same footing) and prints their ratio.
 
 Columns:
   cold   first render with empty caches (st.cache_data, the built figures and the query memo cleared: every query runs;
-         the background warmer is off)
+         the background warmer is off). Not cleared: what depends on no store (the Plotly template and the
+         layout of each facet-grid shape, made once per server process, like the imports)
   warm   the same page rendered again (cached queries: what a rerun, a revisit, or a page the background
          warmer already built costs)
 Each number is the median of --repeat runs. The store is built once under --out (about 300 MB).
@@ -75,11 +78,13 @@ def _timed_run(at) -> float:
     return dt
 
 
-def cold_and_warm(page: str) -> tuple[float, float]:
+def cold_and_warm(page: str, db: Path | None = None) -> tuple[float, float]:
     import streamlit as st
 
     from opdviz.dashboard import cache
 
+    if db is not None:
+        os.environ["OPDVIZ_DB"] = str(db)
     at = _app()
     st.cache_data.clear()
     cache.MEMO.clear()
@@ -144,36 +149,48 @@ def browser_times(db: Path, port: int = 8765, warmer: bool = False) -> list[tupl
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--browser", action="store_true", help="also time page switches in Chromium (see above)")
-    ap.add_argument("--runs", type=int, default=3, help="runs in the store (default 3; e.g. 50 for a sweep)")
+    ap.add_argument("--runs", default="3", help="runs in the store (default 3; e.g. 50 for a sweep; 3,50: both, "
+                                                "alternating, with their ratio)")
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: Llama-2-7B's 32)")
     args = ap.parse_args(argv)
-    db = build_store(args.out, args.runs, args.layers)
-    os.environ["OPDVIZ_DB"] = str(db)
+    counts = [int(n) for n in str(args.runs).split(",")]
+    dbs = [build_store(args.out, n, args.layers) for n in counts]
+    os.environ["OPDVIZ_DB"] = str(dbs[0])
     os.environ["OPDVIZ_PREWARM"] = "0"        # background warming would blur "cold"
     import logging
 
     logging.getLogger("streamlit").setLevel(logging.ERROR)
     from opdviz.views.registry import figures_for
 
-    rows = []
+    load0 = os.getloadavg()[0]
+    times: dict[tuple[str, Path], list[tuple[float, float]]] = {}
     for page in PAGES:
-        cw = [cold_and_warm(page) for _ in range(args.repeat)]
-        rows.append((page, len(figures_for(page)), statistics.median(c for c, _ in cw),
-                     statistics.median(w for _, w in cw)))
-    print(f"store: {db} ({db.stat().st_size / 2**20:.0f} MiB), {args.runs} runs × "
-          f"{(args.layers or 32) * 7 + 2} matrices, load {os.getloadavg()[0]:.1f}; "
-          f"median of {args.repeat}; seconds per page render (AppTest, server side)")
-    print(f"{'page':<10} {'figures':>7} {'cold':>7} {'warm':>7}")
-    for page, n, cold, warm in rows:
-        print(f"{page:<10} {n:>7} {cold:>7.2f} {warm:>7.2f}")
+        for _ in range(args.repeat):
+            for db in dbs:                    # alternate: both stores see the same machine
+                times.setdefault((page, db), []).append(cold_and_warm(page, db))
+    for n, db in zip(counts, dbs):
+        print(f"store: {db} ({db.stat().st_size / 2**20:.0f} MiB), {n} runs × {(args.layers or 32) * 7 + 2} matrices")
+    print(f"load {load0:.1f} → {os.getloadavg()[0]:.1f}; median of {args.repeat}; seconds per page render "
+          "(AppTest, server side), cold / warm")
+    head = "".join(f" {f'{n} runs':>15}" for n in counts) + (f" {'ratio cold':>11}" if len(dbs) > 1 else "")
+    print(f"{'page':<10} {'figures':>7}{head}")
+    for page in PAGES:
+        cells, colds = "", []
+        for db in dbs:
+            cold = statistics.median(c for c, _ in times[(page, db)])
+            warm = statistics.median(w for _, w in times[(page, db)])
+            colds.append(cold)
+            cells += f" {cold:>7.2f} / {warm:<5.2f}"
+        ratio = f" {colds[-1] / colds[0]:>10.2f}×" if len(dbs) > 1 else ""
+        print(f"{page:<10} {len(figures_for(page)):>7}{cells}{ratio}")
     if args.browser:
         for warmer in (False, True):
             print(f"\nin Chromium (click on the page's link → every figure drawn), seconds; background warmer "
                   f"{'on (the default): pages clicked as soon as the previous one is drawn' if warmer else 'off'}")
             print(f"{'page':<10} {'first':>7} {'again':>7}")
-            for page, first, again in browser_times(db, warmer=warmer):
+            for page, first, again in browser_times(dbs[0], warmer=warmer):
                 print(f"{page:<10} {first:>7.2f} {again:>7.2f}")
     return 0
 
