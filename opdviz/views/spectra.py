@@ -20,17 +20,62 @@ from opdviz.views.sparsity import coverage_frame
 TOPK = (1, 2, 4, 8, 16, 32, 64)
 
 
+SPECTRA_COLUMNS = ["run_id", "method", "tensor", "label", "index", "sigma", "delta_sq_sum", "sigma_over_sigma1",
+                   "cumulative_energy"]
+
+
 def spectra_frame(store, sel, ctx, name="spectrum") -> pd.DataFrame:
+    """One row per singular value of the chosen tensors' ``name`` arrays: index (1-based), sigma, σᵢ/σ₁ and the
+    cumulative share of the exact ‖ΔW‖²_F. Kept per store version in the store's memo (the Spectra page's
+    two spectrum figures read the same frame)."""
+    memo = getattr(store, "memo", None)
+    if memo is None:
+        return _spectra_frame(store, sel, ctx, name)
+    key = (str(store.db_path), store.version(), "spectra_frame", sel, tuple(ctx.tensors), name)
+    return memo.get(key, lambda: _spectra_frame(store, sel, ctx, name))
+
+
+def _spectra_frame(store, sel, ctx, name) -> pd.DataFrame:
     tensors = D.default_tensors(store, sel, ctx)
     a = D.arrays_of(store, sel, name, tensors) if tensors else pd.DataFrame()
     if a.empty:
-        return pd.DataFrame(columns=["run_id", "method", "tensor", "label", "index", "sigma", "delta_sq_sum",
-                                     "sigma_over_sigma1", "cumulative_energy"])
+        return pd.DataFrame(columns=SPECTRA_COLUMNS)
     a = D.with_label(a)
     # ‖ΔW‖²_F is exact even when the spectrum is a top-q approximation: energies are shares of it
     sq = Q.long_metrics(store, replace(sel, leaves_only=False), ("delta_sq_sum",))
     a = a.merge(sq[["run_id", "tensor", "value"]].rename(columns={"value": "delta_sq_sum"}),
                 on=["run_id", "tensor"], how="left")
+    return _spectra_rows(a)
+
+
+def _spectra_rows(a: pd.DataFrame) -> pd.DataFrame:
+    """The spectra frame of ``a`` (one row per run and tensor: values, delta_sq_sum and the labels)."""
+    if a.duplicated(["run_id", "tensor"]).any():       # never from one array name; keep the general path
+        return _spectra_frame_grouped(a)
+    # one spectrum per row: the per-spectrum index, max, sums and running sums over contiguous segments
+    arrays = [np.asarray(v, dtype=np.float64).ravel() for v in a["values"]]
+    arrays = [v if v.size else np.array([np.nan]) for v in arrays]
+    sizes = np.array([v.size for v in arrays])
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    sigma = np.concatenate(arrays)
+    out = a[["run_id", "method", "tensor", "label", "delta_sq_sum"]].iloc[np.repeat(np.arange(len(a)), sizes)]
+    out = out.reset_index(drop=True)
+    out["index"] = np.arange(len(sigma)) - np.repeat(starts, sizes) + 1
+    out["sigma"] = sigma
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out["sigma_over_sigma1"] = sigma / np.repeat(np.fmax.reduceat(sigma, starts), sizes)
+        sq = sigma ** 2
+        known = np.where(np.isnan(sq), 0.0, sq)
+        running = np.cumsum(known)
+        running = running - np.repeat(running[starts] - known[starts], sizes)
+        running[np.isnan(sq)] = np.nan
+        exact = out["delta_sq_sum"].to_numpy(dtype=float)
+        total = np.where(exact > 0, exact, np.repeat(np.add.reduceat(known, starts), sizes))
+        out["cumulative_energy"] = running / total
+    return out[SPECTRA_COLUMNS]
+
+
+def _spectra_frame_grouped(a: pd.DataFrame) -> pd.DataFrame:
     a = D.explode_values(a[["run_id", "method", "tensor", "label", "delta_sq_sum", "values"]], "sigma")
     a["index"] = a.groupby(["run_id", "tensor"]).cumcount() + 1
     # what the figures plot, in the data: σᵢ/σ₁ and the cumulative share of the exact ‖ΔW‖²_F
@@ -38,8 +83,7 @@ def spectra_frame(store, sel, ctx, name="spectrum") -> pd.DataFrame:
     sq = a["sigma"] ** 2
     total = a["delta_sq_sum"].where(a["delta_sq_sum"] > 0, sq.groupby([a["run_id"], a["tensor"]]).transform("sum"))
     a["cumulative_energy"] = sq.groupby([a["run_id"], a["tensor"]]).cumsum() / total
-    return a[["run_id", "method", "tensor", "label", "index", "sigma", "delta_sq_sum", "sigma_over_sigma1",
-              "cumulative_energy"]].reset_index(drop=True)
+    return a[SPECTRA_COLUMNS].reset_index(drop=True)
 
 
 def spectra(store, sel, ctx):

@@ -155,3 +155,22 @@ def test_principal_projection_of_a_store_without_grid_arrays(tmp_path, store):
     a, b = new_df.sort_values(keys).reset_index(drop=True), old_df.sort_values(keys).reset_index(drop=True)
     assert set(a["run_id"]) == set(b["run_id"]) and len(a) == len(b)
     assert a["share"].to_numpy() == pytest.approx(b["share"].to_numpy(), rel=1e-12)
+
+
+def test_spectra_rows_by_segments_equal_the_grouped_pandas_rows():
+    """The spectra frame is computed per contiguous spectrum with numpy; it must equal the groupby path it
+    replaces, with NaN values, an empty spectrum, a zero and a missing ‖ΔW‖²_F, and a null method."""
+    import numpy as np
+    import pandas as pd
+
+    from opdviz.views import spectra as VS
+
+    a = pd.DataFrame({"run_id": ["A", "A", "B", "C"], "method": ["OPD", "OPD", None, "SFT"],
+                      "tensor": ["t1", "t2", "t1", "t1"], "label": ["x", "y", "x", "x"],
+                      "delta_sq_sum": [10.0, 0.0, np.nan, 3.0],
+                      "values": [np.array([3.0, 1.0, np.nan, 0.5]), np.array([]), np.array([2.0, 2.0]),
+                                 np.array([np.nan])]})
+    fast = VS._spectra_rows(a)
+    pd.testing.assert_frame_equal(fast, VS._spectra_frame_grouped(a), check_dtype=False, rtol=1e-13)
+    assert fast["index"].tolist() == [1, 2, 3, 4, 1, 1, 2, 1]
+    assert fast["cumulative_energy"].iloc[3] == pytest.approx((9 + 1 + 0.25) / 10)
