@@ -19,7 +19,9 @@ asked for (``OMP_WAIT_POLICY``, stated beside every number):
 Each reports wall time, peak RSS of its process, the load average around it, and for the jobs the
 time by stage (reading, elementwise sparsity, base decomposition, update decomposition, geometry,
 storing: ``job_stages_s`` of the job's progress file) and the share of the floor reached
-(floor wall / job wall).
+(floor wall / job wall). A CPU job analyses two tensors at once (``opdviz.engine.parallel``), so its
+stage times, summed over the tensors, add up to more than its wall; ``$OPDVIZ_TENSOR_WORKERS`` passes
+through to the jobs (1: one tensor at a time, the stages then add up to the wall).
 
 The post-trained weights are base + a sparse update (a random 35 % of coordinates, biased to
 small |W|, magnitude ~1e-3·RMS) plus a rank-8 component, rounded to bf16 — the regime of
@@ -325,8 +327,11 @@ def main() -> int:
                 line += f", peak GPU memory {st['gpu_peak_gb']:.2f} GB"
             print(line)
             known = sum(st.get(k, 0.0) for k in STAGES)
+            wall = st.get("wall", r["wall_s"])
             print("   stages: " + ", ".join(f"{k} {st.get(k, 0.0):.1f} s" for k in STAGES)
-                  + f", other {max(0.0, st.get('wall', r['wall_s']) - known):.1f} s (job wall {st.get('wall', 0):.1f} s)")
+                  + (f", other {wall - known:.1f} s" if known <= wall else
+                     f" (summed over the tensors analysed at once: {known / wall:.2f}× the job's wall)")
+                  + f" (job wall {st.get('wall', 0):.1f} s)")
             results.append({"policy": policy, "run": label, **{k: v for k, v in r.items() if k != "stdout"},
                             "stages": st, "floor": floor})
     if args.posts >= 1:

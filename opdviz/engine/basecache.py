@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -90,6 +91,7 @@ class BaseCache:
         self.used = sum(p.stat().st_size for p in self.dir.glob(f"*.{self.key}.safetensors")) \
             if self.dir.is_dir() else 0
         self.hits = self.misses = self.writes = 0
+        self._lock = threading.Lock()       # a job analyses several tensors at once (opdviz.engine.parallel)
 
     def _path(self, name: str) -> Path:
         return self.dir / f"{slug(name)}.{self.key}.safetensors"
@@ -114,21 +116,29 @@ class BaseCache:
             with safe_open(str(path), framework="pt", device=str(wb.device)) as f:
                 meta = f.metadata() or {}
                 if meta.get("digest") != _digest(wb) or meta.get("name") != name:
-                    self.misses += 1
+                    self._count("misses")
                     return None
                 # fresh (64-byte aligned) copies: MKL results can depend on the alignment in the last bits
                 t = {k: f.get_tensor(k).clone() for k in f.keys()}
             factors = BaseFactors(meta["exact"] == "1", t["sig"], t["v"], gram=t.get("gram"), u=t.get("u"))
         except Exception:     # a corrupt or foreign file: recompute (and replace it on save)
-            self.misses += 1
+            self._count("misses")
             return None
-        self.hits += 1
+        self._count("hits")
         return factors
+
+    def _count(self, what: str) -> None:
+        with self._lock:
+            setattr(self, what, getattr(self, what) + 1)
 
     def save(self, name: str, wb: torch.Tensor, factors: BaseFactors) -> bool:
         """Keep ``factors`` of base view ``wb`` when it is of the kind kept and within the budget; returns
         whether it was written. A failure to write (read-only folder, disk full) only means the next job
         recomputes."""
+        with self._lock:
+            return self._save(name, wb, factors)
+
+    def _save(self, name: str, wb: torch.Tensor, factors: BaseFactors) -> bool:
         r = self._ratio(wb)
         if not self.could_keep(wb):
             return False

@@ -9,12 +9,16 @@ and analyses every post that has it (``opdviz.engine.analyse.analyse_items``: ba
 from __future__ import annotations
 
 import functools
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+import torch
+
 from opdviz.engine.analyse import analyse_items, resolve_device
+from opdviz.engine.parallel import run_ordered, tensor_workers
 from opdviz.io.adapters import open_post
 from opdviz.io.reader import Checkpoint, PairItem
 from opdviz.options import AnalysisOptions
@@ -47,14 +51,15 @@ def pair_bytes(item: PairItem) -> int:
 
 
 def compute_items(base: Checkpoint, post: Checkpoint, items: list[PairItem], opts: AnalysisOptions,
-                  seq: dict[str, int], device, stages: dict | None = None) -> Iterator[tuple[PairItem, tuple]]:
+                  seq: dict[str, int], device, stages: dict | None = None, workers: int = 1
+                  ) -> Iterator[tuple[PairItem, tuple]]:
     """Yield (item, rows) for each item of one pair (``compute_shared`` with one post)."""
-    for _, item, rows in compute_shared(base, [(0, post, items, seq)], opts, device, stages):
+    for _, item, rows in compute_shared(base, [(0, post, items, seq)], opts, device, stages, workers=workers):
         yield item, rows
 
 
 def compute_shared(base: Checkpoint, posts: list[tuple[int, Checkpoint, list[PairItem], dict[str, int]]],
-                   opts: AnalysisOptions, device, stages: dict | None = None, cache=None
+                   opts: AnalysisOptions, device, stages: dict | None = None, cache=None, workers: int = 1
                    ) -> Iterator[tuple[int, PairItem, tuple]]:
     """The one computing loop every executor runs: iterate the base tensors, each read once, and for
     each analyse every post that has it (``opdviz.engine.analyse.analyse_items``: base work shared).
@@ -63,6 +68,8 @@ def compute_shared(base: Checkpoint, posts: list[tuple[int, Checkpoint, list[Pai
     base. Yields (key, item, rows) per post and tensor. Base tensors are visited in the first post's
     plan order (base shard, post shard, offset); each post tensor is read once. ``cache``: the base's
     ``opdviz.engine.basecache.BaseCache`` (factors reused from and kept for other jobs), or None.
+    ``workers``: base tensors analysed at once, each in its own thread (``opdviz.engine.parallel``); the
+    results are yielded in the same order.
     """
     by_name: dict[str, list[tuple[int, Checkpoint, PairItem, int]]] = {}
     order: dict[str, tuple] = {}
@@ -72,20 +79,42 @@ def compute_shared(base: Checkpoint, posts: list[tuple[int, Checkpoint, list[Pai
                 continue
             by_name.setdefault(item.name, []).append((key, ck, item, seq[item.name]))
             order.setdefault(item.name, (str(item.base.file), str(item.post.file), item.base.offset))
-    for name in sorted(by_name, key=order.__getitem__):
+    names = sorted(by_name, key=order.__getitem__)
+    reading = threading.Lock()          # a checkpoint may keep one open file handle: one reader at a time
+
+    def locked(load, *args):
+        with reading:
+            return load(*args)
+
+    def analyse(name: str) -> tuple[list, dict]:
         group = by_name[name]
+        local: dict[str, float] = {}
         t0 = time.perf_counter()
-        wb = base.load(group[0][2].base.name, device)
-        if stages is not None:
-            stages["read"] = stages.get("read", 0.0) + time.perf_counter() - t0
-        loaders = [(item, functools.partial(ck.load, item.post.name, device), seq) for _, ck, item, seq in group]
-        results = analyse_items(wb, loaders, opts, base.config, stages, cache)
+        wb = locked(base.load, group[0][2].base.name, device)
+        local["read"] = time.perf_counter() - t0
+        loaders = [(item, functools.partial(locked, ck.load, item.post.name, device), seq)
+                   for _, ck, item, seq in group]
+        results = analyse_items(wb, loaders, opts, base.config, local, cache)
         del wb, loaders
         release_memory()
-        for (key, ck, item, _), rows in zip(group, results):
+        return results, local
+
+    def finished(name: str, results: list, local: dict) -> Iterator[tuple[int, PairItem, tuple]]:
+        if stages is not None:
+            for k, v in local.items():
+                stages[k] = stages.get(k, 0.0) + v
+        for (key, ck, item, _), rows in zip(by_name[name], results):
             if hasattr(ck, "extra_rows"):           # a LoRA adapter: rank and exact low-rank spectrum
-                ck.extra_rows(item, rows, device)
+                with reading:
+                    ck.extra_rows(item, rows, device)
             yield key, item, rows
+
+    if workers <= 1 or len(names) <= 1:
+        for name in names:
+            yield from finished(name, *analyse(name))
+        return
+    for name, (results, local) in run_ordered(names, analyse, lambda n: by_name[n][0][2].base.nbytes, workers):
+        yield from finished(name, results, local)
 
 
 def release_memory() -> None:
@@ -127,7 +156,9 @@ class LocalExecutor:
                 post = (w.checkpoints[1] if w.checkpoints
                         else open_post(w.post, base, allow_pickle=w.options.allow_pickle))
                 posts.append((w.key, post, w.items, w.seq))
-            for key, item, rows in compute_shared(base, posts, w0.options, device, self.stages, w0.cache):
+            workers = tensor_workers(device, torch.get_num_threads())
+            for key, item, rows in compute_shared(base, posts, w0.options, device, self.stages, w0.cache,
+                                                  workers=workers):
                 on_result(key, item.name, rows, pair_bytes(item))
 
 

@@ -19,6 +19,7 @@ import time
 
 from opdviz.engine.analyse import resolve_device
 from opdviz.engine.local import ResultSink, TaskSink, Work, compute_items, pair_bytes
+from opdviz.engine.parallel import tensor_workers
 from opdviz.engine.threads import child_env
 from opdviz.errors import OpdvizError, OptionsError
 from opdviz.io.adapters import open_post
@@ -114,8 +115,10 @@ def compute_group(base: str, post: str, options_json: str, names: list[str], seq
         if missing:
             raise OpdvizError(f"task on {base} / {post}: tensors {missing[:3]} are not comparable on this node; "
                               "do all nodes see the same checkpoint files?")
+        workers = tensor_workers(device, threads)      # as the local executor: the same results
         results = [(item.name, rows, pair_bytes(item))
-                   for item, rows in compute_items(b, p, [plan[n] for n in names], opts, seq, device)]
+                   for item, rows in compute_items(b, p, [plan[n] for n in names], opts, seq, device,
+                                                   workers=workers)]
     return {"device": str(device.type), "results": results, "seconds": time.perf_counter() - t0}
 
 
