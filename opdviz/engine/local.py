@@ -86,18 +86,19 @@ def compute_shared(base: Checkpoint, posts: list[tuple[int, Checkpoint, list[Pai
         with reading:
             return load(*args)
 
-    def analyse(name: str) -> tuple[list, dict]:
+    def analyse(name: str, local: dict) -> list:
+        """The rows of base tensor ``name`` against its posts; its stage times into ``local``."""
         group = by_name[name]
-        local: dict[str, float] = {}
         t0 = time.perf_counter()
         wb = locked(base.load, group[0][2].base.name, device)
         local["read"] = time.perf_counter() - t0
         loaders = [(item, functools.partial(locked, ck.load, item.post.name, device), seq)
                    for _, ck, item, seq in group]
-        results = analyse_items(wb, loaders, opts, base.config, local, cache)
-        del wb, loaders
-        release_memory()
-        return results, local
+        try:
+            return analyse_items(wb, loaders, opts, base.config, local, cache)
+        finally:
+            del wb, loaders
+            release_memory()
 
     def finished(name: str, results: list, local: dict) -> Iterator[tuple[int, PairItem, tuple]]:
         if stages is not None:
@@ -111,9 +112,10 @@ def compute_shared(base: Checkpoint, posts: list[tuple[int, Checkpoint, list[Pai
 
     if workers <= 1 or len(names) <= 1:
         for name in names:
-            yield from finished(name, *analyse(name))
+            local: dict[str, float] = {}
+            yield from finished(name, analyse(name, local), local)
         return
-    for name, (results, local) in run_ordered(names, analyse, lambda n: by_name[n][0][2].base.nbytes, workers):
+    for name, results, local in run_ordered(names, analyse, lambda n: by_name[n][0][2].base.nbytes, workers):
         yield from finished(name, results, local)
 
 

@@ -19,6 +19,10 @@ What stays as before:
 
 ``torch.set_num_threads`` is per thread for OpenMP and MKL (a new thread takes the last count set
 anywhere), so each task sets its own count first, and the caller's count is restored at the end.
+
+A stopped job (Ctrl+C, SIGTERM from a cancel, an error) does not wait for the tensors in flight to
+finish: each task's stage clock (``StageClock``, the ``stages`` profile its metrics fill in) raises
+``Stopped`` at the end of its current stage, so stopping waits for at most one stage of each.
 """
 
 from __future__ import annotations
@@ -51,6 +55,25 @@ def tensor_workers(device, threads: int) -> int:
 
             raise OptionsError(f"${WORKERS_ENV} must be a whole number of tensors, not {text!r}") from None
     return 2
+
+
+class Stopped(BaseException):
+    """Raised inside a task at the end of a stage once the job stops (not an ``Exception``: the per-tensor
+    error handling, which records failures and goes on, lets it through)."""
+
+
+class StageClock(dict):
+    """Seconds by stage of one task (the ``stages`` dict of ``analyse_items``), and its stop points:
+    once ``stop`` is set, recording the end of a stage raises ``Stopped``."""
+
+    def __init__(self, stop: threading.Event):
+        super().__init__()
+        self.stop = stop
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        if self.stop.is_set():
+            raise Stopped
 
 
 class _Gate:
@@ -91,17 +114,18 @@ class _Gate:
             self.cond.notify_all()
 
 
-def run_ordered(names: list[str], task: Callable[[str], object], weight: Callable[[str], int],
-                workers: int) -> Iterator[tuple[str, object]]:
-    """Yield (name, task(name)) for each name, in order, computing ``workers`` at once (see the module
-    docstring); ``weight(name)``: the bytes of its base tensor. An exception of a task is raised here, in
-    order, after the tasks before it were yielded; stopping the iteration lets running tasks finish and
-    starts no more."""
+def run_ordered(names: list[str], task: Callable[[str, StageClock], object], weight: Callable[[str], int],
+                workers: int) -> Iterator[tuple[str, object, StageClock]]:
+    """Yield (name, task(name, clock), clock) for each name, in order, computing ``workers`` at once (see
+    the module docstring); ``weight(name)``: the bytes of its base tensor; ``clock``: the task's stage
+    times. An exception of a task is raised here, in order, after the tasks before it were yielded;
+    stopping the iteration starts no more tasks and stops the running ones at the end of their stage."""
     import torch
 
     threads = torch.get_num_threads()
     shared_threads = max(1, threads // workers)
     gate = _Gate(workers)
+    stop = threading.Event()
 
     def run(ticket: int, name: str):
         exclusive = weight(name) >= EXCLUSIVE_BYTES
@@ -109,7 +133,8 @@ def run_ordered(names: list[str], task: Callable[[str], object], weight: Callabl
             return None
         try:
             torch.set_num_threads(threads if exclusive else shared_threads)
-            return task(name)
+            clock = StageClock(stop)
+            return task(name, clock), clock
         finally:
             gate.leave()
 
@@ -122,8 +147,9 @@ def run_ordered(names: list[str], task: Callable[[str], object], weight: Callabl
                 pending.append((names[nxt], pool.submit(run, nxt, names[nxt])))
                 nxt += 1
             name, fut = pending.popleft()
-            yield name, fut.result()
+            yield (name, *fut.result())
     finally:
+        stop.set()
         gate.close()
         pool.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(threads)

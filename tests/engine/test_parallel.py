@@ -30,7 +30,7 @@ class Recorder:
         self.started: list[str] = []
         self.rng = random.Random(seed)
 
-    def __call__(self, name: str):
+    def __call__(self, name: str, clock=None):
         with self.lock:
             self.running.add(name)
             self.overlaps.append(set(self.running))
@@ -60,7 +60,7 @@ def test_results_come_in_order_and_big_tensors_run_alone(two_threads):
     big = {"t00", "t07", "t29"}
     rec = Recorder()
     out = list(run_ordered(names, rec, _weights(names, big), workers=2))
-    assert out == [(n, n.upper()) for n in names]
+    assert [(n, v) for n, v, _ in out] == [(n, n.upper()) for n in names]
     assert rec.started == names                                  # admitted in the job's order
     assert max(len(s) for s in rec.overlaps) == 2                # two at once did happen ...
     for s in rec.overlaps:
@@ -74,7 +74,7 @@ def test_results_come_in_order_and_big_tensors_run_alone(two_threads):
 def test_an_error_arrives_in_order_and_stopping_starts_no_more(two_threads):
     names = [f"t{i:02d}" for i in range(20)]
 
-    def task(name):
+    def task(name, clock):
         time.sleep(0.002)
         if name == "t05":
             raise ValueError("bad tensor t05")
@@ -82,17 +82,29 @@ def test_an_error_arrives_in_order_and_stopping_starts_no_more(two_threads):
 
     got = []
     with pytest.raises(ValueError, match="t05"):
-        for name, value in run_ordered(names, task, _weights(names), workers=2):
+        for name, value, _ in run_ordered(names, task, _weights(names), workers=2):
             got.append(value)
     assert got == names[:5]
 
-    rec = Recorder()
-    it = run_ordered(names, rec, _weights(names), workers=2)
-    assert [next(it) for _ in range(3)] == [(n, n.upper()) for n in names[:3]]
-    it.close()                                                   # a stopped job: running tasks finish
-    started = len(rec.started)
+    # a stopped job starts no more tensors, and those in flight stop at the end of their current stage
+    stages_done: dict[str, int] = {}
+
+    def staged(name, clock):
+        for i in range(40):                       # 40 stages of 10 ms: 0.4 s a tensor
+            time.sleep(0.01)
+            stages_done[name] = i + 1
+            clock[f"stage{i}"] = 0.01
+        return name
+
+    it = run_ordered(names, staged, _weights(names), workers=2)
+    assert next(it)[:2] == ("t00", "t00")
+    t0 = time.perf_counter()
+    it.close()
+    assert time.perf_counter() - t0 < 0.35                      # not the 0.4 s of a whole tensor
+    started = dict(stages_done)
     time.sleep(0.1)
-    assert len(rec.started) == started < len(names)
+    assert stages_done == started and len(started) < len(names)
+    assert [n for n, k in started.items() if k < 40]            # the tensor in flight was cut short
     assert torch.get_num_threads() == 2
 
 
