@@ -43,7 +43,8 @@ def add_executor_flags(parser) -> None:
                    help="GPUs per Ray task when the cluster has GPUs (default: 1; 0.5 puts two tasks on a GPU)")
     g.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch CPU threads of the job (default: $OPDVIZ_THREADS, else the cores this process may "
-                        "run on); OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE unless set)")
+                        "run on); OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE unless set). On CPU two "
+                        "tensors are analysed at once on half the threads each ($OPDVIZ_TENSOR_WORKERS=1: one)")
     g.add_argument("--ray-cpus-per-task", type=int, default=None, metavar="N",
                    help="CPUs (and torch threads) per Ray task on CPU workers (default: this machine's torch "
                         "thread count, so results equal --executor local bit for bit)")
