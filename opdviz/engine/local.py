@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import torch
 
 from opdviz.engine.analyse import analyse_items, resolve_device
-from opdviz.engine.parallel import run_ordered, tensor_workers
+from opdviz.engine.parallel import run_ordered, tensor_workers, working_bytes
 from opdviz.io.adapters import open_post
 from opdviz.io.reader import Checkpoint, PairItem
 from opdviz.options import AnalysisOptions
@@ -115,7 +115,11 @@ def compute_shared(base: Checkpoint, posts: list[tuple[int, Checkpoint, list[Pai
             local: dict[str, float] = {}
             yield from finished(name, analyse(name, local), local)
         return
-    for name, results, local in run_ordered(names, analyse, lambda n: by_name[n][0][2].base.nbytes, workers):
+    def weight(name: str) -> int:
+        info = by_name[name][0][2].base
+        return working_bytes(tuple(info.shape), info.nbytes)
+
+    for name, results, local in run_ordered(names, analyse, weight, workers):
         yield from finished(name, results, local)
 
 

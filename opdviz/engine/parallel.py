@@ -12,8 +12,11 @@ What stays as before:
   job's thread count and the device, never on what else runs beside it: a tensor is computed the same
   in a fresh job, a resumed one, a Ray task, or a job of one pair or of many posts (float64 BLAS sums
   depend on the thread count in the last bits).
-- **Memory.** A base tensor of ``EXCLUSIVE_BYTES`` or more (a vocabulary matrix) is analysed alone, on
-  every thread, so two of the largest tensors are never held at once: the peak stays that of one.
+- **Memory.** A tensor whose analysis needs ``EXCLUSIVE_BYTES`` or more (``working_bytes``: its bytes plus
+  the float64 n×n matrices of the exact analysis; a vocabulary matrix, or every matrix of a model of
+  hidden size 2048 or more) is analysed alone, on every thread. Two smaller ones at once need at most
+  2 × 256 MiB beside the fixed buffers, so the peak stays about that of one large tensor. Large n is
+  also where a second thread pays off inside LAPACK and BLAS.
 - **Order.** Tensors start in the job's order (admission by ticket) and their results are yielded in
   it; at most ``LOOKAHEAD`` finished results wait for an earlier one.
 
@@ -33,9 +36,25 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
-EXCLUSIVE_BYTES = 128 << 20    # a base tensor this large is analysed alone, on every thread
+EXCLUSIVE_BYTES = 256 << 20    # a tensor whose analysis needs this much is analysed alone, on every thread
+# float64 n×n matrices alive at once in the exact analysis of an m×n matrix, in bytes per n²: measured peak RSS
+# growth of one pair 1024² 174 MiB, 2048² 471 MiB, 5632×2048 375 MiB ≈ 100 MiB of fixed buffers + 12 n² doubles
+FACTOR_BYTES_PER_N2 = 96
 LOOKAHEAD = 8                  # tasks submitted ahead of the first unfinished one
 WORKERS_ENV = "OPDVIZ_TENSOR_WORKERS"
+
+
+def working_bytes(shape: tuple[int, ...], nbytes: int) -> int:
+    """The memory one tensor's analysis needs beside the fixed buffers: its bytes plus
+    ``FACTOR_BYTES_PER_N2``·n² for the factors of its matrix (n: the smaller side of the matrix view; of
+    one expert's matrix for a 3-D stack)."""
+    if len(shape) < 2:
+        return nbytes
+    if len(shape) == 2:
+        n = min(shape[0], shape[1])
+    else:
+        n = min(shape[-2], shape[-1])
+    return nbytes + FACTOR_BYTES_PER_N2 * n * n
 
 
 def tensor_workers(device, threads: int) -> int:
@@ -117,7 +136,7 @@ class _Gate:
 def run_ordered(names: list[str], task: Callable[[str, StageClock], object], weight: Callable[[str], int],
                 workers: int) -> Iterator[tuple[str, object, StageClock]]:
     """Yield (name, task(name, clock), clock) for each name, in order, computing ``workers`` at once (see
-    the module docstring); ``weight(name)``: the bytes of its base tensor; ``clock``: the task's stage
+    the module docstring); ``weight(name)``: its ``working_bytes``; ``clock``: the task's stage
     times. An exception of a task is raised here, in order, after the tasks before it were yielded;
     stopping the iteration starts no more tasks and stops the running ones at the end of their stage."""
     import torch

@@ -13,7 +13,7 @@ import torch
 import factory
 from opdviz.engine import local, parallel
 from opdviz.engine.local import LocalExecutor, compute_shared
-from opdviz.engine.parallel import EXCLUSIVE_BYTES, WORKERS_ENV, run_ordered, tensor_workers
+from opdviz.engine.parallel import EXCLUSIVE_BYTES, WORKERS_ENV, run_ordered, tensor_workers, working_bytes
 from opdviz.errors import OptionsError
 from opdviz.io.reader import Checkpoint, plan_pairs
 from opdviz.options import AnalysisOptions
@@ -106,6 +106,18 @@ def test_an_error_arrives_in_order_and_stopping_starts_no_more(two_threads):
     assert stages_done == started and len(started) < len(names)
     assert [n for n, k in started.items() if k < 40]            # the tensor in flight was cut short
     assert torch.get_num_threads() == 2
+
+
+def test_what_runs_alone():
+    """Alone: a vocabulary matrix, and every matrix of a model of hidden size 2048 or more (its float64
+    factors); beside another: the matrices of smaller models, vectors."""
+    def alone(shape, itemsize=2):
+        return working_bytes(shape, itemsize * int(np.prod(shape))) >= EXCLUSIVE_BYTES
+
+    assert alone((151936, 896)) and alone((32000, 4096)) and alone((4096, 4096)) and alone((2048, 2048))
+    assert not alone((4864, 896)) and not alone((896, 4864)) and not alone((8960, 1536))    # 0.5B, 1.5B FFN
+    assert not alone((896,)) and not alone((8, 896, 512))        # a bias; a stack of small experts
+    assert alone((8, 4096, 14336))                               # Mixtral's experts
 
 
 def test_worker_count(monkeypatch):
