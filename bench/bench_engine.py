@@ -21,7 +21,8 @@ time by stage (reading, elementwise sparsity, base decomposition, update decompo
 storing: ``job_stages_s`` of the job's progress file) and the share of the floor reached
 (floor wall / job wall). A CPU job analyses two tensors at once (``opdviz.engine.parallel``), so its
 stage times, summed over the tensors, add up to more than its wall; ``$OPDVIZ_TENSOR_WORKERS`` passes
-through to the jobs (1: one tensor at a time, the stages then add up to the wall).
+through to the jobs (1: one tensor at a time, the stages then add up to the wall); ``--tensor-workers 2 1``
+measures the jobs both ways, one after the other.
 
 The post-trained weights are base + a sparse update (a random 35 % of coordinates, biased to
 small |W|, magnitude ~1e-3·RMS) plus a rank-8 component, rounded to bf16 — the regime of
@@ -257,6 +258,9 @@ def main() -> int:
     ap.add_argument("--policy", nargs="+", default=["passive"], choices=["passive", "active"],
                     help="OpenMP wait policies to measure (OMP_WAIT_POLICY); default: passive")
     ap.add_argument("--threads", type=int, default=None, help="--threads of the job (default: its own choice)")
+    ap.add_argument("--tensor-workers", nargs="+", type=int, default=None, metavar="N",
+                    help="tensors analysed at once by the jobs ($OPDVIZ_TENSOR_WORKERS), each value measured in "
+                         "turn, e.g. 2 1 (default: the job's own choice)")
     ap.add_argument("--skip-floor", action="store_true")
     ap.add_argument("--no-cache-run", dest="cache_run", action="store_false",
                     help="skip the second one-pair job that reuses the base cache of the first")
@@ -298,46 +302,51 @@ def main() -> int:
             print(f"\n[{policy}] floor (read every pair + float64 Gram eigvalsh of W_base and ΔW): "
                   f"{floor['wall_s']:.1f} s (reading {floor['read_s']:.1f} s), peak RSS {floor['rss_gb']:.2f} GB, "
                   f"load {floor['load'][0]:.1f}→{floor['load'][1]:.1f}")
-        runs = [("one pair", posts[:1], "one", True)]
-        if len(posts) > 1:
-            runs.append((f"{len(posts)} posts of one base", posts, "posts", True))
-        if args.cache_run:
-            runs.append(("one pair again, base cache kept by the first", posts[:1], "one", False))
-        one_wall = None
-        for label, ps, db_name, fresh in runs:
-            db = args.out / f"bench-{policy}-{db_name}.duckdb"
-            if fresh:
-                for p in (db, *(Path(str(db) + x) for x in (".staging", ".wal", ".cache"))):
-                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-            names = [f"bench{i}" if fresh else f"again{i}" for i in range(len(ps))]
-            cmd = [sys.executable, "-m", "opdviz.cli", "compute", str(base), *map(str, ps), "--name", *names,
-                   "--method", "synthetic", "--db", str(db), "--device", args.device, "--spectrum", args.spectrum,
-                   "--no-progress", *thread_flag]
-            r = measure(cmd, env)
-            st = job_stages(db, names[0])
-            one_wall = one_wall or r["wall_s"]
-            line = (f"[{policy}] {label}: wall {r['wall_s']:.1f} s, peak RSS {r['rss_gb']:.2f} GB, "
-                    f"load {r['load'][0]:.1f}→{r['load'][1]:.1f}")
-            if floor:
-                line += f", floor/wall {floor['wall_s'] / r['wall_s']:.0%}" + (
-                    f" (floor × {len(ps)} posts: {len(ps) * floor['wall_s'] / r['wall_s']:.0%})" if len(ps) > 1 else "")
-            if label != "one pair":
-                line += f", {r['wall_s'] / one_wall:.2f}× one pair"
-            if st.get("gpu_peak_gb"):
-                line += f", peak GPU memory {st['gpu_peak_gb']:.2f} GB"
-            print(line)
-            known = sum(st.get(k, 0.0) for k in STAGES)
-            wall = st.get("wall", r["wall_s"])
-            print("   stages: " + ", ".join(f"{k} {st.get(k, 0.0):.1f} s" for k in STAGES)
-                  + (f", other {wall - known:.1f} s" if known <= wall else
-                     f" (summed over the tensors analysed at once: {known / wall:.2f}× the job's wall)")
-                  + f" (job wall {st.get('wall', 0):.1f} s)")
-            results.append({"policy": policy, "run": label, **{k: v for k, v in r.items() if k != "stdout"},
-                            "stages": st, "floor": floor})
+        for workers in args.tensor_workers or [None]:
+            wenv = {**env, "OPDVIZ_TENSOR_WORKERS": str(workers)} if workers else env
+            tag = f"{policy}, {workers} tensor(s) at once" if workers else policy
+            suffix = f"-w{workers}" if workers else ""
+            runs = [("one pair", posts[:1], "one", True)]
+            if len(posts) > 1:
+                runs.append((f"{len(posts)} posts of one base", posts, "posts", True))
+            if args.cache_run:
+                runs.append(("one pair again, base cache kept by the first", posts[:1], "one", False))
+            one_wall = None
+            for label, ps, db_name, fresh in runs:
+                db = args.out / f"bench-{policy}-{db_name}{suffix}.duckdb"
+                if fresh:
+                    for p in (db, *(Path(str(db) + x) for x in (".staging", ".wal", ".cache"))):
+                        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                names = [f"bench{i}" if fresh else f"again{i}" for i in range(len(ps))]
+                cmd = [sys.executable, "-m", "opdviz.cli", "compute", str(base), *map(str, ps), "--name", *names,
+                       "--method", "synthetic", "--db", str(db), "--device", args.device, "--spectrum", args.spectrum,
+                       "--no-progress", *thread_flag]
+                r = measure(cmd, wenv)
+                st = job_stages(db, names[0])
+                one_wall = one_wall or r["wall_s"]
+                line = (f"[{tag}] {label}: wall {r['wall_s']:.1f} s, peak RSS {r['rss_gb']:.2f} GB, "
+                        f"load {r['load'][0]:.1f}→{r['load'][1]:.1f}")
+                if floor:
+                    line += f", floor/wall {floor['wall_s'] / r['wall_s']:.0%}" + (
+                        f" (floor × {len(ps)} posts: {len(ps) * floor['wall_s'] / r['wall_s']:.0%})" if len(ps) > 1 else "")
+                if label != "one pair":
+                    line += f", {r['wall_s'] / one_wall:.2f}× one pair"
+                if st.get("gpu_peak_gb"):
+                    line += f", peak GPU memory {st['gpu_peak_gb']:.2f} GB"
+                print(line)
+                known = sum(st.get(k, 0.0) for k in STAGES)
+                wall = st.get("wall", r["wall_s"])
+                print("   stages: " + ", ".join(f"{k} {st.get(k, 0.0):.1f} s" for k in STAGES)
+                      + (f", other {wall - known:.1f} s" if known <= wall else
+                         f" (summed over the tensors analysed at once: {known / wall:.2f}× the job's wall)")
+                      + f" (job wall {st.get('wall', 0):.1f} s)")
+                results.append({"policy": policy, "tensor_workers": workers, "run": label,
+                                **{k: v for k, v in r.items() if k != "stdout"}, "stages": st, "floor": floor})
     if args.posts >= 1:
         from opdviz.store import Store
 
-        st = Store(args.out / f"bench-{args.policy[0]}-one.duckdb")
+        last = (args.tensor_workers or [None])[-1]
+        st = Store(args.out / f"bench-{args.policy[0]}-one{f'-w{last}' if last else ''}.duckdb")
         q = "FROM tensors WHERE run_id = 'bench0'"
         counts = st.query(f"SELECT status, count(*) AS n {q} AND parent = '' GROUP BY status")
         exact = st.query("SELECT avg(value) AS e FROM metrics WHERE metric = 'spectrum_exact' AND run_id = 'bench0'"
