@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 # bump when the stored layout changes, so a cached store from an older layout is not timed
-STORE_LAYOUT = "v4"
+STORE_LAYOUT = "v5"
 PAGES = ("overview", "sparsity", "spectra", "geometry", "tensor", "compare")
 
 

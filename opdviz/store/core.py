@@ -179,6 +179,10 @@ class Store:
         except OSError:
             return (0, 0)
 
+    def staged_tensors(self) -> bool:
+        """Whether a job has staged finished tensors that are not folded into the file yet."""
+        return bool(self._fragments("tensors"))
+
     def has_indexes(self) -> bool:
         """Whether the file holds the array indexes (``schema.INDEXES``; a store folded before they
         existed gets them at its next fold)."""

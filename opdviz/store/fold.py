@@ -18,7 +18,7 @@ import duckdb
 
 from opdviz.errors import StoreError
 from opdviz.store.disk import disk_full, is_disk_full, is_lock_error
-from opdviz.store.schema import (CORE_TABLES, INDEXES, KEYED_TABLES, SCHEMAS, SMALL_ARRAY, TENSOR_TABLES, ddl, index_ddl,
+from opdviz.store.schema import (ARRAY_KEY, ARRAY_KEY_SQL, CORE_TABLES, INDEXES, KEYED_TABLES, SCHEMAS, SMALL_ARRAY, TENSOR_TABLES, ddl, index_ddl,
                                   physical, slug, sql_list)
 
 if TYPE_CHECKING:
@@ -113,6 +113,20 @@ def fold(store: Store, wait: float = 0.0) -> bool:
                                      "another program deleting them?") from None
     return False
 
+def _ensure_array_key(con: duckdb.DuckDBPyConnection, name: str) -> None:
+    """Give the physical array table ``name`` its key column, filled for the rows already there (a file
+    written before it existed; a new table is empty), and the index on it (``schema.INDEXES``)."""
+    has = con.execute("SELECT count(*) FROM duckdb_columns() WHERE database_name = current_database() AND "
+                      "schema_name = 'main' AND table_name = ? AND column_name = ?", [name, ARRAY_KEY]).fetchone()[0]
+    if not has:
+        con.execute("BEGIN TRANSACTION")
+        con.execute(f"ALTER TABLE {name} ADD COLUMN {ARRAY_KEY} VARCHAR")
+        con.execute(f"UPDATE {name} SET {ARRAY_KEY} = {ARRAY_KEY_SQL}")
+        con.execute("COMMIT")           # DuckDB makes no index over updates in the same transaction
+        con.execute(f"DROP INDEX IF EXISTS {name}_tensor")    # the index on tensor alone it replaces
+    con.execute(index_ddl(name))
+
+
 def _fold_once(store: Store, deadline: float) -> bool:
     marker_files = store._fragments("tensors")
     complete = {p.name for p in marker_files}
@@ -129,7 +143,7 @@ def _fold_once(store: Store, deadline: float) -> bool:
             for name in physical(table):
                 con.execute(ddl(table, name))
                 if name in INDEXES:
-                    con.execute(index_ddl(name))
+                    _ensure_array_key(con, name)
         con.execute("BEGIN TRANSACTION")
         if marker_files:
             keys = f"(SELECT DISTINCT run_id, tensor FROM read_parquet({sql_list(marker_files)}))"
@@ -138,7 +152,8 @@ def _fold_once(store: Store, deadline: float) -> bool:
                     con.execute(f"DELETE FROM {name} WHERE (run_id, tensor) IN {keys}")
                 if not batch[table]:
                     continue
-                rows = f"SELECT * FROM read_parquet({sql_list(batch[table])})"
+                key = f", {ARRAY_KEY_SQL} AS {ARRAY_KEY}" if table == "arrays" else ""
+                rows = f"SELECT *{key} FROM read_parquet({sql_list(batch[table])})"
                 if table == "arrays":
                     con.execute(f"INSERT INTO small_arrays BY NAME {rows} WHERE len(\"values\") <= {SMALL_ARRAY}")
                     rows += f" WHERE len(\"values\") > {SMALL_ARRAY} OR \"values\" IS NULL"

@@ -15,7 +15,7 @@ import pandas as pd
 
 from opdviz.store.core import Store
 from opdviz.store.locks import computing
-from opdviz.store.schema import INDEX_SCAN_ROWS
+from opdviz.store.schema import ARRAY_KEY, array_key, physical
 from opdviz.store.selection import Selection
 
 
@@ -115,33 +115,46 @@ def tensor_arrays(store: Store, sel: Selection, tensors: tuple[str, ...]) -> pd.
 
     One read for a page's drill-down, whose figures share it. DuckDB decodes list columns 2048 rows at a
     time, so a scan that keeps a few arrays still decodes nearly the whole ``values`` column of the file
-    (about 1 s on a 673 MB sweep); asked for by tensor alone, it fetches only their rows through the
-    ``tensor`` index (``schema.INDEXES``) — a filter on the runs too, or a join, would make it scan. So
-    the arrays of every run come by tensor, the selection's tensor fields from a small second query, and
-    the two are joined here. When more rows match than DuckDB fetches through an index (or the store
-    predates the index), one join that keeps the selected runs' rows costs no more."""
+    (about 1 s on a 673 MB sweep); it fetches only the rows asked for through the index on the array
+    tables' ``run_tensor`` key (``schema.INDEXES``), and only for a filter on the key alone (a filter on the
+    runs and tensors, or a join, makes it scan). So the selection's tensor fields come from a small first
+    query, their keys select the arrays from the file, and the two are joined here. When more rows match
+    than DuckDB fetches through an index, a job has staged results not folded yet, or the store predates the
+    index, one join that keeps the selected runs' rows (through the views) gives the same rows."""
     cols = ["run_id", "method", "tensor", "layer", "block", "module", "numel", "rows", "cols", "name", "shape",
             "values"]
     if not tensors:
         return pd.DataFrame(columns=cols)
     where, params = replace(sel, leaves_only=False).where("t")
     marks = ", ".join("?" * len(tensors))
-    matching = store.query(f"SELECT count(*) AS n FROM arrays WHERE tensor IN ({marks})", list(tensors))
-    if int(matching["n"].iloc[0]) > INDEX_SCAN_ROWS or not store.has_indexes():
+    fields = store.query(f"""
+        SELECT t.run_id, r.method, t.tensor, t.layer, t.block, t.module, t.numel, t.rows, t.cols, t.seq
+        FROM tensors t LEFT JOIN runs r USING (run_id)
+        WHERE {where} AND t.tensor IN ({marks})""", params + list(tensors))
+    keys = [array_key(r, t) for r, t in zip(fields["run_id"], fields["tensor"])]
+    arrays = _arrays_by_key(store, keys) if keys else None
+    if arrays is None:
         return store.query(f"""
             SELECT t.run_id, r.method, t.tensor, t.layer, t.block, t.module, t.numel, t.rows, t.cols, a.name,
                    a.shape, a."values"
             FROM tensors t JOIN arrays a USING (run_id, tensor) LEFT JOIN runs r USING (run_id)
             WHERE {where} AND t.tensor IN ({marks})
             ORDER BY t.run_id, t.seq, t.tensor, a.name""", params + list(tensors))
-    fields = store.query(f"""
-        SELECT t.run_id, r.method, t.tensor, t.layer, t.block, t.module, t.numel, t.rows, t.cols, t.seq
-        FROM tensors t LEFT JOIN runs r USING (run_id)
-        WHERE {where} AND t.tensor IN ({marks})""", params + list(tensors))
-    arrays = store.query(f'SELECT run_id, tensor, name, shape, "values" FROM arrays WHERE tensor IN ({marks})',
-                         list(tensors))
     df = fields.merge(arrays, on=["run_id", "tensor"])
     return df.sort_values(["run_id", "seq", "tensor", "name"], kind="stable", ignore_index=True)[cols]
+
+
+def _arrays_by_key(store: Store, keys: list[str]) -> pd.DataFrame | None:
+    """(run_id, tensor, name, shape, values) of the stored arrays whose ``run_tensor`` key is in ``keys``,
+    read from both array tables of the file through their key index; None when the file has no such index
+    or a job has staged tensors (``tensor_arrays`` then reads through the views). More matching rows than
+    ``INDEX_SCAN_ROWS`` make DuckDB scan instead, which is no slower than the join."""
+    if not store.has_indexes() or store.staged_tensors():
+        return None
+    marks = ", ".join("?" * len(keys))
+    sql = " UNION ALL ".join(f'SELECT run_id, tensor, name, shape, "values" FROM db.main.{name} '
+                             f"WHERE {ARRAY_KEY} IN ({marks})" for name in physical("arrays"))
+    return store.query(sql, keys * len(physical("arrays")))
 
 
 EXPORT_COLUMNS = ("run", "method", "tensor", "tower", "layer", "block", "module", "metric", "value")

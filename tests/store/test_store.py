@@ -148,9 +148,32 @@ def test_store_folded_before_the_split_is_read(store):
     assert store.query("SELECT \"values\" FROM arrays")["values"].map(list).tolist() == [[1.0, 2.0]]
 
 
+def _write_two_runs(store, runs=("b", "a"), tensors=("y", "x")):
+    long = [float(i) for i in range(SMALL_ARRAY + 3)]
+    for run in runs:
+        w = RunWriter(store, run)
+        w.write_run({"method": run.upper(), "status": "done", "created_at": now()})
+        for seq, name in enumerate(tensors):
+            w.write_tensor(name, [{"tensor": name, "parent": "", "status": "ok", "layer": seq, "numel": 4,
+                                   "shape": [2, 2], "seq": seq}], [],
+                           [{"tensor": name, "name": "long", "shape": [len(long)], "values": long + [seq]},
+                            {"tensor": name, "name": "short", "shape": [2], "values": [seq, 1.0]}], [])
+
+
+def _same_arrays(a, b):
+    assert a.drop(columns=["shape", "values"]).astype(str).equals(b.drop(columns=["shape", "values"]).astype(str))
+    assert [list(v) for v in a["values"]] == [list(v) for v in b["values"]]
+
+
+def _index_names(store):
+    with duckdb.connect(str(store.db_path), read_only=True) as con:
+        return sorted(r[0] for r in con.execute("SELECT index_name FROM duckdb_indexes()").fetchall())
+
+
 def test_array_indexes_are_made_by_a_fold_and_used_by_drill_downs(store, monkeypatch):
-    """A fold indexes both array tables by tensor (an old file gets them at its next fold), and a
-    drill-down's read gives the same rows through the index as through the join it replaces."""
+    """A fold indexes both array tables by their (run, tensor) key (an old file gets the key column and
+    the index at its next fold), and a drill-down's read gives the same rows through the key as through
+    the join it replaces — also while a job has staged tensors, which only the join sees."""
     from opdviz.store import Selection
     from opdviz.store import queries as Q
 
@@ -159,30 +182,71 @@ def test_array_indexes_are_made_by_a_fold_and_used_by_drill_downs(store, monkeyp
         for table in SCHEMAS:
             con.execute(ddl(table))
     assert not store.has_indexes()
-    long = [float(i) for i in range(SMALL_ARRAY + 3)]
-    for run in ("b", "a"):
-        w = RunWriter(store, run)
-        w.write_run({"method": run.upper(), "status": "done", "created_at": now()})
-        for seq, name in enumerate(("y", "x")):
-            w.write_tensor(name, [{"tensor": name, "parent": "", "status": "ok", "layer": seq, "numel": 4,
-                                   "shape": [2, 2], "seq": seq}], [],
-                           [{"tensor": name, "name": "long", "shape": [len(long)], "values": long},
-                            {"tensor": name, "name": "short", "shape": [2], "values": [seq, 1.0]}], [])
+    _write_two_runs(store)
     assert store.fold() and store.has_indexes()
-    with duckdb.connect(str(store.db_path), read_only=True) as con:
-        assert sorted(r[0] for r in con.execute("SELECT index_name FROM duckdb_indexes()").fetchall()) == [
-            "arrays_tensor", "small_arrays_tensor"]
-    for sel, tensors in ((Selection(), ("x",)), (Selection(runs=("a",)), ("x", "y")), (Selection(), ("z",))):
-        via_index = Q.tensor_arrays(store, sel, tensors)
-        monkeypatch.setattr(Q, "INDEX_SCAN_ROWS", 0)      # more rows match than an index fetch takes
+    assert _index_names(store) == ["arrays_run_tensor", "small_arrays_run_tensor"]
+    calls, by_key = [], Q._arrays_by_key
+
+    def counted(*args):
+        calls.append(by_key(*args))
+        return calls[-1]
+
+    monkeypatch.setattr(Q, "_arrays_by_key", counted)
+    cases = ((Selection(), ("x",)), (Selection(runs=("a",)), ("x", "y")), (Selection(), ("z",)),
+             (Selection(layer_min=1), ("x", "y")))
+    for sel, tensors in cases:
+        calls.clear()
+        via_key = Q.tensor_arrays(store, sel, tensors)
+        assert all(c is not None for c in calls)        # read through the key, where there was anything to read
+        monkeypatch.setattr(Q, "_arrays_by_key", lambda *a: None)
         via_join = Q.tensor_arrays(store, sel, tensors)
-        monkeypatch.undo()
-        assert via_index.drop(columns=["shape", "values"]).astype(str).equals(
-            via_join.drop(columns=["shape", "values"]).astype(str))
-        assert [list(v) for v in via_index["values"]] == [list(v) for v in via_join["values"]]
+        monkeypatch.setattr(Q, "_arrays_by_key", counted)
+        _same_arrays(via_key, via_join)
     got = Q.tensor_arrays(store, Selection(runs=("a",)), ("x", "y"))
     assert list(zip(got["run_id"], got["tensor"], got["name"])) == [
         ("a", "y", "long"), ("a", "y", "short"), ("a", "x", "long"), ("a", "x", "short")]
+    assert list(got["values"].iloc[0])[-1] == 0.0 and list(got["values"].iloc[2])[-1] == 1.0
+    # a staged tensor (a job running) is read through the views, replacing its stored rows
+    w = RunWriter(store, "a")
+    w.write_tensor("x", [{"tensor": "x", "parent": "", "status": "ok", "layer": 1, "numel": 4, "shape": [2, 2],
+                          "seq": 1}], [], [{"tensor": "x", "name": "short", "shape": [2], "values": [7.0, 7.0]}], [])
+    calls.clear()
+    staged = Q.tensor_arrays(store, Selection(runs=("a",)), ("x",))
+    assert calls == [None] and list(staged["name"]) == ["short"] and list(staged["values"].iloc[0]) == [7.0, 7.0]
+    assert store.fold()
+    _same_arrays(Q.tensor_arrays(store, Selection(runs=("a",)), ("x",)), staged)
+
+
+def test_a_store_indexed_by_tensor_gets_the_key_at_its_next_fold(store):
+    """A file folded by the version that indexed arrays by tensor alone: its next fold adds the key column,
+    fills it for the rows already there, swaps the indexes, and its drill-downs read the same rows."""
+    from opdviz.store import Selection
+    from opdviz.store import queries as Q
+
+    store.db_path.parent.mkdir(parents=True, exist_ok=True)
+    with duckdb.connect(str(store.db_path)) as con:      # that version's layout
+        for table in SCHEMAS:
+            con.execute(ddl(table))
+        con.execute(ddl("arrays", "small_arrays"))
+        for name in ("arrays", "small_arrays"):
+            con.execute(f"CREATE INDEX {name}_tensor ON {name} (tensor)")
+        con.execute("INSERT INTO tensors (run_id, tensor, status, seq) VALUES ('old', 'x', 'ok', 0)")
+        con.execute("INSERT INTO runs (run_id, method) VALUES ('old', 'OLD')")
+        con.execute("INSERT INTO arrays VALUES ('old', 'x', 'long', [70], range(70)::DOUBLE[])")
+        con.execute("INSERT INTO small_arrays VALUES ('old', 'x', 'short', [2], [1.0, 2.0])")
+    assert not store.has_indexes()
+    before = Q.tensor_arrays(store, Selection(), ("x",))
+    assert list(before["name"]) == ["long", "short"]
+    _write_two_runs(store, runs=("new",), tensors=("x",))
+    assert store.fold() and store.has_indexes()
+    assert _index_names(store) == ["arrays_run_tensor", "small_arrays_run_tensor"]
+    with duckdb.connect(str(store.db_path), read_only=True) as con:
+        keys = con.execute("SELECT DISTINCT run_tensor FROM arrays UNION SELECT DISTINCT run_tensor FROM "
+                           "small_arrays ORDER BY 1").fetchall()
+    assert keys == [("new\x1fx",), ("old\x1fx",)]
+    after = Q.tensor_arrays(store, Selection(runs=("old",)), ("x",))
+    _same_arrays(after, before)
+    assert list(Q.tensor_arrays(store, Selection(), ("x",))["run_id"]) == ["new", "new", "old", "old"]
 
 
 def test_reused_connection_sees_new_results_and_never_holds_the_file(store):
