@@ -17,7 +17,7 @@ import plotly.graph_objects as go
 from opdviz.views.facets import facet_values, mark_facets
 from opdviz.views.formatting import escape
 from opdviz.views.style import (BASELINE_COLOR, DASHES, DIVERGING, SEQUENTIAL, base_figure, method_color, module_color,
-                                 module_sort_key, run_label, run_styles)
+                                 module_sort_key, run_label, run_styles, with_traces)
 
 NO_DATA = "no data for this selection"
 def empty_figure(message: str = NO_DATA, title: str = "") -> go.Figure:
@@ -31,12 +31,12 @@ def empty_figure(message: str = NO_DATA, title: str = "") -> go.Figure:
     return fig
 
 
-def _legend_key(fig: go.Figure, entries: list[tuple[str, str, str]]) -> None:
+def _legend_key(entries: list[tuple[str, str, str]]) -> list[dict]:
     """Legend-only traces: (name, colour, dash). Lets a figure key colour and dash separately
     (no legend groups: in a horizontal legend a group stacks its items vertically)."""
-    fig.add_traces([dict(type="scatter", x=[None], y=[None], mode="lines", name=name, showlegend=True,
-                         line=dict(color=color, dash=dash, width=2), hoverinfo="skip")
-                    for name, color, dash in entries])
+    return [dict(type="scatter", x=[None], y=[None], mode="lines", name=name, showlegend=True,
+                 line=dict(color=color, dash=dash, width=2), hoverinfo="skip")
+            for name, color, dash in entries]
 
 
 def _color_of(kind: str, value, styles: dict) -> str:
@@ -107,15 +107,15 @@ def lines(df: pd.DataFrame, x: str, y: str, color: str, title: str, xlabel: str,
                     customdata=part[hover] if hover else None))
                 rows.append(fi // ncols + 1)
                 cols.append(fi % ncols + 1)
-    if facet:
-        fig.add_traces(traces, rows=rows, cols=cols)
-    else:
-        fig.add_traces(traces)
-    _legend_key(fig, [(name_of(v), _color_of(color, v, styles),
-                       styles.get(v, ("", "solid"))[1] if color == "run_id" and not dash else "solid")
-                      for v in colors])
+    keys = _legend_key([(name_of(v), _color_of(color, v, styles),
+                         styles.get(v, ("", "solid"))[1] if color == "run_id" and not dash else "solid")
+                        for v in colors])
     if dash and len(dashes) > 1:
-        _legend_key(fig, [(escape(d), BASELINE_COLOR, dash_of[d]) for d in dashes])
+        keys += _legend_key([(escape(d), BASELINE_COLOR, dash_of[d]) for d in dashes])
+    if facet:
+        fig = with_traces(fig, traces + keys, rows + [None] * len(keys), cols + [None] * len(keys))
+    else:
+        fig = with_traces(fig, traces + keys)
     fig.update_xaxes(type="log" if log_x else "linear", exponentformat="power" if log_x else "B")
     fig.update_yaxes(type="log" if log_y else "linear", exponentformat="power" if log_y else "B")
     _axis_titles(fig, nrows, ncols, len(facets), xlabel, ylabel)
@@ -219,10 +219,10 @@ def heatmap(df: pd.DataFrame, z: str, zlabel: str, title: str, x: str = "module"
                                                  f"{'' if fval is None else escape(fval)}</extra>",
                            texttemplate=f"%{{z:{fmt}}}" if text else None, textfont=dict(size=9)))
     if facet:
-        fig.add_traces(traces, rows=[i // ncols + 1 for i in range(len(facets))],
-                       cols=[i % ncols + 1 for i in range(len(facets))])
+        fig = with_traces(fig, traces, rows=[i // ncols + 1 for i in range(len(facets))],
+                          cols=[i % ncols + 1 for i in range(len(facets))])
     else:
-        fig.add_traces(traces)
+        fig = with_traces(fig, traces)
     vals = df[z].to_numpy(dtype=float)
     if zmid is not None:
         span = np.nanmax(np.abs(vals - zmid)) or 1.0
@@ -332,7 +332,7 @@ def bars(df: pd.DataFrame, x: str, y: str, title: str, xlabel: str, ylabel: str,
                            name=name_of(run_id), marker=dict(color=color, pattern=dict(
                                shape=patterns[dash], fgcolor="white", fillmode="overlay", solidity=0.35)),
                            hovertemplate=f"%{{x}}<br>{ylabel}: %{{y:.4g}}<extra>{escape(run_id)}</extra>"))
-    fig.add_traces(traces)
+    fig = with_traces(fig, traces)
     if baseline is not None:
         fig.add_hline(y=scale * baseline, line=dict(color=BASELINE_COLOR, dash="dot", width=1.5))
         baseline(fig, [None], [None], baseline_name)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import factory
+from figcheck import assert_valid
 from opdviz.cli import across
 from opdviz.errors import CheckpointError, OptionsError
 from opdviz.options import AnalysisOptions
@@ -138,6 +139,7 @@ def test_aggregation_sums_counts(three, tmp_path):
     assert top["jaccard_ratio"].is_monotonic_decreasing and len(top)
     for spec in figures_for("overlap"):      # a plain ViewContext works too
         fig, data = spec.build(store, Selection(), ViewContext(run_a="A", run_b="B"))
+        assert_valid(fig)
         assert not (fig.layout.meta or {}).get("empty"), spec.key
         assert not data.empty
 

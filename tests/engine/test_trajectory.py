@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import factory
+from figcheck import assert_valid
 from opdviz.cli import across
 from opdviz.errors import OptionsError
 from opdviz.options import AnalysisOptions
@@ -141,6 +142,7 @@ def test_per_step_runs_and_views(traj):
     for spec in figures_for("trajectory"):
         for ctx in (AcrossContext(trajectory="grpo", criterion="abs_1e-5"), AcrossContext(metric="stable_rank")):
             fig, data = spec.build(store, Selection(), ctx)
+            assert_valid(fig)
             assert not (fig.layout.meta or {}).get("empty"), spec.key
             assert not data.empty
 

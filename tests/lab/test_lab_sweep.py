@@ -25,6 +25,7 @@ from opdviz.lab.sweep import run_sweep
 from opdviz.options import AnalysisOptions
 from opdviz.store import Store
 from test_lab import tiny_settings
+from figcheck import assert_valid
 
 ROOT = Path(__file__).resolve().parents[2]
 # analyse two matrices per run (an FFN and an attention one), which keeps the tiny sweep fast
@@ -245,6 +246,9 @@ def test_figures_draw_one_line_per_method_and_panel():
     assert list(opd.y) == pytest.approx([80.1, 40.1])            # mean over seeds, in %
     assert list(opd.error_y.array) == pytest.approx([0.1, 0.1])  # max − mean
     assert len([t for t in VL.fig_blocks(runs).data if t.mode == "lines+markers"]) == 6
+    for make in (VL.fig_unchanged, VL.fig_accuracy, VL.fig_blocks, VL.fig_principal):
+        assert_valid(make(runs))
+    assert_valid(VL.fig_subnetwork(VL.subnetwork_table(runs), 0.5))
 
 
 # ------------------------------------------------------------------------------------ page

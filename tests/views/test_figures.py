@@ -283,3 +283,44 @@ def test_a_grid_from_the_shape_cache_is_the_figure_make_subplots_makes(rows, col
             fig.update_xaxes(title_text="x", row=rows, col=1)
             fig.get_subplot(1, 1).yaxis.update(title_text="y")
         assert json.loads(mine.to_json()) == json.loads(ref.to_json())
+
+
+@pytest.mark.parametrize("rows,cols,kw", [
+    (4, 3, dict(shared_yaxes=True, shared_xaxes=True, subplot_titles=[f"r{i}" for i in range(12)],
+                vertical_spacing=0.05)),
+    (1, 1, {}),
+])
+def test_traces_added_unvalidated_make_the_figure_add_traces_makes(rows, cols, kw):
+    """with_traces makes, without Plotly's validation, the figure add_traces makes: the same traces in the
+    same panels (None: no panel), numpy data included, and later updates and placements still work."""
+    def traces():
+        return [dict(type="scatter", x=np.arange(3.0), y=np.array([1.0, 2.0, float(i)]), name=f"t{i}",
+                     mode="lines", line=dict(color="#123456", dash="dot", width=1.8), showlegend=False,
+                     hovertemplate="%{x}<extra></extra>") for i in range(rows * cols)] + \
+               [dict(type="scatter", x=[None], y=[None], mode="lines", name="key", showlegend=True)]
+    grid = [(i // cols + 1, i % cols + 1) for i in range(rows * cols)]
+    r = [g[0] for g in grid] + [None]
+    c = [g[1] for g in grid] + [None]
+    ref = style.base_figure("T", rows, cols, **kw) if kw else style.base_figure("T")
+    if kw:
+        ref.add_traces(traces()[:-1], rows=r[:-1], cols=c[:-1])
+    else:
+        ref.add_traces(traces()[:-1])
+    ref.add_traces(traces()[-1:])
+    mine = style.with_traces(style.base_figure("T", rows, cols, **kw) if kw else style.base_figure("T"), traces(),
+                             r if kw else None, c if kw else None)
+    assert json.loads(mine.to_json()) == json.loads(ref.to_json())
+    series = dict(type="bar", x=pd.Index(["q", "k"]), y=pd.Series([1.0, 2.0], index=["q", "k"]))
+    mine, ref = style.with_traces(mine, [series]), go.Figure(ref).add_traces([series])
+    assert mine.data[-1].y[0] == ref.data[-1].y[0] == 1.0 and list(mine.data[-1].x) == ["q", "k"]
+    for fig in (mine, ref):
+        fig.update_xaxes(type="log")
+        fig.add_trace(go.Scatter(x=[1], y=[2]), **(dict(row=rows, col=cols) if kw else {}))
+    assert json.loads(mine.to_json()) == json.loads(ref.to_json())
+
+
+def test_an_invalid_trace_added_unvalidated_is_caught_by_the_validity_check():
+    """What with_traces skips, the suite's check (remaking a figure through a validating Figure) catches."""
+    fig = style.with_traces(style.base_figure("T"), [dict(type="scatter", x=[1], y=[2], linee=dict(width=1))])
+    with pytest.raises(ValueError, match="linee"):
+        go.Figure(fig.to_dict())

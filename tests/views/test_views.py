@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from figcheck import assert_valid
 from synthetic import make_synthetic_store
 
 from opdviz.views import figures as F
@@ -46,12 +47,14 @@ def test_builds_on_synthetic_store(store, spec):
     fig, df = spec.build(store, Selection(), ViewContext())
     assert not _empty(fig), f"{spec.key} drew no data"
     assert len(df) > 0 and len(fig.data) > 0
+    assert_valid(fig)
 
 
 @pytest.mark.parametrize("spec", RUN_FIGURES, ids=lambda s: s.key)
 def test_builds_on_empty_store(empty_store, spec):
     fig, _ = spec.build(empty_store, Selection(), ViewContext())
     assert _empty(fig)
+    assert_valid(fig)
 
 
 @pytest.mark.parametrize("spec", RUN_FIGURES, ids=lambda s: s.key)
