@@ -17,7 +17,7 @@ import plotly.graph_objects as go
 from opdviz.views.facets import facet_values, mark_facets
 from opdviz.views.formatting import escape
 from opdviz.views.style import (BASELINE_COLOR, DASHES, DIVERGING, SEQUENTIAL, base_figure, method_color, module_color,
-                                 module_sort_key, run_label, run_styles, with_traces)
+                                 module_sort_key, run_label, run_shades, run_styles, with_traces)
 
 NO_DATA = "no data for this selection"
 def empty_figure(message: str = NO_DATA, title: str = "") -> go.Figure:
@@ -69,6 +69,9 @@ def lines(df: pd.DataFrame, x: str, y: str, color: str, title: str, xlabel: str,
            markers: bool = False, hover: str | None = None, max_cols: int = 3) -> go.Figure:
     """Lines of ``y`` against ``x``, one per (color, dash, facet) value; legends key colour and dash."""
     styles = run_styles(df) if "run_id" in df and "method" in df else {}
+    if color == "run_id" and dash:      # dashes draw ``dash``: runs of one method apart by shade instead
+        shades = run_shades(styles)
+        styles = {r: (shades[r], d) for r, (_, d) in styles.items()}
     facets = ordered(df[facet], "run") if facet else [None]
     total = len(facets)
     if facet and len(facets := facet_values(facets)) < total:

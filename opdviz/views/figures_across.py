@@ -58,7 +58,7 @@ def overlap_by_criterion(df: pd.DataFrame, title: str) -> go.Figure:
         fig.add_trace(go.Bar(x=xs, y=100 * df[f"{col}_baseline"].astype(float), name=f"{name}: independence",
                              offsetgroup=col, base=0, width=0.08, marker=dict(color=style.BASELINE_COLOR),
                              showlegend=col == "jaccard", legendgroup="baseline",
-                             hovertemplate=f"%{{x}}<br>independence baseline: %{{y:.3g}} %<extra></extra>"))
+                             hovertemplate="%{x}<br>independence baseline: %{y:.3g} %<extra></extra>"))
     fig.data[1].name = "independence baseline (grey)"
     fig.update_layout(barmode="group", bargap=0.25)
     fig.update_xaxes(title_text="“changed” criterion", type="category", showgrid=False)

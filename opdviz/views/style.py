@@ -59,7 +59,8 @@ def module_color(module: str | None) -> str:
 
 
 def run_styles(runs: pd.DataFrame) -> dict[str, tuple[str, str]]:
-    """run_id → (colour, dash): colour from the run's method; runs sharing a method differ by dash.
+    """run_id → (colour, dash): colour from the run's method; runs sharing a method differ by dash (``run_shades``
+    where dashes draw something else).
 
     ``runs`` needs columns run_id and method (extra rows are ignored)."""
     styles, seen = {}, {}
@@ -68,6 +69,30 @@ def run_styles(runs: pd.DataFrame) -> dict[str, tuple[str, str]]:
         seen[method] = n + 1
         styles[run_id] = (method_color(method), DASHES[n % len(DASHES)])
     return styles
+
+
+# colour shades of the 2nd, 3rd, … run of one method where dashes draw something else: mixed with black (< 0)
+# or white (> 0) by that share; the first run keeps its method's colour
+_SHADES = (0.0, -0.4, 0.4, -0.6, 0.6, -0.2, 0.2, -0.75, 0.75)
+
+
+def shade(color: str, t: float) -> str:
+    """``color`` (#rrggbb) mixed with black (t < 0) or white (t > 0) by the share abs(t)."""
+    rgb = [int(color[i:i + 2], 16) for i in (1, 3, 5)]
+    target = 0 if t < 0 else 255
+    return "#" + "".join(f"{round(c + (target - c) * abs(t)):02X}" for c in rgb)
+
+
+def run_shades(styles: dict[str, tuple[str, str]]) -> dict[str, str]:
+    """run_id → colour for figures whose dashes draw something else (a tensor, a side): runs sharing a method
+    (same colour in ``run_styles``) get darker and lighter shades of it in turn, so they stay apart."""
+    seen: dict[str, int] = {}
+    out = {}
+    for run_id, (color, _) in styles.items():
+        n = seen.get(color, 0)
+        seen[color] = n + 1
+        out[run_id] = shade(color, _SHADES[n % len(_SHADES)]) if n else color
+    return out
 
 
 def run_label(run_id: str, method: str | None) -> str:

@@ -324,3 +324,25 @@ def test_an_invalid_trace_added_unvalidated_is_caught_by_the_validity_check():
     fig = style.with_traces(style.base_figure("T"), [dict(type="scatter", x=[1], y=[2], linee=dict(width=1))])
     with pytest.raises(ValueError, match="linee"):
         go.Figure(fig.to_dict())
+
+
+def test_runs_of_one_method_differ_by_shade_where_dashes_draw_something_else():
+    """With dash keyed to another column (a tensor, a side), two runs of one method cannot differ by dash:
+    the first keeps the method's colour, the next get darker and lighter shades of it; with one run a
+    method, or dashes free for the runs, the colours are the methods' own."""
+    rows = [{"run_id": r, "method": m, "x": x, "y": x + i, "label": lab}
+            for i, (r, m) in enumerate((("opd-a", "OPD"), ("opd-b", "OPD"), ("opd-c", "OPD"), ("rl-a", "RL")))
+            for lab in ("q", "down") for x in (1.0, 2.0)]
+    df = pd.DataFrame(rows)
+    fig = F.lines(df, "x", "y", "run_id", "t", "x", "y", dash="label")
+    colour = {t.name.split(" ")[0]: t.line.color for t in fig.data if t.showlegend}
+    opd = style.method_color("OPD")
+    assert colour["opd-a"] == opd and colour["rl-a"] == style.method_color("RL")
+    assert len({colour["opd-a"], colour["opd-b"], colour["opd-c"]}) == 3
+    assert colour["opd-b"] == style.shade(opd, -0.4) and colour["opd-c"] == style.shade(opd, 0.4)
+    drawn = {(t.line.color, t.line.dash) for t in fig.data if not t.showlegend}
+    assert len(drawn) == 8                      # 4 runs × 2 tensors, every line its own look
+    plain = F.lines(df, "x", "y", "run_id", "t", "x", "y")
+    assert {t.line.color for t in plain.data} == {opd, style.method_color("RL")}
+    assert style.shade("#0072B2", 0.0) == "#0072B2" and style.shade("#0072B2", -1) == "#000000"
+    assert style.shade("#0072B2", 1) == "#FFFFFF"
