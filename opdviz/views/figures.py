@@ -66,8 +66,10 @@ def _vspace(preferred: float, nrows: int) -> float:
 
 def lines(df: pd.DataFrame, x: str, y: str, color: str, title: str, xlabel: str, ylabel: str,
            dash: str | None = None, facet: str | None = None, log_x: bool = False, log_y: bool = False,
-           markers: bool = False, hover: str | None = None, max_cols: int = 3) -> go.Figure:
-    """Lines of ``y`` against ``x``, one per (color, dash, facet) value; legends key colour and dash."""
+           markers: bool = False, hover: str | None = None, max_cols: int = 3,
+           x_axis: dict | None = None) -> go.Figure:
+    """Lines of ``y`` against ``x``, one per (color, dash, facet) value; legends key colour and dash.
+    ``x_axis``: more properties of every x axis (nested dicts, e.g. ``integer_ticks``)."""
     styles = run_styles(df) if "run_id" in df and "method" in df else {}
     if color == "run_id" and dash:      # dashes draw ``dash``: runs of one method apart by shade instead
         shades = run_shades(styles)
@@ -115,13 +117,14 @@ def lines(df: pd.DataFrame, x: str, y: str, color: str, title: str, xlabel: str,
                         for v in colors])
     if dash and len(dashes) > 1:
         keys += _legend_key([(escape(d), BASELINE_COLOR, dash_of[d]) for d in dashes])
+    axes = dict(x={**dict(type="log" if log_x else "linear", exponentformat="power" if log_x else "B"),
+                   **(x_axis or {})},
+                y=dict(type="log" if log_y else "linear", exponentformat="power" if log_y else "B"),
+                axes=_axis_titles(fig, nrows, ncols, len(facets), xlabel, ylabel))
     if facet:
-        fig = with_traces(fig, traces + keys, rows + [None] * len(keys), cols + [None] * len(keys))
+        fig = with_traces(fig, traces + keys, rows + [None] * len(keys), cols + [None] * len(keys), **axes)
     else:
-        fig = with_traces(fig, traces + keys)
-    fig.update_xaxes(type="log" if log_x else "linear", exponentformat="power" if log_x else "B")
-    fig.update_yaxes(type="log" if log_y else "linear", exponentformat="power" if log_y else "B")
-    _axis_titles(fig, nrows, ncols, len(facets), xlabel, ylabel)
+        fig = with_traces(fig, traces + keys, **axes)
     if facet:
         mark_facets(fig, facet, len(facets), total)
     return fig
@@ -145,21 +148,24 @@ def _numeric(values: pd.Series) -> bool:
     return isinstance(values.dtype, np.dtype) and values.dtype.kind in "fiu"
 
 
-def _axis_titles(fig: go.Figure, nrows: int, ncols: int, npanels: int, xlabel: str, ylabel: str) -> None:
+def _axis_titles(fig: go.Figure, nrows: int, ncols: int, npanels: int, xlabel: str, ylabel: str) -> dict[str, dict]:
+    """The axis titles of a figure's panels, as ``with_traces``' ``axes``: layout key → {"title": …}."""
+    def title(text: str) -> dict:
+        return {"title": {"text": text}}
+
     if nrows * ncols == 1:
-        fig.update_xaxes(title_text=xlabel)
-        fig.update_yaxes(title_text=ylabel)
-        return
+        return {"xaxis": title(xlabel), "yaxis": title(ylabel)}
+    out = {}
     for i in range(npanels):
         r, c = i // ncols + 1, i % ncols + 1
         # one x title per row of panels, under the middle one (repeated titles collide at column width)
         x_title = (r == nrows or i + ncols >= npanels) and (nrows > 1 or c == (min(ncols, npanels) + 1) // 2)
-        if x_title or c == 1:
-            panel = fig.get_subplot(r, c)     # its axes directly: update_xaxes(row=…) scans every axis
-            if x_title:
-                panel.xaxis.update(title_text=xlabel)
-            if c == 1:
-                panel.yaxis.update(title_text=ylabel)
+        xkey, ykey = fig._grid_ref[r - 1][c - 1][0].layout_keys
+        if x_title:
+            out[xkey] = title(xlabel)
+        if c == 1:
+            out[ykey] = title(ylabel)
+    return out
 
 
 def _namer(df: pd.DataFrame, kind: str):
@@ -221,22 +227,22 @@ def heatmap(df: pd.DataFrame, z: str, zlabel: str, title: str, x: str = "module"
                            ygap=1, hovertemplate=f"{x}: %{{x}}<br>{y}: %{{y}}<br>{zlabel}: %{{z:.4g}}<extra>"
                                                  f"{'' if fval is None else escape(fval)}</extra>",
                            texttemplate=f"%{{z:{fmt}}}" if text else None, textfont=dict(size=9)))
+    # every category labelled (plotly thins crowded category ticks otherwise); slanted when crowded
+    axes = dict(x=dict(type="category", showgrid=False, dtick=1, tickangle=-90 if len(xs) * ncols > 10 else 0),
+                y=dict(showgrid=False, dtick=_layer_dtick(len(ys))),
+                axes=_axis_titles(fig, nrows, ncols, len(facets), "module" if x == "module" else x,
+                                  "layer index" if y == "layer" else y))
     if facet:
         fig = with_traces(fig, traces, rows=[i // ncols + 1 for i in range(len(facets))],
-                          cols=[i % ncols + 1 for i in range(len(facets))])
+                          cols=[i % ncols + 1 for i in range(len(facets))], **axes)
     else:
-        fig = with_traces(fig, traces)
+        fig = with_traces(fig, traces, **axes)
     vals = df[z].to_numpy(dtype=float)
     if zmid is not None:
         span = np.nanmax(np.abs(vals - zmid)) or 1.0
         zmin, zmax = zmid - span, zmid + span
     fig.update_layout(coloraxis=dict(colorscale=colorscale, cmin=zmin, cmax=zmax,
                                      colorbar=dict(title=dict(text=zlabel, side="right"), thickness=12)))
-    # every category labelled (plotly thins crowded category ticks otherwise); slanted when crowded
-    fig.update_xaxes(type="category", showgrid=False, dtick=1, tickangle=-90 if len(xs) * ncols > 10 else 0)
-    fig.update_yaxes(showgrid=False, dtick=_layer_dtick(len(ys)))
-    _axis_titles(fig, nrows, ncols, len(facets), "module" if x == "module" else x,
-                 "layer index" if y == "layer" else y)
     if facet:
         mark_facets(fig, facet, len(facets), total)
     return fig
@@ -263,22 +269,19 @@ def layerwise_lines(df: pd.DataFrame, y: str, ylabel: str, title: str, color: st
     df = df[df["layer"].notna()] if "layer" in df else df
     if df.empty or y not in df or df[y].notna().sum() == 0:
         return empty_figure(title=title)
-    fig = lines(df, "layer", y, color, title, "layer index", ylabel, dash=dash, facet=facet, log_y=log_y,
-                 markers=df["layer"].nunique() <= 12)
-    integer_axis(fig, "x", df["layer"])
-    return fig
+    return lines(df, "layer", y, color, title, "layer index", ylabel, dash=dash, facet=facet, log_y=log_y,
+                 markers=df["layer"].nunique() <= 12, x_axis=integer_ticks(df["layer"]))
 
 
-def integer_axis(fig: go.Figure, axis: str, values) -> None:
-    """Ticks only at whole numbers (layers, deciles, steps are integers): a step of 1, 2, 4… chosen
-    so that at most ~12 ticks show."""
+def integer_ticks(values) -> dict:
+    """Axis properties for ticks only at whole numbers (layers, deciles, steps are integers): a step of
+    1, 2, 4… chosen so that at most ~12 ticks show."""
     vals = pd.Series(values).dropna()
     span = float(vals.max() - vals.min()) if len(vals) else 0.0
     dtick = 1
     while span / dtick > 12:
         dtick *= 2
-    kw = dict(tickmode="linear", tick0=float(vals.min()) if len(vals) else 0.0, dtick=dtick, tickformat="d")
-    (fig.update_xaxes if axis == "x" else fig.update_yaxes)(**kw)
+    return dict(tickmode="linear", tick0=float(vals.min()) if len(vals) else 0.0, dtick=dtick, tickformat="d")
 
 
 def sweep(df: pd.DataFrame, title: str, mark_eps: float | None = 1e-5) -> go.Figure:
