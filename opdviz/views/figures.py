@@ -121,12 +121,10 @@ def lines(df: pd.DataFrame, x: str, y: str, color: str, title: str, xlabel: str,
                    **(x_axis or {})},
                 y=dict(type="log" if log_y else "linear", exponentformat="power" if log_y else "B"),
                 axes=_axis_titles(fig, nrows, ncols, len(facets), xlabel, ylabel))
-    if facet:
-        fig = with_traces(fig, traces + keys, rows + [None] * len(keys), cols + [None] * len(keys), **axes)
-    else:
-        fig = with_traces(fig, traces + keys, **axes)
-    if facet:
-        mark_facets(fig, facet, len(facets), total)
+    if not facet:
+        return with_traces(fig, traces + keys, **axes)
+    fig = with_traces(fig, traces + keys, rows + [None] * len(keys), cols + [None] * len(keys), **axes)
+    mark_facets(fig, facet, len(facets), total)
     return fig
 
 
